@@ -1,0 +1,28 @@
+"""Hydra callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+# Files whose presence marks a folder as holding a run.
+RUN_MARKERS = ("manifest.json", "metrics.json", "config.resolved.yaml")
+
+
+class RunDirGuard(Callback):
+    """Refuse to start a single run in a folder that already holds one.
+
+    Hydra writes `.hydra/` into the run folder before the task starts, so the check must happen
+    here (on_run_start), before Hydra touches the folder. Two runs started in the same second with
+    the default timestamped folder also land here instead of mixing their files.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        if run_dir.exists() and (any((run_dir / m).exists() for m in RUN_MARKERS) or (run_dir / ".hydra").exists()):
+            raise FileExistsError(
+                f"hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another folder "
+                "(or leave hydra.run.dir unset for a new timestamped one)."
+            )

@@ -1,0 +1,80 @@
+"""RunContext: the typed state that flows from stage to stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.data import DataSplits
+    from pipeline.data.batching import Encoded
+    from pipeline.engines import Engine
+    from pipeline.quantization.tensor_quantizer import TensorQuantizer
+
+StageStatus = Literal["done", "skipped", "cached", "failed"]
+
+
+@dataclass
+class StageRecord:
+    status: StageStatus
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Artifacts:
+    """Files a run writes (paths inside the run folder), filled as stages produce them."""
+
+    finetuned: Path | None = None
+    quantizers: Path | None = None
+    onnx_fp32: Path | None = None
+    onnx_int8: Path | None = None
+    engine_files: dict[str, Path] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Metrics:
+    """What metrics.json holds (see design.md "Outputs of a run")."""
+
+    accuracy: dict[str, float | None] = field(
+        default_factory=lambda: {"fp32": None, "fake_quant": None, "engine_fp32": None, "int8": None}
+    )
+    parity: dict[str, float | None] = field(default_factory=lambda: {"argmax_agreement": None, "cosine": None})
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    speedup: float | None = None
+    benchmark: dict[str, Any] = field(default_factory=lambda: {"grid": []})
+    quantization: dict[str, Any] = field(default_factory=dict)  # counts: quantizers, int8 kernels, ...
+    training: dict[str, Any] = field(default_factory=dict)  # per training stage: steps, loss, seconds
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    device: torch.device
+    seed: int
+    config_hash: str
+    model: PreTrainedModel | None = None  # the working model: FP32, then quantized in place
+    fp32_model: PreTrainedModel | None = None  # frozen FP32 copy kept when quantizing (eval, KD)
+    tokenizer: PreTrainedTokenizerBase | None = None
+    splits: DataSplits | None = None
+    quantizers: dict[str, TensorQuantizer] = field(default_factory=dict)
+    engines: dict[str, Engine] = field(default_factory=dict)  # "fp32" / "int8"
+    artifacts: Artifacts = field(default_factory=Artifacts)
+    metrics: Metrics = field(default_factory=Metrics)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    encoded: dict[str, Encoded] = field(default_factory=dict)  # tokenized splits: train / calib / eval
+    head_trained: bool = True  # False: the task head was freshly initialized at load
+    resume_from: Path | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quantizers)
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name

@@ -1,0 +1,51 @@
+"""Model + tokenizer loading: HF hub id, local folder, the embedded default, or tiny random weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from pipeline import _embedded_model_path
+from pipeline.schema import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Head modules created fresh by from_pretrained when the checkpoint has no classification head.
+_HEAD_HINTS = ("classifier", "score", "pre_classifier", "pooler", "head", "sequence_summary")
+
+
+@dataclass
+class Loaded:
+    model: PreTrainedModel
+    tokenizer: object
+    head_trained: bool  # False when the task head was freshly initialized (needs finetune)
+
+
+def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loaded:
+    """Load `cfg.name_or_path` (hub id or folder) for sequence classification with num_labels.
+
+    model.random_init=true builds the architecture of `cfg.model_type` with tiny dimensions
+    (`cfg.tiny`) and random weights, using the embedded BERT tokenizer: no download, for tests and
+    dry runs of any architecture.
+    """
+    if cfg.random_init:
+        tokenizer = AutoTokenizer.from_pretrained(_embedded_model_path())
+        config = AutoConfig.for_model(cfg.model_type, num_labels=num_labels, vocab_size=len(tokenizer), **cfg.tiny)
+        if hasattr(config, "pad_token_id"):
+            config.pad_token_id = tokenizer.pad_token_id
+        model = AutoModelForSequenceClassification.from_config(config)
+        return Loaded(model.to(device).eval(), tokenizer, head_trained=False)
+    source = cfg.name_or_path
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    fresh = [k for k in info.get("missing_keys", []) + [m[0] for m in info.get("mismatched_keys", [])] if any(h in k for h in _HEAD_HINTS)]
+    return Loaded(model.to(device).eval(), tokenizer, head_trained=not fresh)

@@ -1,0 +1,180 @@
+"""ONNX export of the FP32 and Q/DQ models, and the post-export weight folding.
+
+The legacy TorchScript exporter (dynamo=False) is used: it maps torch.fake_quantize_per_{tensor,
+channel}_affine straight to QuantizeLinear/DequantizeLinear. The dynamo exporter needs Meta kernels
+for those ops under dynamic shapes and emits Q/DQ pairs shared by several consumers, which blocks
+ONNX Runtime's int8 fusion unless every pair is duplicated (README, "Export").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from pipeline.outputs import atomic_write
+from pipeline.quantization.tensor_quantizer import TensorQuantizer
+
+INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class _Logits(torch.nn.Module):
+    """Positional inputs -> logits tensor (the exporter wants a plain tensor output)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, args))).logits
+
+
+@contextlib.contextmanager
+def constant_scales(model: torch.nn.Module):
+    """During export, quantizer scales are traced as constants (not Div/Clip over the amax buffer),
+    so weight QuantizeLinear nodes can be folded into int8 initializers."""
+    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    for q in qs:
+        q.export_constant_scale = True
+    try:
+        yield
+    finally:
+        for q in qs:
+            q.export_constant_scale = False
+
+
+def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path, opset: int) -> Path:
+    """Export `model` (eval mode, CPU) with dynamic batch and sequence axes to `path` (atomic)."""
+    names = [n for n in INPUT_ORDER if n in example]
+    args = tuple(example[n].cpu() for n in names)
+    wrapper = _Logits(model, names).eval()
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), constant_scales(model), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python branches
+            torch.onnx.export(
+                wrapper, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
+                output_names=["logits"], dynamic_axes=axes, do_constant_folding=True,
+            )
+        m = onnx.load(str(tmp))
+        onnx.checker.check_model(m)
+
+    return atomic_write(path, write)
+
+
+def fold_weight_quantization(path: Path) -> int:
+    """Replace QuantizeLinear(FP32 initializer) with the int8 initializer it computes.
+
+    The result is the deployable form: int8 weights + DequantizeLinear (4x smaller), identical
+    numerics (round half to even, saturate, as ONNX QuantizeLinear). Returns the number folded.
+    """
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def value(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    folded, keep = 0, []
+    for node in g.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits:
+            w, scale = value(node.input[0]), value(node.input[1])
+            zp = value(node.input[2]) if len(node.input) > 2 else np.zeros((), np.uint8)
+            if scale is not None and zp is not None:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [1] * w.ndim
+                if scale.ndim == 1:
+                    shape[axis] = -1
+                info = np.iinfo(zp.dtype)
+                q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape if zp.ndim else ()), info.min, info.max).astype(zp.dtype)
+                g.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
+                folded += 1
+                continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    live = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(live)
+    onnx.checker.check_model(m)
+    atomic_write(path, lambda tmp: onnx.save(m, str(tmp)))
+    return folded
+
+
+def dedicate_qdq(path: Path) -> int:
+    """Give every consumer of a shared Q -> DQ pair its own pair.
+
+    Quantizers calibrated on the same tensor (e.g. the query/key/value inputs) get identical scales,
+    and the exporter's common-subexpression pass merges their Q/DQ into one pair with three
+    consumers. ONNX Runtime fuses Q -> DQ -> MatMul into an int8 kernel only for a dedicated pair
+    (TensorRT likewise wants Q/DQ per GEMM input), so shared pairs are duplicated. Returns the number
+    of pairs added.
+    """
+    m = onnx.load(str(path))
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def clone(node: onnx.NodeProto, suffix: str) -> onnx.NodeProto:
+        """Copy a Q or DQ node with its own scale / zero-point initializers: ORT's common-
+        subexpression elimination would merge copies that read the same tensors."""
+        c = onnx.NodeProto()
+        c.CopyFrom(node)
+        c.name = f"{node.name or node.output[0]}{suffix}"
+        c.output[0] = f"{node.output[0]}{suffix}"
+        for slot in (1, 2):
+            src = node.input[slot] if len(node.input) > slot else None
+            tensor = inits.get(src) if src else None
+            tensor = tensor if tensor is not None else consts.get(src)
+            if tensor is not None:
+                t = onnx.TensorProto()
+                t.CopyFrom(tensor)
+                t.name = f"{src}{suffix}_{c.name}"
+                g.initializer.append(t)
+                c.input[slot] = t.name
+        return c
+
+    added, out = 0, []
+    for node in g.node:
+        out.append(node)
+        if node.op_type != "DequantizeLinear":
+            continue
+        users = consumers.get(node.output[0], [])
+        q = producer.get(node.input[0])
+        for k, (user, slot) in enumerate(users[1:], start=1):
+            dq = clone(node, f"_dup{k}")
+            if q is not None and q.op_type == "QuantizeLinear":
+                q_copy = clone(q, f"_dup{k}")
+                dq.input[0] = q_copy.output[0]
+                out.append(q_copy)
+            out.append(dq)
+            user.input[slot] = dq.output[0]
+            added += 1
+    del g.node[:]
+    g.node.extend(out)
+    onnx.checker.check_model(m)
+    atomic_write(path, lambda tmp: onnx.save(m, str(tmp)))
+    return added
+
+
+def count_qdq(path: Path) -> dict[str, int]:
+    nodes = onnx.load(str(path)).graph.node
+    return {op: sum(n.op_type == op for n in nodes) for op in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")}

@@ -1,0 +1,79 @@
+"""PTQ: collect statistics on calibration batches, then set every quantizer's amax.
+
+The calibration method is a registry entry (config option `calibration=<method>`), not a string
+switch inside the loop: each entry maps a filled calibrator to amax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
+from pipeline.quantization.tensor_quantizer import TensorQuantizer
+from pipeline.schema import CalibrationConfig
+
+
+def _max(c, cfg: CalibrationConfig):
+    return c.compute_amax()
+
+
+def _hist(method: str) -> Callable:
+    def compute(c, cfg: CalibrationConfig):
+        if isinstance(c, MaxCalibrator):  # per-channel quantizers collect max only
+            return c.compute_amax()
+        kwargs = {"percentile": cfg.percentile} if method == "percentile" else {"stride": cfg.stride, "start_bin": cfg.start_bin}
+        return c.compute_amax(method, **kwargs)
+
+    return compute
+
+
+METHODS: dict[str, Callable[[MaxCalibrator | HistogramCalibrator, CalibrationConfig], torch.Tensor | None]] = {
+    "max": _max,
+    "percentile": _hist("percentile"),
+    "entropy": _hist("entropy"),
+    "mse": _hist("mse"),
+}
+
+
+@torch.no_grad()
+def calibrate_weights(quantizers: dict[str, TensorQuantizer], model: torch.nn.Module) -> None:
+    """Weights: per-output-channel absolute max, read straight from the parameters."""
+    for name, q in quantizers.items():
+        if q.role == "linear_weight":
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            q.calibrator.reset()
+            q.calibrator.collect(owner.weight)
+            q.load_amax(q.calibrator.compute_amax())
+            q.calibrator.reset()
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module, quantizers: dict[str, TensorQuantizer], batches: Iterable[dict[str, torch.Tensor]], cfg: CalibrationConfig
+) -> dict[str, int]:
+    """Calibrate weights, then activations on `batches`; returns counts (calibrated / never reached)."""
+    calibrate_weights(quantizers, model)
+    acts = {n: q for n, q in quantizers.items() if q.role != "linear_weight"}
+    for q in acts.values():
+        q.calibrator.reset()
+        q.calibrating = True
+    model.eval()
+    try:
+        for inputs in batches:
+            model(**inputs)
+    finally:
+        for q in acts.values():
+            q.calibrating = False
+    compute = METHODS[cfg.method]
+    unreached = 0
+    for q in acts.values():
+        amax = compute(q.calibrator, cfg)
+        q.calibrator.reset()  # free the histograms
+        if amax is None:
+            unreached += 1
+            q.enabled = False  # never saw data (e.g. an unused branch): leave it in float
+            continue
+        q.load_amax(amax)
+    return {"calibrated": len(quantizers) - unreached, "unreached": unreached}

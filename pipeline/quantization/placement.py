@@ -1,0 +1,91 @@
+"""Where quantizers go: placement rules for BERT-family encoders (config group `quant`).
+
+- Linear layers -> QuantLinear (per-tensor input, per-channel weight on the output-feature axis).
+- Attention -> `AttentionQuantizers` on every module that calls transformers' attention interface
+  (found by one discovery forward through the registered "qdq" function).
+- Residual (optional) -> a quantizer on the input of every LayerNorm outside the embeddings.
+Include / exclude by module-name glob (fnmatch) and by role. Returns every quantizer by name.
+
+Shared modules (ALBERT reuses one layer's modules at every depth) get one set of quantizers, used at
+every application and calibrated on all of them: a single engine weight/scale per shared GEMM.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pipeline.quantization import attention
+from pipeline.quantization.modules import AttentionQuantizers, QuantLinear, ResidualQuantizer
+from pipeline.quantization.tensor_quantizer import TensorQuantizer
+from pipeline.schema import CalibrationConfig, QuantConfig
+
+_NORMS = (nn.LayerNorm,)
+
+
+def _selected(name: str, q: QuantConfig) -> bool:
+    included = any(fnmatch.fnmatchcase(name, p) for p in q.include)
+    return included and not any(fnmatch.fnmatchcase(name, p) for p in q.exclude)
+
+
+def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[..., TensorQuantizer]:
+    """Activations get the calibration method's calibrator; weights are always per-channel max."""
+    histogram = calib.method in ("percentile", "entropy", "mse")
+
+    def make(role: str, *, unsigned: bool = False, axis: int | None = None) -> TensorQuantizer:
+        weight = role == "linear_weight"
+        q = TensorQuantizer(
+            role,  # type: ignore[arg-type]
+            axis=0 if weight else axis,
+            unsigned=unsigned,
+            calibrator="histogram" if histogram and not weight else "max",
+            num_bins=calib.num_bins,
+            skip_zeros=calib.skip_zeros,
+        )
+        q.enabled = role not in qcfg.exclude_roles
+        return q
+
+    return make
+
+
+def insert_quantizers(
+    model: nn.Module, qcfg: QuantConfig, calib: CalibrationConfig, example: dict[str, torch.Tensor]
+) -> dict[str, TensorQuantizer]:
+    """Insert quantizers into `model` in place; `example` is one input batch for attention discovery."""
+    make = quantizer_factory(calib, qcfg)
+    if qcfg.linear:
+        _swap(model, lambda name, m: isinstance(m, nn.Linear) and not isinstance(m, QuantLinear) and _selected(name, qcfg),
+              lambda m: QuantLinear.from_linear(m, make("linear_input"), make("linear_weight")))
+    if qcfg.attention:
+        attention.use_qdq_attention(model)
+        with attention.discover_attention_modules() as found, torch.no_grad():
+            model.eval()
+            model(**example)
+        names = {id(m): n for n, m in model.named_modules()}
+        for mod in found:
+            if _selected(names[id(mod)], qcfg):
+                mod.attn_quant = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
+    if qcfg.residual:
+        _swap(model, lambda name, m: isinstance(m, _NORMS) and "embeddings" not in name and _selected(name, qcfg),
+              lambda m: ResidualQuantizer(m, make("residual")))
+    return collect_quantizers(model)
+
+
+def collect_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], build: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace matching submodules; a module reachable under several names is replaced once (shared)."""
+    replaced: dict[int, nn.Module] = {}
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) in replaced:
+                setattr(parent, child_name, replaced[id(child)])
+            elif want(full, child):
+                replaced[id(child)] = build(child)
+                setattr(parent, child_name, replaced[id(child)])

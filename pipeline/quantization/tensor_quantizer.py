@@ -1,0 +1,158 @@
+"""TensorQuantizer: fake quantization with an amax-derived scale (pytorch-quantization's semantics).
+
+Forward is `torch.fake_quantize_per_{tensor,channel}_affine` so that the legacy ONNX exporter emits
+QuantizeLinear/DequantizeLinear and torch and ONNX Runtime round identically. The integer range is
+the full -128..127 (0..255 unsigned): the exporter refuses narrow -127..127 ranges. scale = amax/127
+(amax/255 unsigned), zero point 0. Gradient: straight-through inside [-amax, amax], zero outside
+(torch's fake-quant backward), optionally also to amax (learnable amax, see `learn_amax`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
+
+Role = Literal[
+    "linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "residual", "matmul_input"
+]
+
+# Smallest amax kept: a dead channel (all-zero weights) would otherwise give scale 0, which ONNX
+# QuantizeLinear forbids. Values below it quantize to 0 anyway.
+_MIN_AMAX = 1e-8
+
+
+class _LearnableAmaxFakeQuant(torch.autograd.Function):
+    """Fake quant whose gradient also reaches amax (LSQ-style rule, as pytorch-quantization's
+    `fake_tensor_quant` backward extended to amax): for |x| <= amax, d/dx = 1, d/damax = (q - x/s)/qmax
+    rounding error; for |x| > amax, d/dx = 0, d/damax = sign(x) * qmax/qmax = sign(x) (clipped
+    values move with amax). Forward is identical to torch's fake quant, so export is unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x, amax, qmin: int, qmax: int, axis: int | None):
+        scale = (amax / qmax).clamp(min=_MIN_AMAX / qmax)
+        shape = [1] * x.dim()
+        if axis is not None:
+            shape[axis] = -1
+        s = scale.reshape(shape) if axis is not None else scale
+        q = torch.clamp(torch.round(x / s), qmin, qmax)
+        ctx.save_for_backward(x, s, q)
+        ctx.qmin, ctx.qmax, ctx.axis = qmin, qmax, axis
+        ctx.amax_shape = amax.shape
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, q = ctx.saved_tensors
+        inside = (x / s >= ctx.qmin) & (x / s <= ctx.qmax)
+        grad_x = grad * inside
+        # d(q*s)/d amax: (q - x/s) / qmax inside the range (rounding error), q/qmax (= +-1) when clipped.
+        d_amax = torch.where(inside, (q - x / s), q) / ctx.qmax
+        g = grad * d_amax
+        if ctx.axis is None:
+            grad_amax = g.sum().reshape(ctx.amax_shape)
+        else:
+            dims = [d for d in range(x.dim()) if d != ctx.axis]
+            grad_amax = g.sum(dim=dims).reshape(ctx.amax_shape)
+        return grad_x, grad_amax, None, None, None
+
+
+class TensorQuantizer(nn.Module):
+    """Quantize-dequantize one tensor; calibrates its own amax.
+
+    Args:
+        role: What the tensor is (linear_input, linear_weight, attn_q, ...): recorded in quant_map.json
+            and used by include/exclude rules.
+        num_bits: 8 (the exporter's Q/DQ are int8/uint8).
+        axis: None for per-tensor, or the channel axis (0 = output features of a Linear weight).
+        unsigned: Range 0..2^bits-1 (softmax outputs); signed is -2^(bits-1)..2^(bits-1)-1.
+        calibrator: "max" or "histogram" (percentile / entropy / mse pick amax from the histogram).
+        num_bins, skip_zeros: Histogram settings.
+
+    State: `amax` buffer (scalar or per channel), saved in quantizers.safetensors.
+    Modes: `calibrating` (collect statistics, pass x through), `enabled` (fake-quantize when amax set).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        num_bits: int = 8,
+        axis: int | None = None,
+        unsigned: bool = False,
+        calibrator: Literal["max", "histogram"] = "max",
+        num_bins: int = 2048,
+        skip_zeros: bool = False,
+    ):
+        super().__init__()
+        self.role = role
+        self.num_bits = num_bits
+        self.axis = axis
+        self.unsigned = unsigned
+        self.enabled = True
+        self.calibrating = False
+        self.learn_amax = False
+        self.export_constant_scale = False  # set by onnx_export.constant_scales()
+        self.register_buffer("amax", None)
+        self.calibrator_kind = calibrator
+        if calibrator == "histogram" and axis is None:
+            self.calibrator = HistogramCalibrator(num_bits, None, unsigned, num_bins=num_bins, skip_zeros=skip_zeros)
+        else:  # per-channel statistics are max-only, as in pytorch-quantization
+            self.calibrator = MaxCalibrator(num_bits, axis, unsigned)
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.unsigned else -(2 ** (self.num_bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.num_bits - 1 if self.unsigned else 2 ** (self.num_bits - 1) - 1
+
+    def load_amax(self, amax: torch.Tensor) -> None:
+        """Set amax (reduced to shape () per tensor or (C,) per channel)."""
+        amax = amax.detach().float().reshape(-1) if self.axis is not None else amax.detach().float().reshape(())
+        amax = amax.clamp(min=_MIN_AMAX)
+        if self.learn_amax:
+            self.amax = nn.Parameter(amax)
+        else:
+            self.amax = amax
+
+    def set_learnable(self, learn: bool) -> None:
+        """Make amax a trainable parameter (learnable-amax QAT) or a fixed buffer."""
+        self.learn_amax = learn
+        if self.amax is not None:
+            amax = self.amax.detach().clone()
+            del self.amax
+            if learn:
+                self.amax = nn.Parameter(amax)
+            else:
+                self.register_buffer("amax", amax)
+
+    def scale(self) -> torch.Tensor:
+        return self.amax.clamp(min=_MIN_AMAX) / self.qmax
+
+    def forward(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        """Fake-quantize x. `axis` overrides the channel axis for a transposed view of the tensor."""
+        if self.calibrating:
+            self.calibrator.collect(x)
+            return x
+        if not self.enabled or self.amax is None:
+            return x
+        if self.learn_amax and self.training:
+            return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
+        scale = self.scale().to(x.dtype)
+        if self.export_constant_scale:
+            # A fresh tensor is a constant to the tracer: the exported Q/DQ get literal scales.
+            scale = torch.tensor(scale.detach().cpu().numpy(), dtype=x.dtype)
+        if self.axis is None:
+            zero = torch.zeros((), dtype=torch.int32, device=x.device)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.qmin, self.qmax)
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, self.axis if axis is None else axis, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        amax = "unset" if self.amax is None else (f"{float(self.amax):.4g}" if self.amax.dim() == 0 else f"[{self.amax.numel()}]")
+        return f"role={self.role}, bits={self.num_bits}, axis={self.axis}, unsigned={self.unsigned}, amax={amax}, enabled={self.enabled}"

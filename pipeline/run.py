@@ -1,0 +1,137 @@
+"""The stage loop: validate everything, then run the stages in order, recording each one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import __version__
+from pipeline.context import RunContext, StageRecord
+from pipeline.engines import ENGINES
+from pipeline.outputs import config_hash, write_json, write_text
+from pipeline.schema import ConfigError, RunConfig, validate
+from pipeline.training import seed_everything
+from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report
+
+log = logging.getLogger(__name__)
+
+# (name, stage, is it switched on?) — the recipe, in order.
+STAGES: list[tuple[str, Callable[[RunConfig, RunContext], None], Callable[[RunConfig], bool]]] = [
+    ("load", load.run, lambda c: True),
+    ("finetune", finetune.run, lambda c: c.finetune.enabled),
+    ("calibrate", calibrate.run, lambda c: c.calibration.method != "none"),
+    ("qat", qat.run, lambda c: c.qat.enabled),
+    ("export", export.run, lambda c: c.export.enabled),
+    ("build_engine", build_engine.run, lambda c: c.engine.name != "none"),
+    ("evaluate", evaluate.run, lambda c: c.evaluate.enabled),
+    ("benchmark", benchmark.run, lambda c: c.benchmark.enabled),
+    ("report", report.run, lambda c: True),
+]
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the environment (packages, GPU, files): still before any stage runs."""
+    errors: list[str] = []
+    if cfg.engine.name != "none":
+        errors += ENGINES[cfg.engine.name]().check(cfg.engine)
+    if cfg.data.source == "csv":
+        for key in ("train_path", "eval_path"):
+            path = getattr(cfg.data, key)
+            if path and not Path(path).expanduser().exists():
+                errors.append(f"data.{key}: file not found: {path}")
+    src = cfg.model.name_or_path
+    if not cfg.model.random_init and src.startswith(("/", ".", "~")) and not Path(src).expanduser().exists():
+        errors.append(f"model.name_or_path: folder not found: {src}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append("device: cuda requested but torch sees no GPU; valid here: auto, cpu")
+    if errors:
+        raise ConfigError(errors)
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def run_pipeline(raw: DictConfig, run_dir: Path, resume_from: Path | None = None) -> RunContext:
+    """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
+    cfg = validate(raw)
+    preflight(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
+    ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=config_hash(raw), resume_from=resume_from)
+    write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
+    started = time.time()
+    _write_manifest(ctx, raw, started, None)
+    error = None
+    try:
+        for name, stage, enabled in STAGES:
+            if not enabled(cfg):
+                ctx.stages[name] = StageRecord("skipped", 0.0)
+                continue
+            t0 = time.perf_counter()
+            try:
+                stage(cfg, ctx)
+            except BaseException:
+                ctx.stages[name] = StageRecord("failed", time.perf_counter() - t0)
+                raise
+            ctx.stages[name] = StageRecord("done", time.perf_counter() - t0)
+            _write_manifest(ctx, raw, started, None)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        report.write_metrics(cfg, ctx)
+        _write_manifest(ctx, raw, started, error)
+    return ctx
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "tensorrt", "hydra-core", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_manifest(ctx: RunContext, raw: DictConfig, started: float, error: str | None) -> None:
+    device = str(ctx.device)
+    if ctx.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(ctx.device)})"
+    write_json(ctx.run_dir / "manifest.json", {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "config_hash": ctx.config_hash,
+        "seed": ctx.seed,
+        "versions": _versions(),
+        "device": device,
+        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "project": {"version": __version__, "git_commit": _git_commit()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "status": "failed" if error else ("done" if "report" in ctx.stages else "running"),
+        "error": error,
+        "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
+        "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
+    })

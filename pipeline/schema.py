@@ -1,0 +1,285 @@
+"""Structured-config schemas (one dataclass per config group) and the start-up validation.
+
+The YAML files under conf/ hold values; these dataclasses hold the keys, types, allowed values and
+ranges. `validate(cfg)` checks the whole composed config against them, collects *every* problem and
+raises one ConfigError naming each key and what is allowed, before any stage runs. It returns the
+typed `RunConfig` the stages read (attribute access, defaults filled in).
+
+The schemas are applied by this validator rather than registered in Hydra's ConfigStore on purpose:
+Hydra's own type checks stop at the first error; users fixing a config want them all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Every problem found in a composed config, one line each."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        n = len(errors)
+        super().__init__(f"invalid configuration ({n} error{'s' if n != 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, float | None]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    name_or_path: str
+    model_type: str = "bert"
+    max_length: int = field(default=128, metadata=_range(8, 8192))
+    random_init: bool = False
+    trust_remote_code: bool = False
+    # Tiny random architecture for model.random_init (tests, dry runs, offline architecture checks).
+    tiny: dict[str, Any] = field(
+        default_factory=lambda: {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str
+    source: Literal["movie_snippets", "csv", "hub"]
+    num_train: int | None = field(default=None, metadata=_range(1))
+    num_calib: int = field(default=512, metadata=_range(1))
+    num_eval: int | None = field(default=None, metadata=_range(1))
+    split_seed: int = 0
+    train_path: str | None = None
+    eval_path: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None
+
+
+@dataclass
+class TrainConfig:
+    """One schema for both training stages (finetune = FP32, qat = quantizers active)."""
+
+    enabled: bool = True
+    epochs: int = field(default=1, metadata=_range(1))
+    max_steps: int | None = field(default=None, metadata=_range(1))
+    lr: float = field(default=5e-5, metadata=_range(0.0, 1.0))
+    batch_size: int = field(default=32, metadata=_range(1))
+    warmup_ratio: float = field(default=0.06, metadata=_range(0.0, 1.0))
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    grad_clip: float | None = field(default=1.0, metadata=_range(0.0))
+    eval_each_epoch: bool = False
+    checkpoint_every: int = field(default=0, metadata=_range(0))
+    # QAT only: distillation from the frozen FP32 model (loss = a*task + (1-a)*T^2*KL).
+    distill: bool = False
+    kd_alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    kd_temperature: float = field(default=2.0, metadata=_range(0.01))
+    # QAT only: amax fixed after calibration (default) or trained (LSQ-style gradient).
+    learn_amax: bool = False
+    # Training seed (null = the run's seed).
+    seed: int | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    method: Literal["max", "percentile", "entropy", "mse", "none"]
+    num_batches: int = field(default=16, metadata=_range(1))
+    batch_size: int = field(default=32, metadata=_range(1))
+    num_bins: int = field(default=2048, metadata=_range(16))
+    skip_zeros: bool = False
+    percentile: float = field(default=99.99, metadata=_range(0.0, 100.0))
+    start_bin: int = field(default=128, metadata=_range(1))
+    stride: int = field(default=1, metadata=_range(1))
+
+
+@dataclass
+class QuantConfig:
+    linear: bool = True
+    attention: bool = True
+    residual: bool = False
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    exclude_roles: list[Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "residual"]] = field(
+        default_factory=list
+    )
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    exporter: Literal["legacy"] = "legacy"
+    opset: int = field(default=17, metadata=_range(13, 21))
+    fold_weights: bool = True
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["onnxruntime", "tensorrt", "none"]
+    providers: list[Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]] = field(
+        default_factory=lambda: ["CPUExecutionProvider"]
+    )
+    intra_op_threads: int = field(default=0, metadata=_range(0))
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    save_optimized: bool = True
+
+
+@dataclass
+class BenchmarkConfig:
+    enabled: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    seq_lens: list[int] = field(default_factory=lambda: [32, 128])
+    headline_batch: int = field(default=8, metadata=_range(1))
+    headline_seq: int = field(default=128, metadata=_range(1))
+    warmup: int = field(default=5, metadata=_range(0))
+    iters: int = field(default=30, metadata=_range(1))
+
+
+@dataclass
+class EvaluateConfig:
+    enabled: bool = True
+    batch_size: int = field(default=64, metadata=_range(1))
+    max_examples: int | None = field(default=None, metadata=_range(1))
+    parity_batches: int = field(default=8, metadata=_range(1))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    finetune: TrainConfig
+    calibration: CalibrationConfig
+    quant: QuantConfig
+    qat: TrainConfig
+    export: ExportConfig
+    engine: EngineConfig
+    benchmark: BenchmarkConfig
+    evaluate: EvaluateConfig
+    run_name: str = "run"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = field(default=0, metadata=_range(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check the composed config; return it typed, or raise ConfigError listing every problem."""
+    errors: list[str] = []
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # an interpolation that cannot resolve (e.g. a missing embedded package)
+        raise ConfigError([f"cannot resolve config: {exc}"]) from exc
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    typed = _build(RunConfig, data, "", errors)
+    if not errors:
+        _check_combinations(typed, errors)
+    if errors:
+        raise ConfigError(errors)
+    return typed
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(f"{prefix}{key}: unknown key; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{key}: missing (required)")
+            continue
+        value = data[name]
+        if value == "???":
+            errors.append(f"{key}: missing (required; set it on the command line, e.g. {key}=...)")
+            continue
+        kwargs[name] = _check(hints[name], value, key, errors)
+        bounds = f.metadata
+        if bounds and isinstance(kwargs[name], (int, float)) and not isinstance(kwargs[name], bool):
+            lo, hi = bounds.get("min"), bounds.get("max")
+            if (lo is not None and kwargs[name] < lo) or (hi is not None and kwargs[name] > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                errors.append(f"{key}: {kwargs[name]!r} out of range; must be {rng}")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # a required field was missing: already reported
+
+
+def _check(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", errors)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(inner[0], value, key, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{key}: {value!r} is not valid; valid values: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+            return value
+        return [_check(args[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        errors.append(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_combinations(c: RunConfig, errors: list[str]) -> None:
+    """Rules that involve more than one key."""
+    if c.data.source == "csv":
+        for k in ("train_path", "eval_path"):
+            if not getattr(c.data, k):
+                errors.append(f"data.{k}: required when data.source=csv")
+    if c.data.source == "hub" and not c.data.hub_id:
+        errors.append("data.hub_id: required when data.source=hub")
+    quantized = c.calibration.method != "none"
+    if c.qat.enabled and not quantized:
+        errors.append("qat: QAT needs calibrated quantizers; calibration=none cannot be combined with qat enabled (choose qat=none or a calibration method)")
+    if c.engine.name != "none" and not c.export.enabled:
+        errors.append(f"engine={c.engine.name} needs the ONNX files: export=none cannot be combined with an engine (choose engine=none)")
+    if c.benchmark.enabled and c.engine.name == "none":
+        errors.append("benchmark: needs an engine; engine=none cannot be combined with benchmark enabled (choose benchmark=none)")
+    if c.benchmark.enabled:
+        for s in c.benchmark.seq_lens:
+            if s > c.model.max_length:
+                errors.append(f"benchmark.seq_lens: {s} exceeds model.max_length={c.model.max_length}")
+        if c.benchmark.headline_batch not in c.benchmark.batch_sizes or c.benchmark.headline_seq not in c.benchmark.seq_lens:
+            errors.append(
+                f"benchmark.headline_batch/headline_seq: ({c.benchmark.headline_batch}, {c.benchmark.headline_seq}) must be in the grid "
+                f"batch_sizes={c.benchmark.batch_sizes} x seq_lens={c.benchmark.seq_lens}"
+            )
+    if c.qat.distill and not c.qat.enabled:
+        errors.append("qat.distill: needs qat enabled")

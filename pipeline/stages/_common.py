@@ -1,0 +1,82 @@
+"""Helpers shared by stages: evaluation forward passes, the training-stage wrapper, plots."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from pipeline.context import RunContext
+from pipeline.data import batches
+from pipeline.data.batching import Encoded
+from pipeline.outputs import atomic_write
+from pipeline.schema import RunConfig, TrainConfig
+from pipeline.training import train
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None) -> np.ndarray:
+    """Logits (N, num_labels) in the split's order; batches are length-sorted (less padding)."""
+    model.eval()
+    out: dict[int, np.ndarray] = {}
+    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
+        logits = model(**b.to(device).inputs).logits.float().cpu().numpy()
+        out.update(zip(b.index, logits))
+    return np.stack([out[i] for i in sorted(out)])
+
+
+def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None) -> np.ndarray:
+    out: dict[int, np.ndarray] = {}
+    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
+        logits = engine.run({k: v.numpy() for k, v in b.inputs.items()})
+        out.update(zip(b.index, logits))
+    return np.stack([out[i] for i in sorted(out)])
+
+
+def accuracy(logits: np.ndarray, labels: list[int]) -> float:
+    return float((logits.argmax(-1) == np.asarray(labels[: len(logits)])).mean())
+
+
+def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, teacher: torch.nn.Module | None) -> None:
+    """Run the shared loop for a training stage and record its curve, metrics and checkpoint."""
+    eval_fn = None
+    if tcfg.eval_each_epoch:
+        def eval_fn() -> dict:
+            logits = torch_logits(ctx.model, ctx.tokenizer, ctx.encoded["eval"], cfg.evaluate.batch_size, ctx.device)
+            return {"accuracy": accuracy(logits, ctx.encoded["eval"].labels)}
+    resume = None
+    if ctx.resume_from is not None and (ctx.resume_from / "checkpoints" / name / "progress.json").exists():
+        resume = ctx.resume_from / "checkpoints" / name
+    result = train(
+        ctx.model, ctx.tokenizer, ctx.encoded["train"], tcfg, device=ctx.device, seed=tcfg.seed if tcfg.seed is not None else ctx.seed,
+        checkpoint_dir=ctx.path("checkpoints") / name, desc=name, teacher=teacher, eval_fn=eval_fn, resume=resume,
+    )
+    ctx.metrics.training[name] = {
+        "steps": result.steps, "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
+        "seconds": round(result.seconds, 2), "resumed_from_step": result.resumed_from_step, "epoch_eval": result.epoch_eval,
+    }
+    if result.losses:
+        ctx.artifacts.plots[f"loss_{name}"] = plot_loss(result.losses, ctx.path(f"loss_{name}.png"), name)
+
+
+def plot_loss(losses: list[float], path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="step loss")
+    if len(losses) >= 10:
+        k = max(5, len(losses) // 20)
+        ax.plot(steps[k - 1 :], np.convolve(losses, np.ones(k) / k, mode="valid"), lw=1.8, label=f"mean of {k}")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=f"{title} loss")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return path

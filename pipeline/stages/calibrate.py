@@ -1,0 +1,60 @@
+"""calibrate (PTQ): keep a frozen FP32 copy, insert quantizers, collect statistics, set amax."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.context import RunContext
+from pipeline.data import batches
+from pipeline.outputs import atomic_write, write_json
+from pipeline.quantization.calibrate import calibrate
+from pipeline.quantization.placement import insert_quantizers
+from pipeline.quantization.tensor_quantizer import TensorQuantizer
+from pipeline.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    c = cfg.calibration
+    ctx.fp32_model = copy.deepcopy(ctx.model).eval()  # FP32 reference for evaluation and distillation
+    for p in ctx.fp32_model.parameters():
+        p.requires_grad_(False)
+    calib_batches = [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
+    ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
+    counts = calibrate(ctx.model, ctx.quantizers, calib_batches, c)
+    roles: dict[str, int] = {}
+    for q in ctx.quantizers.values():
+        roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
+    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles, **counts})
+    save_quantizer_state(ctx)
+    log.info("calibrate: %s on %d batches -> %d quantizers %s", c.method, len(calib_batches), len(ctx.quantizers), roles)
+
+
+def save_quantizer_state(ctx: RunContext) -> None:
+    """quantizers.safetensors (amax of every quantizer) and quant_map.json (the human-readable map)."""
+    state = {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
+    ctx.artifacts.quantizers = atomic_write(ctx.path("quantizers.safetensors"), lambda p: save_file(state, str(p)))
+    write_json(ctx.path("quant_map.json"), quant_map(ctx.quantizers))
+
+
+def quant_map(quantizers: dict[str, TensorQuantizer]) -> list[dict]:
+    rows = []
+    for name, q in quantizers.items():
+        amax: float | dict | None = None
+        if q.amax is not None:
+            a = q.amax.detach().float()
+            amax = float(a) if a.dim() == 0 else {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "channels": a.numel()}
+        rows.append({"name": name, "role": q.role, "axis": q.axis, "unsigned": q.unsigned, "num_bits": q.num_bits, "amax": amax, "enabled": q.enabled and q.amax is not None})
+    return rows
+
+
+@torch.no_grad()
+def load_quantizer_state(ctx: RunContext, state: dict[str, torch.Tensor]) -> None:
+    for name, q in ctx.quantizers.items():
+        if f"{name}.amax" in state:
+            q.load_amax(state[f"{name}.amax"])

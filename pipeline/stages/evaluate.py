@@ -1,0 +1,47 @@
+"""evaluate: task accuracy of FP32 torch, fake-quant torch, FP32 engine and INT8 engine on the eval
+split, and parity of the INT8 engine against fake-quant torch (argmax agreement, mean cosine of logits).
+
+Parity is not judged at 1e-5: near-tie roundings flip between torch and the engine's int8 kernels and
+cascade through layers, so agreement of decisions and the cosine of logit vectors are what matter.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.context import RunContext
+from pipeline.data.batching import Encoded
+from pipeline.schema import RunConfig
+from pipeline.stages._common import accuracy, engine_logits, torch_logits
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    ev = ctx.encoded["eval"]
+    if cfg.evaluate.max_examples is not None:
+        ev = Encoded(ev.features[: cfg.evaluate.max_examples], ev.labels[: cfg.evaluate.max_examples])
+    bs = cfg.evaluate.batch_size
+    acc = ctx.metrics.accuracy
+    fp32_model = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
+    acc["fp32"] = accuracy(torch_logits(fp32_model, ctx.tokenizer, ev, bs, ctx.device), ev.labels)
+    fq = None
+    if ctx.quantized:
+        fq = torch_logits(ctx.model, ctx.tokenizer, ev, bs, ctx.device)
+        acc["fake_quant"] = accuracy(fq, ev.labels)
+    if "fp32" in ctx.engines:
+        acc["engine_fp32"] = accuracy(engine_logits(ctx.engines["fp32"], ctx.tokenizer, ev, bs), ev.labels)
+    if "int8" in ctx.engines:
+        int8 = engine_logits(ctx.engines["int8"], ctx.tokenizer, ev, bs)
+        acc["int8"] = accuracy(int8, ev.labels)
+        n = min(len(ev), cfg.evaluate.parity_batches * bs)
+        ctx.metrics.parity = parity(int8[:n], fq[:n])
+    log.info("evaluate: accuracy %s parity %s", {k: v if v is None else round(v, 4) for k, v in acc.items()}, ctx.metrics.parity)
+
+
+def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Argmax agreement and mean cosine similarity of two logit arrays (N, C)."""
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    return {"argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()), "cosine": float(cos.mean()), "n": int(len(a))}

@@ -1,0 +1,26 @@
+"""load: task data splits, then model + tokenizer sized for the task's labels."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.context import RunContext
+from pipeline.data import encode, load_splits
+from pipeline.models import load_model
+from pipeline.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    ctx.splits = load_splits(cfg.data)
+    loaded = load_model(cfg.model, ctx.splits.num_labels, ctx.device)
+    ctx.model, ctx.tokenizer, ctx.head_trained = loaded.model, loaded.tokenizer, loaded.head_trained
+    ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in ("train", "calib", "eval")}
+    log.info(
+        "load: %s (%s, %.1fM params) | %s: train %d, calib %d, eval %d, labels %s",
+        cfg.model.name, type(ctx.model).__name__, sum(p.numel() for p in ctx.model.parameters()) / 1e6, cfg.data.name,
+        len(ctx.splits.train), len(ctx.splits.calib), len(ctx.splits.eval), ctx.splits.label_names,
+    )
+    if not ctx.head_trained and not cfg.finetune.enabled:
+        log.warning("load: the task head is freshly initialized and finetune=none: accuracies will be near chance")

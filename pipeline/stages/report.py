@@ -1,0 +1,107 @@
+"""report: metrics.json (the contract in design.md), report.md with the same numbers, and a short
+table printed at the end of the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from pipeline.context import RunContext
+from pipeline.outputs import write_json, write_text
+from pipeline.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
+    m = ctx.metrics
+    return {
+        "config_hash": ctx.config_hash,
+        "model": cfg.model.name,
+        "task": cfg.data.name,
+        "accuracy": m.accuracy,
+        "parity": m.parity,
+        "latency_ms": m.latency_ms,
+        "speedup": m.speedup,
+        "benchmark": m.benchmark,
+        "quantization": m.quantization,
+        "training": m.training,
+        "stages": {k: dataclasses.asdict(v) for k, v in ctx.stages.items()},
+    }
+
+
+def write_metrics(cfg: RunConfig, ctx: RunContext) -> dict:
+    d = metrics_dict(cfg, ctx)
+    write_json(ctx.path("metrics.json"), d)
+    return d
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    d = write_metrics(cfg, ctx)
+    table = summary_table(d, ctx.run_dir)
+    write_text(ctx.path("report.md"), render(d, cfg, ctx, table))
+    print("\n" + table + "\n", flush=True)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f} %"
+
+
+def _ms(d: dict, p: str) -> str:
+    return f"{d['latency_ms'][p]['p50']:.2f} ms" if p in d["latency_ms"] else "—"
+
+
+def summary_table(d: dict, run_dir: Path) -> str:
+    acc = d["accuracy"]
+    rows = [
+        ("accuracy FP32 (torch)", _pct(acc["fp32"])),
+        ("accuracy fake-quant (torch)", _pct(acc["fake_quant"])),
+        ("accuracy engine FP32", _pct(acc["engine_fp32"])),
+        ("accuracy engine INT8", _pct(acc["int8"])),
+        ("parity INT8 vs fake-quant", "—" if d["parity"]["argmax_agreement"] is None else f"argmax {100 * d['parity']['argmax_agreement']:.2f} %, cosine {d['parity']['cosine']:.5f}"),
+    ]
+    if d["latency_ms"]:
+        head = _headline(d)
+        rows += [(f"latency p50 FP32 ({head})", _ms(d, "fp32")), (f"latency p50 INT8 ({head})", _ms(d, "int8"))]
+        rows.append(("speedup (FP32 p50 / INT8 p50)", "—" if d["speedup"] is None else f"{d['speedup']:.2f}x"))
+    kern = d["quantization"].get("engine_kernels", {}).get("int8")
+    if kern:
+        rows.append(("INT8 engine GEMM kernels", ", ".join(f"{k} {v}" for k, v in kern.items())))
+    rows.append(("outputs", str(run_dir)))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join([f"| {'':{w}} | value |", f"|{'-' * (w + 2)}|-------|"] + [f"| {k:{w}} | {v} |" for k, v in rows])
+
+
+def _headline(d: dict) -> str:
+    grid = d["benchmark"]["grid"]
+    lat = d["latency_ms"]
+    for r in grid:
+        if r["precision"] in lat and r["p50"] == lat[r["precision"]]["p50"]:
+            return f"batch {r['batch']} x seq {r['seq']}"
+    return "headline shape"
+
+
+def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
+    lines = [f"# qdq-pipeline report: {cfg.model.name} on {cfg.data.name}", "", f"config hash `{d['config_hash'][:16]}`, seed {ctx.seed}", "", table, ""]
+    q = d["quantization"]
+    if q:
+        lines += ["## Quantization", "", f"- calibration: {q.get('method')}; quantizers: {q.get('quantizers')} ({q.get('enabled_by_role')})"]
+        if "onnx_int8" in q:
+            lines.append(f"- model_int8.onnx: {q['onnx_int8']}")
+        for p, k in q.get("engine_kernels", {}).items():
+            lines.append(f"- {p} engine kernels: {k}")
+        lines.append("")
+    if d["benchmark"].get("grid"):
+        lines += ["## Benchmark (same run, interleaved)", "", "| batch | seq | precision | p50 ms | p90 ms | p99 ms | seq/s |", "|---|---|---|---|---|---|---|"]
+        for r in d["benchmark"]["grid"]:
+            lines.append(f"| {r['batch']} | {r['seq']} | {r['precision']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['throughput_seq_s']:.1f} |")
+        lines += ["", "![latency](benchmark.png)", ""]
+    if d["training"]:
+        lines += ["## Training", ""]
+        for name, t in d["training"].items():
+            lines.append(f"- {name}: {t['steps']} steps, {t['seconds']} s, final loss {t['final_loss']}; curve `loss_{name}.png`")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v['status']} | {v['seconds']:.1f} |" for k, v in d["stages"].items()]
+    return "\n".join(lines) + "\n"
