@@ -44,8 +44,8 @@ def main() -> None:
         print(f"histogram bins after {args.batches} batches: ours {ours._calib_hist.numel()}, pq {ref._calib_hist.numel()}")
         print(f"{'method':8} {'pq 2.1.3 (s)':>13} {'ours (s)':>10} {'speedup':>9} {'amax pq':>10} {'amax ours':>10}")
         for method in ("entropy", "mse"):
-            t_ref, a_ref = _best_time(lambda: ref.compute_amax(method), args.oracle_repeats)
-            t_our, a_our = _best_time(lambda: ours.compute_amax(method), args.repeats)
+            t_ref, a_ref = _best_time(lambda m=method: ref.compute_amax(m), args.oracle_repeats)
+            t_our, a_our = _best_time(lambda m=method: ours.compute_amax(m), args.repeats)
             print(f"{method:8} {t_ref:13.3f} {t_our:10.4f} {t_ref / t_our:8.1f}x {float(a_ref):10.4f} {float(a_our):10.4f}")
 
 

@@ -17,12 +17,15 @@ class RunDirGuard(Callback):
     Hydra writes `.hydra/` into the run folder before the task starts, so the check must happen
     here (on_run_start), before Hydra touches the folder. Two runs started in the same second with
     the default timestamped folder also land here instead of mixing their files.
+
+    Hydra turns an Exception raised by a callback into a warning and carries on, so the refusal is a
+    SystemExit (not an Exception): the process stops with the message and exit status 1.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(str(config.hydra.run.dir))
         if run_dir.exists() and (any((run_dir / m).exists() for m in RUN_MARKERS) or (run_dir / ".hydra").exists()):
-            raise FileExistsError(
-                f"hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another folder "
-                "(or leave hydra.run.dir unset for a new timestamped one)."
+            raise SystemExit(
+                f"error: hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another "
+                "folder (or leave hydra.run.dir unset for a new timestamped one)."
             )

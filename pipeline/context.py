@@ -42,9 +42,7 @@ class Artifacts:
 class Metrics:
     """What metrics.json holds (see design.md "Outputs of a run")."""
 
-    accuracy: dict[str, float | None] = field(
-        default_factory=lambda: {"fp32": None, "fake_quant": None, "engine_fp32": None, "int8": None}
-    )
+    accuracy: dict[str, float | None] = field(default_factory=lambda: {"fp32": None, "fake_quant": None, "engine_fp32": None, "int8": None})
     parity: dict[str, float | None] = field(default_factory=lambda: {"argmax_agreement": None, "cosine": None})
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     speedup: float | None = None

@@ -59,8 +59,15 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
         with warnings.catch_warnings(), constant_scales(model), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python branches
             torch.onnx.export(
-                wrapper, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
-                output_names=["logits"], dynamic_axes=axes, do_constant_folding=True,
+                wrapper,
+                args,
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
             )
         m = onnx.load(str(tmp))
         onnx.checker.check_model(m)

@@ -20,8 +20,8 @@ from pipeline.context import RunContext, StageRecord
 from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig, validate
-from pipeline.training import seed_everything
 from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report
+from pipeline.training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,15 @@ def run_pipeline(raw: DictConfig, run_dir: Path, resume_from: Path | None = None
     """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
     cfg = validate(raw)
     preflight(cfg)
+    if (run_dir / "manifest.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; refusing to overwrite it")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
-    ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=config_hash(raw), resume_from=resume_from)
+    ctx = RunContext(
+        run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=config_hash(raw), resume_from=resume_from
+    )
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
     started = time.time()
     _write_manifest(ctx, raw, started, None)
@@ -111,7 +115,9 @@ def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -121,17 +127,25 @@ def _write_manifest(ctx: RunContext, raw: DictConfig, started: float, error: str
     device = str(ctx.device)
     if ctx.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(ctx.device)})"
-    write_json(ctx.run_dir / "manifest.json", {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "config_hash": ctx.config_hash,
-        "seed": ctx.seed,
-        "versions": _versions(),
-        "device": device,
-        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "project": {"version": __version__, "git_commit": _git_commit()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "status": "failed" if error else ("done" if "report" in ctx.stages else "running"),
-        "error": error,
-        "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
-        "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
-    })
+    write_json(
+        ctx.run_dir / "manifest.json",
+        {
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "config_hash": ctx.config_hash,
+            "seed": ctx.seed,
+            "versions": _versions(),
+            "device": device,
+            "host": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "project": {"version": __version__, "git_commit": _git_commit()},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "status": "failed" if error else ("done" if "report" in ctx.stages else "running"),
+            "error": error,
+            "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
+            "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
+        },
+    )

@@ -131,6 +131,7 @@ class EngineConfig:
         default_factory=lambda: ["CPUExecutionProvider"]
     )
     intra_op_threads: int = field(default=0, metadata=_range(0))
+    allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     save_optimized: bool = True
 
@@ -267,7 +268,9 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("data.hub_id: required when data.source=hub")
     quantized = c.calibration.method != "none"
     if c.qat.enabled and not quantized:
-        errors.append("qat: QAT needs calibrated quantizers; calibration=none cannot be combined with qat enabled (choose qat=none or a calibration method)")
+        errors.append(
+            "qat: QAT needs calibrated quantizers; calibration=none cannot be combined with qat enabled (choose qat=none or a calibration method)"
+        )
     if c.engine.name != "none" and not c.export.enabled:
         errors.append(f"engine={c.engine.name} needs the ONNX files: export=none cannot be combined with an engine (choose engine=none)")
     if c.benchmark.enabled and c.engine.name == "none":

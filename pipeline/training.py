@@ -127,7 +127,10 @@ def train(
             step += 1
             result.losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", ex_s=f"{cfg.batch_size * (step - result.resumed_from_step) / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(
+                loss=f"{result.losses[-1]:.4f}",
+                ex_s=f"{cfg.batch_size * (step - result.resumed_from_step) / (time.perf_counter() - t0):.0f}",
+            )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (stop_after is not None and step >= stop_after):
                 result.steps = step
                 _save_checkpoint(checkpoint_dir, model, opt, sched, result)
@@ -154,8 +157,13 @@ def _save_checkpoint(folder: Path, model, opt, sched, result: TrainResult) -> No
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda p: save_file(_dedupe(state), str(p)))
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    atomic_write(folder / "trainer_state.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, p))
-    write_json(folder / "progress.json", {"step": result.steps, "losses": result.losses, "epoch_eval": result.epoch_eval, "seconds": result.seconds})
+    atomic_write(
+        folder / "trainer_state.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, p)
+    )
+    write_json(
+        folder / "progress.json",
+        {"step": result.steps, "losses": result.losses, "epoch_eval": result.epoch_eval, "seconds": result.seconds},
+    )
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -180,4 +188,10 @@ def _load_checkpoint(folder: Path, model, opt, sched) -> TrainResult:
     np.random.set_state(trainer["rng"]["numpy"])
     random.setstate(trainer["rng"]["python"])
     progress = json.loads((folder / "progress.json").read_text())
-    return TrainResult(steps=progress["step"], losses=progress["losses"], epoch_eval=progress["epoch_eval"], seconds=progress["seconds"], resumed_from_step=progress["step"])
+    return TrainResult(
+        steps=progress["step"],
+        losses=progress["losses"],
+        epoch_eval=progress["epoch_eval"],
+        seconds=progress["seconds"],
+        resumed_from_step=progress["step"],
+    )

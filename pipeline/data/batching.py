@@ -37,7 +37,14 @@ def encode(tokenizer, split: Split, max_length: int) -> Encoded:
 
 
 def batches(
-    tokenizer, data: Encoded, batch_size: int, *, shuffle: bool = False, seed: int = 0, sort_by_length: bool = False, limit: int | None = None
+    tokenizer,
+    data: Encoded,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    sort_by_length: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Batch]:
     """Batches padded to their longest example.
 

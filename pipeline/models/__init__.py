@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import logging as hf_logging
 
 from pipeline import _embedded_model_path
 from pipeline.schema import ModelConfig
@@ -44,8 +45,16 @@ def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loade
     if Path(source).expanduser().exists():
         source = str(Path(source).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
-    fresh = [k for k in info.get("missing_keys", []) + [m[0] for m in info.get("mismatched_keys", [])] if any(h in k for h in _HEAD_HINTS)]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the missing-head table is expected; we log one line instead
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys", [])) + [m[0] for m in info.get("mismatched_keys", [])]
+    fresh = [k for k in missing if any(h in k for h in _HEAD_HINTS)]
+    if fresh:
+        log.info("load: task head initialized fresh (not in the checkpoint): %s", ", ".join(sorted(fresh)))
     return Loaded(model.to(device).eval(), tokenizer, head_trained=not fresh)

@@ -41,8 +41,12 @@ def qdq_attention_forward(
     aq = getattr(module, "attn_quant", None)
     key_t = key.transpose(2, 3)  # quantize K^T itself so Q/DQ sits right at the MatMul input
     if aq is not None:
-        query, key_t, value = aq.q(query), aq.k(key_t), aq.v(value)
-    scores = torch.matmul(query, key_t) * scaling
+        # Scale Q before quantizing it: the same product, but the multiply runs on (.., q_len,
+        # head_dim) instead of the (.., q_len, kv_len) scores, and Q/DQ sit right at the GEMM.
+        scores = torch.matmul(aq.q(query * scaling), aq.k(key_t))
+        value = aq.v(value)
+    else:
+        scores = torch.matmul(query, key_t) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

@@ -126,9 +126,7 @@ class HistogramCalibrator(_Calibrator):
         self._calib_hist = None
         self._calib_bin_edges = None
 
-    def compute_amax(
-        self, method: str, *, stride: int = 1, start_bin: int = 128, percentile: float = 99.99
-    ) -> torch.Tensor | None:
+    def compute_amax(self, method: str, *, stride: int = 1, start_bin: int = 128, percentile: float = 99.99) -> torch.Tensor | None:
         """amax from the collected histogram.
 
         Args:
@@ -165,9 +163,7 @@ def _amax_percentile(hist: np.ndarray, edges: np.ndarray, percentile: float) -> 
     return torch.tensor(edges[idx].item())
 
 
-def _amax_entropy(
-    hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, stride: int, start_bin: int
-) -> torch.Tensor:
+def _amax_entropy(hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, stride: int, start_bin: int) -> torch.Tensor:
     """Bin whose clipped, re-quantized distribution has the smallest KL divergence from the data's.
 
     For a candidate i (bins kept), the reference P is bins[:i] with everything past i folded into bin
@@ -222,9 +218,7 @@ def _amax_entropy(
     return torch.tensor(edges[last_argmin * stride + start_bin].item())
 
 
-def _amax_mse(
-    hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, stride: int, start_bin: int
-) -> torch.Tensor:
+def _amax_mse(hist: np.ndarray, edges: np.ndarray, num_bits: int, unsigned: bool, stride: int, start_bin: int) -> torch.Tensor:
     """Bin center that minimizes the count-weighted squared error of fake-quantizing the bin centers.
 
     float32, narrow range, round-half-even: the same arithmetic as pytorch-quantization's

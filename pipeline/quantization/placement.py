@@ -57,8 +57,11 @@ def insert_quantizers(
     """Insert quantizers into `model` in place; `example` is one input batch for attention discovery."""
     make = quantizer_factory(calib, qcfg)
     if qcfg.linear:
-        _swap(model, lambda name, m: isinstance(m, nn.Linear) and not isinstance(m, QuantLinear) and _selected(name, qcfg),
-              lambda m: QuantLinear.from_linear(m, make("linear_input"), make("linear_weight")))
+        _swap(
+            model,
+            lambda name, m: isinstance(m, nn.Linear) and not isinstance(m, QuantLinear) and _selected(name, qcfg),
+            lambda m: QuantLinear.from_linear(m, make("linear_input"), make("linear_weight")),
+        )
     if qcfg.attention:
         attention.use_qdq_attention(model)
         with attention.discover_attention_modules() as found, torch.no_grad():
@@ -69,8 +72,11 @@ def insert_quantizers(
             if _selected(names[id(mod)], qcfg):
                 mod.attn_quant = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
     if qcfg.residual:
-        _swap(model, lambda name, m: isinstance(m, _NORMS) and "embeddings" not in name and _selected(name, qcfg),
-              lambda m: ResidualQuantizer(m, make("residual")))
+        _swap(
+            model,
+            lambda name, m: isinstance(m, _NORMS) and "embeddings" not in name and _selected(name, qcfg),
+            lambda m: ResidualQuantizer(m, make("residual")),
+        )
     return collect_quantizers(model)
 
 

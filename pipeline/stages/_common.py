@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def torch_logits(model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None) -> np.ndarray:
+def torch_logits(
+    model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None
+) -> np.ndarray:
     """Logits (N, num_labels) in the split's order; batches are length-sorted (less padding)."""
     model.eval()
     out: dict[int, np.ndarray] = {}
@@ -44,19 +46,33 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     """Run the shared loop for a training stage and record its curve, metrics and checkpoint."""
     eval_fn = None
     if tcfg.eval_each_epoch:
+
         def eval_fn() -> dict:
             logits = torch_logits(ctx.model, ctx.tokenizer, ctx.encoded["eval"], cfg.evaluate.batch_size, ctx.device)
             return {"accuracy": accuracy(logits, ctx.encoded["eval"].labels)}
+
     resume = None
     if ctx.resume_from is not None and (ctx.resume_from / "checkpoints" / name / "progress.json").exists():
         resume = ctx.resume_from / "checkpoints" / name
     result = train(
-        ctx.model, ctx.tokenizer, ctx.encoded["train"], tcfg, device=ctx.device, seed=tcfg.seed if tcfg.seed is not None else ctx.seed,
-        checkpoint_dir=ctx.path("checkpoints") / name, desc=name, teacher=teacher, eval_fn=eval_fn, resume=resume,
+        ctx.model,
+        ctx.tokenizer,
+        ctx.encoded["train"],
+        tcfg,
+        device=ctx.device,
+        seed=tcfg.seed if tcfg.seed is not None else ctx.seed,
+        checkpoint_dir=ctx.path("checkpoints") / name,
+        desc=name,
+        teacher=teacher,
+        eval_fn=eval_fn,
+        resume=resume,
     )
     ctx.metrics.training[name] = {
-        "steps": result.steps, "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
-        "seconds": round(result.seconds, 2), "resumed_from_step": result.resumed_from_step, "epoch_eval": result.epoch_eval,
+        "steps": result.steps,
+        "final_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
+        "seconds": round(result.seconds, 2),
+        "resumed_from_step": result.resumed_from_step,
+        "epoch_eval": result.epoch_eval,
     }
     if result.losses:
         ctx.artifacts.plots[f"loss_{name}"] = plot_loss(result.losses, ctx.path(f"loss_{name}.png"), name)

@@ -53,7 +53,12 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
 
 def summary(ts: list[float]) -> dict[str, float]:
     a = np.asarray(ts)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+    }
 
 
 def plot(grid: list[dict], path):

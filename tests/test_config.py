@@ -1,0 +1,124 @@
+"""Config: every option of every group composes and validates; bad input gets exact messages."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline.schema import ConfigError, validate
+from tests.conftest import CONF, compose_cfg
+
+GROUPS = ["model", "data", "finetune", "calibration", "quant", "qat", "export", "engine", "benchmark", "experiment"]
+# Options that need more than the option itself to be a valid run.
+NEEDS = {
+    ("data", "csv"): ["data.train_path=a.csv", "data.eval_path=b.csv"],
+    ("engine", "none"): ["benchmark=none"],
+    ("export", "none"): ["engine=none", "benchmark=none"],
+    ("calibration", "none"): ["qat=none"],
+}
+
+
+def _options():
+    for group in GROUPS:
+        for f in sorted((CONF / group).glob("*.yaml")):
+            yield group, f.stem
+
+
+@pytest.mark.parametrize(("group", "option"), list(_options()))
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_cfg([f"{group}={option}"] + NEEDS.get((group, option), []))
+    typed = validate(cfg)
+    assert typed.model.name
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")))
+def test_every_yaml_opens_with_a_comment(path):
+    first = (CONF / path).read_text().lstrip().splitlines()[0]
+    assert first.startswith("#"), f"{path} should open with a comment saying what it is for"
+
+
+def test_default_config_is_the_embedded_demo():
+    c = validate(compose_cfg())
+    assert (c.model.name, c.data.name, c.calibration.method) == ("minilm_l6", "movie_snippets", "percentile")
+    assert (c.benchmark.headline_batch, c.benchmark.headline_seq) == (8, 128)
+
+
+def test_typo_in_group_option_is_refused_by_hydra_with_the_choices():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(["calibration=entropyy"])
+    msg = str(e.value)
+    assert "Could not find 'calibration/entropyy'" in msg
+    assert "Available options in 'calibration':" in msg and "entropy" in msg and "mse" in msg
+
+
+def test_typo_in_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'calibration.num_binz'"):
+        compose_cfg(["calibration.num_binz=10"])
+    cfg = compose_cfg(["+calibration.num_binz=10"])  # appended on purpose: our validator names it
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert (
+        "calibration.num_binz: unknown key; valid keys: method, num_batches, batch_size, num_bins, skip_zeros, percentile, start_bin, stride"
+        in str(e.value)
+    )
+
+
+def test_all_errors_reported_at_once_with_exact_text():
+    cfg = compose_cfg(["calibration.num_bins=abc", "calibration.method=kl", "calibration.percentile=150", "engine.graph_optimization=max"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.errors == [
+        "calibration.method: 'kl' is not valid; valid values: max, percentile, entropy, mse, none",
+        "calibration.num_bins: expected int, got 'abc' (str)",
+        "calibration.percentile: 150.0 out of range; must be in [0.0, 100.0]",
+        "engine.graph_optimization: 'max' is not valid; valid values: disable, basic, extended, all",
+    ]
+    assert str(e.value).startswith("invalid configuration (4 errors):\n  - calibration.method:")
+
+
+def test_wrong_type_bool_for_int():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["benchmark.iters=true"]))
+    assert e.value.errors == ["benchmark.iters: expected int, got True (bool)"]
+
+
+def test_bad_combinations():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["calibration=none", "qat.enabled=true", "benchmark.seq_lens=[128,512]"]))
+    assert e.value.errors == [
+        "qat: QAT needs calibrated quantizers; calibration=none cannot be combined with qat enabled (choose qat=none or a calibration method)",
+        "benchmark.seq_lens: 512 exceeds model.max_length=128",
+    ]
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["export=none"]))
+    assert e.value.errors == ["engine=onnxruntime needs the ONNX files: export=none cannot be combined with an engine (choose engine=none)"]
+
+
+def test_missing_required_value():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["data=csv"]))
+    assert e.value.errors == [
+        "data.train_path: missing (required; set it on the command line, e.g. data.train_path=...)",
+        "data.eval_path: missing (required; set it on the command line, e.g. data.eval_path=...)",
+    ]
+
+
+def test_preflight_reports_environment_problems_before_any_stage(tmp_path):
+    from pipeline.run import run_pipeline
+
+    cfg = compose_cfg(
+        ["data=csv", f"data.train_path={tmp_path}/nope.csv", f"data.eval_path={tmp_path}/nope2.csv", "model.name_or_path=/no/such/model"]
+    )
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(cfg, tmp_path / "run")
+    assert e.value.errors == [
+        f"data.train_path: file not found: {tmp_path}/nope.csv",
+        f"data.eval_path: file not found: {tmp_path}/nope2.csv",
+        "model.name_or_path: folder not found: /no/such/model",
+    ]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_config_yaml_is_plain_yaml():
+    OmegaConf.load(CONF / "config.yaml")

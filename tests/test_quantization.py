@@ -1,0 +1,139 @@
+"""Quantization core: TensorQuantizer numerics and gradients, QuantLinear export, placement rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from pipeline.onnx_export import export, fold_weight_quantization
+from pipeline.quantization.modules import QuantLinear
+from pipeline.quantization.placement import insert_quantizers
+from pipeline.quantization.tensor_quantizer import TensorQuantizer
+from pipeline.schema import CalibrationConfig, QuantConfig
+
+
+def test_per_tensor_fake_quant_matches_formula():
+    q = TensorQuantizer("linear_input")
+    q.load_amax(torch.tensor(2.0))
+    x = torch.linspace(-3, 3, 101)
+    scale = 2.0 / 127
+    expected = torch.clamp(torch.round(x / scale), -128, 127) * scale
+    assert torch.allclose(q(x), expected)
+
+
+def test_per_channel_and_unsigned():
+    w = torch.randn(4, 8)
+    q = TensorQuantizer("linear_weight", axis=0)
+    q.load_amax(w.abs().amax(1))
+    out = q(w)
+    scale = (w.abs().amax(1) / 127).unsqueeze(1)
+    assert torch.allclose(out, torch.round(w / scale) * scale, atol=1e-6)
+    u = TensorQuantizer("attn_probs", unsigned=True)
+    u.load_amax(torch.tensor(1.0))
+    p = torch.rand(10)
+    assert torch.allclose(u(p), torch.round(p * 255) / 255, atol=1e-6)
+    assert (u.qmin, u.qmax) == (0, 255)
+
+
+def test_straight_through_gradient_clips_outside_range():
+    q = TensorQuantizer("linear_input")
+    q.load_amax(torch.tensor(1.0))
+    x = torch.tensor([-2.0, -0.5, 0.3, 0.99, 1.5], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_learnable_amax_gets_a_gradient_and_same_forward():
+    q = TensorQuantizer("linear_input")
+    q.load_amax(torch.tensor(1.0))
+    x = torch.randn(64) * 2
+    fixed = q(x)
+    q.set_learnable(True)
+    q.train()
+    y = q(x)
+    assert torch.allclose(y, fixed, atol=1e-6)
+    y.pow(2).sum().backward()
+    assert isinstance(q.amax, torch.nn.Parameter) and q.amax.grad is not None and torch.isfinite(q.amax.grad)
+
+
+def test_calibrating_passes_through_and_collects():
+    q = TensorQuantizer("linear_input", calibrator="histogram")
+    q.calibrating = True
+    x = torch.randn(100)
+    assert torch.equal(q(x), x)
+    assert q.calibrator.compute_amax("percentile", percentile=100) == pytest.approx(float(x.abs().max()), rel=1e-3)
+
+
+def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    ql = QuantLinear.from_linear(lin, TensorQuantizer("linear_input"), TensorQuantizer("linear_weight", axis=0))
+    x = torch.randn(2, 5, 16)
+    ql.input_quantizer.load_amax(x.abs().max())
+    ql.weight_quantizer.load_amax(lin.weight.abs().amax(1))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = ql
+
+        def forward(self, input_ids):
+            return type("O", (), {"logits": self.l(input_ids)})()
+
+    path = tmp_path / "q.onnx"
+    export(M().eval(), {"input_ids": x}, path, 17)
+    assert fold_weight_quantization(path) == 1
+    g = onnx.load(str(path)).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2 and "Transpose" not in ops
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in g.initializer)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_ids": x.numpy()})[0]
+    assert np.allclose(out, ql(x).detach().numpy(), atol=1e-4)
+    assert "MatMulIntegerToFloat" in [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+EXAMPLE = {
+    "input_ids": torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+}
+CALIB = CalibrationConfig(method="max")
+HEAD = ["classifier", "classifier.*", "pooler", "pooler.*"]
+
+
+def _roles(qs):
+    out: dict[str, int] = {}
+    for q in qs.values():
+        out[q.role] = out.get(q.role, 0) + 1
+    return out
+
+
+def test_placement_every_gemm_head_excluded():
+    m = _tiny_bert()
+    qs = insert_quantizers(m, QuantConfig(exclude=HEAD), CALIB, EXAMPLE)
+    assert _roles(qs) == {"linear_input": 12, "linear_weight": 12, "attn_q": 2, "attn_k": 2, "attn_probs": 2, "attn_v": 2}
+    assert not isinstance(m.classifier, QuantLinear) and not isinstance(m.bert.pooler.dense, QuantLinear)
+    assert all(q.unsigned == (q.role == "attn_probs") for q in qs.values())
+
+
+def test_placement_globs_roles_and_residual():
+    m = _tiny_bert()
+    qs = insert_quantizers(m, QuantConfig(attention=False, exclude=HEAD + ["*.layer.0.*"], exclude_roles=["linear_input"]), CALIB, EXAMPLE)
+    assert _roles(qs) == {"linear_input": 6, "linear_weight": 6}
+    assert not any(q.enabled for q in qs.values() if q.role == "linear_input")
+    m = _tiny_bert()
+    qs = insert_quantizers(m, QuantConfig(residual=True, exclude=HEAD), CALIB, EXAMPLE)
+    assert _roles(qs)["residual"] == 4  # attention.output.LayerNorm + output.LayerNorm per layer; embeddings excluded
