@@ -111,9 +111,12 @@ class QuantConfig:
     residual: bool = False
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    exclude_roles: list[Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "residual"]] = field(
-        default_factory=list
+    exclude_roles: list[Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]] = (
+        field(default_factory=list)
     )
+    # Attention classes that compute their own GEMMs (no attention interface): quantized by
+    # intercepting torch.matmul / torch.bmm inside their forward (pipeline/quantization/matmul_mode.py).
+    matmul_attention_classes: list[str] = field(default_factory=lambda: ["DisentangledSelfAttention", "MPNetSelfAttention"])
 
 
 @dataclass

@@ -36,8 +36,17 @@ def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loade
     if cfg.random_init:
         tokenizer = AutoTokenizer.from_pretrained(_embedded_model_path())
         config = AutoConfig.for_model(cfg.model_type, num_labels=num_labels, vocab_size=len(tokenizer), **cfg.tiny)
-        if hasattr(config, "pad_token_id"):
-            config.pad_token_id = tokenizer.pad_token_id
+        # Special-token ids must exist in the (BERT) vocabulary we pair the architecture with.
+        ids = {
+            "pad": tokenizer.pad_token_id,
+            "bos": tokenizer.cls_token_id,
+            "eos": tokenizer.sep_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+        }
+        for name, value in ids.items():
+            if getattr(config, f"{name}_token_id", None) is not None:
+                setattr(config, f"{name}_token_id", value)
         model = AutoModelForSequenceClassification.from_config(config)
         return Loaded(model.to(device).eval(), tokenizer, head_trained=False)
     source = cfg.name_or_path

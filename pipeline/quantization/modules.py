@@ -37,7 +37,10 @@ class QuantLinear(nn.Linear):
             # between them: the exporter folds the constant transpose, and the DQ feeds the GEMM
             # directly, the pattern ORT and TensorRT fuse. Same numbers as F.linear(x, Q(W)).
             w_t = self.weight_quantizer(self.weight.t(), axis=1)
-            out = torch.matmul(x, w_t)
+            # Outside any TorchFunctionMode: the attention GEMM interceptor (matmul_mode) must not
+            # mistake this already-quantized Linear GEMM for one of the attention GEMMs.
+            with torch._C.DisableTorchFunction():
+                out = torch.matmul(x, w_t)
             return out + self.bias if self.bias is not None else out
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 

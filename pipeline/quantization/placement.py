@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.quantization import attention
+from pipeline.quantization import attention, matmul_mode
 from pipeline.quantization.modules import AttentionQuantizers, QuantLinear, ResidualQuantizer
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 from pipeline.schema import CalibrationConfig, QuantConfig
@@ -63,14 +63,7 @@ def insert_quantizers(
             lambda m: QuantLinear.from_linear(m, make("linear_input"), make("linear_weight")),
         )
     if qcfg.attention:
-        attention.use_qdq_attention(model)
-        with attention.discover_attention_modules() as found, torch.no_grad():
-            model.eval()
-            model(**example)
-        names = {id(m): n for n, m in model.named_modules()}
-        for mod in found:
-            if _selected(names[id(mod)], qcfg):
-                mod.attn_quant = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
+        _quantize_attention(model, qcfg, example, make)
     if qcfg.residual:
         _swap(
             model,
@@ -78,6 +71,26 @@ def insert_quantizers(
             lambda m: ResidualQuantizer(m, make("residual")),
         )
     return collect_quantizers(model)
+
+
+def _quantize_attention(model: nn.Module, qcfg: QuantConfig, example: dict[str, torch.Tensor], make) -> None:
+    """Through the attention interface where the model uses it, else by intercepting its GEMMs."""
+    if model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+        try:
+            attention.use_qdq_attention(model)
+        except ValueError:
+            pass  # models that compute attention themselves refuse dynamic switching (DeBERTa-v2, MPNet)
+    found: list[nn.Module] = []
+    if model.config._attn_implementation == attention.ATTN_IMPLEMENTATION:
+        with attention.discover_attention_modules() as found, torch.no_grad():
+            model.eval()
+            model(**example)
+    names = {id(m): n for n, m in model.named_modules()}
+    for mod in found:
+        if _selected(names[id(mod)], qcfg):
+            mod.attn_quant = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
+    if not found:
+        matmul_mode.attach(model, qcfg.matmul_attention_classes, example, lambda n: _selected(n, qcfg), make)
 
 
 def collect_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
 
-Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "residual", "matmul_input"]
+Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]
 
 # Smallest amax kept: a dead channel (all-zero weights) would otherwise give scale 0, which ONNX
 # QuantizeLinear forbids. Values below it quantize to 0 anyway.
