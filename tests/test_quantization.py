@@ -111,7 +111,7 @@ EXAMPLE = {
     "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
 }
 CALIB = CalibrationConfig(method="max")
-HEAD = ["classifier", "classifier.*", "pooler", "pooler.*"]
+HEAD = ["classifier", "classifier.*", "*pooler", "*pooler.*"]
 
 
 def _roles(qs):
