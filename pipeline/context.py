@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from pipeline.cache import StageCache, stage_key
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -69,6 +71,16 @@ class RunContext:
     encoded: dict[str, Encoded] = field(default_factory=dict)  # tokenized splits: train / calib / eval
     head_trained: bool = True  # False: the task head was freshly initialized at load
     resume_from: Path | None = None
+    cache: StageCache | None = None
+    # Cache keys: `key` is the running chain (each stage that changes the model extends it).
+    key: str = ""
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def chain_key(self, stage: str, *parts: Any) -> str:
+        """Key of `stage`: its config parts + the key of everything upstream."""
+        self.key = stage_key(stage, self.key, *parts)
+        self.keys[stage] = self.key
+        return self.key
 
     @property
     def quantized(self) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import __version__
+from pipeline.cache import StageCache
 from pipeline.context import RunContext, StageRecord
 from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
@@ -26,7 +29,7 @@ from pipeline.training import seed_everything
 log = logging.getLogger(__name__)
 
 # (name, stage, is it switched on?) — the recipe, in order.
-STAGES: list[tuple[str, Callable[[RunConfig, RunContext], None], Callable[[RunConfig], bool]]] = [
+STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[[RunConfig], bool]]] = [
     ("load", load.run, lambda c: True),
     ("finetune", finetune.run, lambda c: c.finetune.enabled),
     ("calibrate", calibrate.run, lambda c: c.calibration.method != "none"),
@@ -62,19 +65,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def run_pipeline(raw: DictConfig, run_dir: Path, resume_from: Path | None = None) -> RunContext:
+def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
     cfg = validate(raw)
     preflight(cfg)
+    digest = config_hash(raw)
+    resume_from = _check_resume(Path(cfg.resume).expanduser(), digest) if cfg.resume else None
     if (run_dir / "manifest.json").exists():
         raise FileExistsError(f"{run_dir} already holds a run; refusing to overwrite it")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
-    ctx = RunContext(
-        run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=config_hash(raw), resume_from=resume_from
-    )
+    ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=digest, resume_from=resume_from)
+    ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), cfg.cache.enabled and resume_from is None)
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
     started = time.time()
     _write_manifest(ctx, raw, started, None)
@@ -86,11 +90,11 @@ def run_pipeline(raw: DictConfig, run_dir: Path, resume_from: Path | None = None
                 continue
             t0 = time.perf_counter()
             try:
-                stage(cfg, ctx)
+                status = stage(cfg, ctx) or "done"  # a stage restored from the cache returns "cached"
             except BaseException:
                 ctx.stages[name] = StageRecord("failed", time.perf_counter() - t0)
                 raise
-            ctx.stages[name] = StageRecord("done", time.perf_counter() - t0)
+            ctx.stages[name] = StageRecord(status, time.perf_counter() - t0)
             _write_manifest(ctx, raw, started, None)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -99,6 +103,22 @@ def run_pipeline(raw: DictConfig, run_dir: Path, resume_from: Path | None = None
         report.write_metrics(cfg, ctx)
         _write_manifest(ctx, raw, started, error)
     return ctx
+
+
+def _check_resume(folder: Path, config_hash: str) -> Path:
+    """The run to resume must have been started with the same config (resume itself excluded)."""
+    old = json.loads((folder / "manifest.json").read_text())
+    if old.get("config_hash") != config_hash:
+        raise ConfigError([
+            f"resume: {folder} was run with a different config (hash {str(old.get('config_hash'))[:12]} vs "
+            f"{config_hash[:12]}); resume with the same overrides as that run"
+        ])
+    return folder
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _versions() -> dict[str, str | None]:
@@ -146,6 +166,7 @@ def _write_manifest(ctx: RunContext, raw: DictConfig, started: float, error: str
             "status": "failed" if error else ("done" if "report" in ctx.stages else "running"),
             "error": error,
             "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
             "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
         },
     )

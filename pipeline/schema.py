@@ -15,6 +15,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
@@ -159,6 +160,12 @@ class EvaluateConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = "outputs/.cache"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -170,10 +177,12 @@ class RunConfig:
     engine: EngineConfig
     benchmark: BenchmarkConfig
     evaluate: EvaluateConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
     run_name: str = "run"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata=_range(0))
+    resume: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,5 +296,7 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
                 f"benchmark.headline_batch/headline_seq: ({c.benchmark.headline_batch}, {c.benchmark.headline_seq}) must be in the grid "
                 f"batch_sizes={c.benchmark.batch_sizes} x seq_lens={c.benchmark.seq_lens}"
             )
+    if c.resume is not None and not (Path(c.resume).expanduser() / "manifest.json").exists():
+        errors.append(f"resume: {c.resume} is not a run folder (no manifest.json)")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")

@@ -151,11 +151,16 @@ def train(
     return result
 
 
+def state_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict (weights + quantizer amax) in a form safetensors accepts."""
+    return _dedupe({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+
+
 def _save_checkpoint(folder: Path, model, opt, sched, result: TrainResult) -> None:
     """weights+quantizers (safetensors), optimizer/scheduler/RNG (torch), progress (json); each atomic."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda p: save_file(_dedupe(state), str(p)))
+    state = state_for_safetensors(model)
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     atomic_write(
         folder / "trainer_state.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, p)

@@ -36,7 +36,7 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run_tiny(tmp_path: Path, overrides: list[str] | None = None, name: str = "run"):
-    cfg = compose_cfg(TINY + (overrides or []))
+    cfg = compose_cfg(TINY + [f"cache.dir={tmp_path}/cache"] + (overrides or []))
     return run_pipeline(cfg, tmp_path / name)
 
 

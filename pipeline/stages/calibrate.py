@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.outputs import atomic_write, write_json
@@ -19,25 +22,44 @@ from pipeline.schema import RunConfig
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, ctx: RunContext) -> None:
+def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     c = cfg.calibration
     ctx.fp32_model = copy.deepcopy(ctx.model).eval()  # FP32 reference for evaluation and distillation
     for p in ctx.fp32_model.parameters():
         p.requires_grad_(False)
     calib_batches = [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
     ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
-    counts = calibrate(ctx.model, ctx.quantizers, calib_batches, c)
+    key = ctx.chain_key("calibrate", cfg.quant, c)
+    counts: dict[str, int] = {}
+
+    def compute() -> None:
+        counts.update(calibrate(ctx.model, ctx.quantizers, calib_batches, c))
+
+    def save(tmp: Path) -> None:
+        save_file(_amax_state(ctx), str(tmp / "quantizers.safetensors"))
+        (tmp / "counts.json").write_text(json.dumps(counts))
+
+    def restore(hit: Path) -> None:
+        load_quantizer_state(ctx, load_file(str(hit / "quantizers.safetensors")))
+        counts.update(json.loads((hit / "counts.json").read_text()))
+
+    hit = cached(ctx.cache, "calibrate", key, compute=compute, save=save, restore=restore)
     roles: dict[str, int] = {}
     for q in ctx.quantizers.values():
         roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
     ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles, **counts})
     save_quantizer_state(ctx)
     log.info("calibrate: %s on %d batches -> %d quantizers %s", c.method, len(calib_batches), len(ctx.quantizers), roles)
+    return "cached" if hit else None
+
+
+def _amax_state(ctx: RunContext) -> dict[str, torch.Tensor]:
+    return {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
 
 
 def save_quantizer_state(ctx: RunContext) -> None:
     """quantizers.safetensors (amax of every quantizer) and quant_map.json (the human-readable map)."""
-    state = {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
+    state = _amax_state(ctx)
     ctx.artifacts.quantizers = atomic_write(ctx.path("quantizers.safetensors"), lambda p: save_file(state, str(p)))
     write_json(ctx.path("quant_map.json"), quant_map(ctx.quantizers))
 
@@ -67,6 +89,10 @@ def quant_map(quantizers: dict[str, TensorQuantizer]) -> list[dict]:
 
 @torch.no_grad()
 def load_quantizer_state(ctx: RunContext, state: dict[str, torch.Tensor]) -> None:
+    """Set every quantizer's amax from a saved state; quantizers without one (never reached during
+    calibration) are disabled, as calibrate() leaves them."""
     for name, q in ctx.quantizers.items():
         if f"{name}.amax" in state:
             q.load_amax(state[f"{name}.amax"])
+        elif q.role != "linear_weight":
+            q.enabled = False

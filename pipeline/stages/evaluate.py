@@ -7,10 +7,13 @@ cascade through layers, so agreement of decisions and the cosine of logit vector
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.data.batching import Encoded
 from pipeline.schema import RunConfig
@@ -19,7 +22,22 @@ from pipeline.stages._common import accuracy, engine_logits, torch_logits
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, ctx: RunContext) -> None:
+def run(cfg: RunConfig, ctx: RunContext) -> str | None:
+    """Cached by everything upstream + the evaluate and engine configs (a rerun reuses the numbers)."""
+    key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine)
+
+    def save(tmp: Path) -> None:
+        (tmp / "evaluate.json").write_text(json.dumps({"accuracy": ctx.metrics.accuracy, "parity": ctx.metrics.parity}))
+
+    def restore(hit: Path) -> None:
+        d = json.loads((hit / "evaluate.json").read_text())
+        ctx.metrics.accuracy, ctx.metrics.parity = d["accuracy"], d["parity"]
+
+    hit = cached(ctx.cache, "evaluate", key, compute=lambda: _evaluate(cfg, ctx), save=save, restore=restore)
+    return "cached" if hit else None
+
+
+def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
     ev = ctx.encoded["eval"]
     if cfg.evaluate.max_examples is not None:
         ev = Encoded(ev.features[: cfg.evaluate.max_examples], ev.labels[: cfg.evaluate.max_examples])

@@ -16,6 +16,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     ctx.splits = load_splits(cfg.data)
     loaded = load_model(cfg.model, ctx.splits.num_labels, ctx.device)
     ctx.model, ctx.tokenizer, ctx.head_trained = loaded.model, loaded.tokenizer, loaded.head_trained
+    ctx.chain_key("load", cfg.model, cfg.data, ctx.seed)
     ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in ("train", "calib", "eval")}
     log.info(
         "load: %s (%s, %.1fM params) | %s: train %d, calib %d, eval %d, labels %s",

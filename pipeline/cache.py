@@ -1,0 +1,147 @@
+"""Stage cache: reuse a stage's outputs across runs and sweep jobs.
+
+An entry is keyed by the sha256 of the config subset the stage depends on plus the key of the stage
+it consumes, so sweep jobs that differ only in calibration share one fine-tuned model, and a rerun
+of the same config reuses every cached stage. Entries live under `cache.dir` (default
+outputs/.cache/<stage>/<key>/).
+
+Safety: an entry is built in a temp folder and renamed into place (atomic), under an exclusive
+file lock (concurrent jobs wanting the same entry wait, then reuse it). `entry.json` records the
+sha256 of every file; a lookup re-hashes them and a missing, partial or corrupted entry is deleted
+and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    """sha256 over the stage name, the package version and the given config parts / upstream keys."""
+    def plain(x: Any) -> Any:
+        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+    blob = json.dumps([stage, __version__, *map(plain, parts)], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class StageCache:
+    def __init__(self, root: Path, enabled: bool):
+        self.root = Path(root)
+        self.enabled = enabled
+
+    def _entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Path | None:
+        """The entry folder if complete and intact; a damaged one is removed (and None returned)."""
+        if not self.enabled:
+            return None
+        entry = self._entry(stage, key)
+        if not entry.exists():
+            return None
+        if self._verify(entry):
+            return entry
+        log.warning("cache: %s/%s is incomplete or corrupted; rebuilding it", stage, key)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+    def _verify(self, entry: Path) -> bool:
+        try:
+            meta = json.loads((entry / "entry.json").read_text())
+            return all((entry / f).is_file() and _sha256(entry / f) == digest for f, digest in meta["files"].items())
+        except (OSError, ValueError, KeyError):
+            return False
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Exclusive lock for building one entry (other processes wanting it wait here)."""
+        if not self.enabled:
+            yield
+            return
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        with open(self.root / stage / f"{key}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def store(self, stage: str, key: str, fill: Callable[[Path], None]) -> Path | None:
+        """fill(tmp_folder) writes the entry's files; they are hashed and the folder renamed in place."""
+        if not self.enabled:
+            return None
+        entry = self._entry(stage, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        try:
+            fill(tmp)
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "entry.json").write_text(json.dumps({"stage": stage, "key": key, "files": files}, indent=1))
+            if entry.exists():
+                shutil.rmtree(entry)
+            os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return entry
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a cached file (or folder tree) into a run folder; copy across filesystems."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for p in src.rglob("*"):
+            if p.is_file():
+                link_or_copy(p, dst / p.relative_to(src))
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def cached(cache: StageCache, stage: str, key: str, *, compute: Callable[[], None], save: Callable[[Path], None],
+           restore: Callable[[Path], None]) -> bool:
+    """Restore the stage from the cache, or compute it and store it. Returns True on a cache hit.
+
+    Lookup, then lock, then look up again: of several jobs needing the same entry at once, one
+    builds it and the others reuse it.
+    """
+    if not cache.enabled:
+        compute()
+        return False
+    hit = cache.lookup(stage, key)
+    if hit is None:
+        with cache.lock(stage, key):
+            hit = cache.lookup(stage, key)
+            if hit is None:
+                compute()
+                cache.store(stage, key, save)
+                return False
+    log.info("cache: %s reused from %s", stage, hit)
+    restore(hit)
+    return True
