@@ -7,10 +7,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pipeline.outputs import write_json
 from pipeline.run import run_pipeline
-from pipeline.schema import ConfigError
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -18,13 +19,25 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one pipeline; returns INT8 engine accuracy (the objective for sweepers such as Optuna)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    """Run one pipeline; returns INT8 engine accuracy (the objective for sweepers such as Optuna).
+
+    In a multirun, a failing job is recorded (manifest.json status "failed" with the error) and the
+    sweep goes on; the sweep report lists it. A single run fails loudly with a non-zero exit.
+    """
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
         ctx = run_pipeline(cfg, run_dir)
-    except ConfigError as exc:
+    except Exception as exc:
         log.error("%s", exc)
-        raise
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        if not (run_dir / "manifest.json").exists():  # failed before the run started (bad config)
+            write_json(
+                run_dir / "manifest.json",
+                {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "stages": {}, "overrides": list(hc.overrides.task)},
+            )
+        return None
     return ctx.metrics.accuracy["int8"]
 
 

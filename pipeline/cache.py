@@ -41,6 +41,7 @@ def _sha256(path: Path) -> str:
 
 def stage_key(stage: str, *parts: Any) -> str:
     """sha256 over the stage name, the package version and the given config parts / upstream keys."""
+
     def plain(x: Any) -> Any:
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
@@ -124,8 +125,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def cached(cache: StageCache, stage: str, key: str, *, compute: Callable[[], None], save: Callable[[Path], None],
-           restore: Callable[[Path], None]) -> bool:
+def cached(
+    cache: StageCache, stage: str, key: str, *, compute: Callable[[], None], save: Callable[[Path], None], restore: Callable[[Path], None]
+) -> bool:
     """Restore the stage from the cache, or compute it and store it. Returns True on a cache hit.
 
     Lookup, then lock, then look up again: of several jobs needing the same entry at once, one

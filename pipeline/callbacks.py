@@ -29,3 +29,15 @@ class RunDirGuard(Callback):
                 f"error: hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another "
                 "folder (or leave hydra.run.dir unset for a new timestamped one)."
             )
+
+
+class SweepReport(Callback):
+    """At the end of a multirun, aggregate every job into sweep_summary.csv / sweep_report.md / pareto.png."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from pipeline.sweep_report import write_report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            rows = write_report(sweep_dir)
+            print(f"sweep report: {len(rows)} jobs -> {sweep_dir / 'sweep_report.md'}", flush=True)

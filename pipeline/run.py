@@ -109,10 +109,12 @@ def _check_resume(folder: Path, config_hash: str) -> Path:
     """The run to resume must have been started with the same config (resume itself excluded)."""
     old = json.loads((folder / "manifest.json").read_text())
     if old.get("config_hash") != config_hash:
-        raise ConfigError([
-            f"resume: {folder} was run with a different config (hash {str(old.get('config_hash'))[:12]} vs "
-            f"{config_hash[:12]}); resume with the same overrides as that run"
-        ])
+        raise ConfigError(
+            [
+                f"resume: {folder} was run with a different config (hash {str(old.get('config_hash'))[:12]} vs "
+                f"{config_hash[:12]}); resume with the same overrides as that run"
+            ]
+        )
     return folder
 
 
@@ -166,7 +168,7 @@ def _write_manifest(ctx: RunContext, raw: DictConfig, started: float, error: str
             "status": "failed" if error else ("done" if "report" in ctx.stages else "running"),
             "error": error,
             "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
             "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
         },
     )

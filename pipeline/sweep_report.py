@@ -1,0 +1,197 @@
+"""Aggregate a multirun: every job's metrics.json / manifest.json into sweep_summary.csv,
+sweep_report.md and a Pareto plot (INT8 accuracy vs INT8 latency, FP32 marked, front highlighted).
+
+Runs at the end of a multirun (Hydra callback `SweepReport`) and on demand:
+    qdq-pipeline-report outputs/<run_name>/multirun_<time>
+Failed jobs are rows with status `failed` and their error; partial sweeps report what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.outputs import atomic_write, write_text
+
+COLUMNS = [
+    "job",
+    "status",
+    "overrides",
+    "acc_fp32",
+    "acc_fake_quant",
+    "acc_engine_fp32",
+    "acc_int8",
+    "delta_int8_fp32",
+    "parity_argmax",
+    "parity_cosine",
+    "p50_fp32_ms",
+    "p50_int8_ms",
+    "speedup",
+    "cached_stages",
+    "seconds",
+    "error",
+]
+
+
+def _job_row(job: Path) -> dict | None:
+    manifest_path = job / "manifest.json"
+    overrides_path = job / ".hydra" / "overrides.yaml"
+    if not manifest_path.exists() and not overrides_path.exists():
+        return None
+    overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.exists() else []
+    row = {c: None for c in COLUMNS}
+    row.update(job=job.name, overrides=" ".join(overrides or []))
+    man = (
+        json.loads(manifest_path.read_text())
+        if manifest_path.exists()
+        else {"status": "failed", "error": "no manifest (job never started)"}
+    )
+    row["status"], row["error"] = man.get("status"), man.get("error")
+    stages = man.get("stages", {})
+    row["cached_stages"] = " ".join(k for k, v in stages.items() if v.get("status") == "cached")
+    row["seconds"] = round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    metrics_path = job / "metrics.json"
+    if metrics_path.exists():
+        m = json.loads(metrics_path.read_text())
+        acc, par, lat = m.get("accuracy", {}), m.get("parity", {}), m.get("latency_ms", {})
+        row.update(
+            acc_fp32=acc.get("fp32"),
+            acc_fake_quant=acc.get("fake_quant"),
+            acc_engine_fp32=acc.get("engine_fp32"),
+            acc_int8=acc.get("int8"),
+            parity_argmax=par.get("argmax_agreement"),
+            parity_cosine=par.get("cosine"),
+            p50_fp32_ms=lat.get("fp32", {}).get("p50"),
+            p50_int8_ms=lat.get("int8", {}).get("p50"),
+            speedup=m.get("speedup"),
+        )
+        if row["acc_int8"] is not None and row["acc_fp32"] is not None:
+            row["delta_int8_fp32"] = row["acc_int8"] - row["acc_fp32"]
+    return row
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: (len(p.name), p.name))
+    rows = [r for r in (_job_row(j) for j in jobs) if r is not None]
+    # Best INT8 accuracy first; failed / incomplete jobs last.
+    return sorted(rows, key=lambda r: (r["status"] != "done", -(r["acc_int8"] or -1.0)))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (higher INT8 accuracy, lower INT8 p50 latency)."""
+    pts = [r for r in rows if r["acc_int8"] is not None and r["p50_int8_ms"] is not None]
+    return [
+        r
+        for r in pts
+        if not any(
+            o["acc_int8"] >= r["acc_int8"]
+            and o["p50_int8_ms"] <= r["p50_int8_ms"]
+            and (o["acc_int8"], o["p50_int8_ms"]) != (r["acc_int8"], r["p50_int8_ms"])
+            for o in pts
+        )
+    ]
+
+
+def _common_overrides(rows: list[dict]) -> list[str]:
+    sets = [r["overrides"].split() for r in rows]
+    return [o for o in sets[0] if all(o in s for s in sets[1:])] if sets else []
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{100 * v:.2f}" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def write_report(sweep_dir: Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(sweep_dir / "sweep_summary.csv", buf.getvalue())
+    front = {r["job"] for r in pareto_front(rows)}
+    done = sum(r["status"] == "done" for r in rows)
+    common = _common_overrides(rows)
+    lines = [
+        f"# Sweep report: {sweep_dir}",
+        "",
+        f"{len(rows)} jobs: {done} done, {len(rows) - done} failed or incomplete. "
+        "Sorted by INT8 engine accuracy; * = on the accuracy/latency Pareto front.",
+        "",
+        f"Overrides shared by every job: `{' '.join(common) or '(none)'}`; the table shows each job's own.",
+        "",
+        "| job | status | overrides | FP32 % | fake-quant % | INT8 % | Δ INT8−FP32 (pt) | p50 FP32 ms | p50 INT8 ms | speedup | cached stages |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        star = "*" if r["job"] in front else ""
+        delta = "—" if r["delta_int8_fp32"] is None else f"{100 * r['delta_int8_fp32']:+.2f}"
+        own = " ".join(o for o in r["overrides"].split() if o not in common)
+        lines.append(
+            f"| {r['job']}{star} | {r['status']} | `{own}` | {_fmt(r['acc_fp32'], True)} | {_fmt(r['acc_fake_quant'], True)} | "
+            f"{_fmt(r['acc_int8'], True)} | {delta} | {_fmt(r['p50_fp32_ms'])} | {_fmt(r['p50_int8_ms'])} | {_fmt(r['speedup'])} | {r['cached_stages'] or '—'} |"
+        )
+    failed = [r for r in rows if r["status"] != "done"]
+    if failed:
+        lines += ["", "## Failed jobs", ""] + [f"- job {r['job']} (`{r['overrides']}`): {r['error']}" for r in failed]
+    if _plot(rows, sweep_dir / "pareto.png"):
+        lines += ["", "![pareto](pareto.png)"]
+    write_text(sweep_dir / "sweep_report.md", "\n".join(lines) + "\n")
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> bool:
+    pts = [r for r in rows if r["acc_int8"] is not None and r["p50_int8_ms"] is not None]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = sorted(pareto_front(rows), key=lambda r: r["p50_int8_ms"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r["p50_int8_ms"] for r in pts], [100 * r["acc_int8"] for r in pts], c="tab:blue", label="INT8 jobs", zorder=3)
+    ax.plot([r["p50_int8_ms"] for r in front], [100 * r["acc_int8"] for r in front], "-o", c="tab:red", label="Pareto front", zorder=4)
+    common = _common_overrides(rows)
+    for r in pts:
+        own = " ".join(o for o in r["overrides"].split() if o not in common)
+        ax.annotate(own[:40] or r["job"], (r["p50_int8_ms"], 100 * r["acc_int8"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    fp32 = [r for r in pts if r["acc_fp32"] is not None and r["p50_fp32_ms"] is not None]
+    if fp32:
+        ax.scatter(
+            [r["p50_fp32_ms"] for r in fp32], [100 * r["acc_fp32"] for r in fp32], marker="s", c="gray", label="FP32 (same job)", zorder=2
+        )
+    ax.set(xlabel="p50 latency, headline shape (ms)", ylabel="accuracy (%)", title="INT8 accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qdq-pipeline-report", description="(Re)generate the report of a finished or partial sweep.")
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
+        return 2
+    rows = write_report(args.sweep_dir)
+    print(f"{len(rows)} jobs -> {args.sweep_dir / 'sweep_report.md'}, sweep_summary.csv, pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
