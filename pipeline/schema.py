@@ -138,6 +138,21 @@ class EngineConfig:
     allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     save_optimized: bool = True
+    # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_int8_enable: true}} (ORT only).
+    provider_options: dict[str, Any] = field(default_factory=dict)
+    # TensorRT (engine=tensorrt)
+    device_id: int = field(default=0, metadata=_range(0))
+    fp16: bool = True
+    strongly_typed: bool = False
+    workspace_gb: float = field(default=4.0, metadata=_range(0.0625))
+    optimization_level: int = field(default=3, metadata=_range(0, 5))
+    timing_cache: str | None = "outputs/.cache/tensorrt/timing.cache"
+    min_batch: int = field(default=1, metadata=_range(1))
+    opt_batch: int = field(default=8, metadata=_range(1))
+    max_batch: int = field(default=64, metadata=_range(1))
+    min_seq: int = field(default=1, metadata=_range(1))
+    opt_seq: int = field(default=128, metadata=_range(1))
+    max_seq: int = field(default=512, metadata=_range(1))
 
 
 @dataclass
@@ -298,5 +313,27 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
             )
     if c.resume is not None and not (Path(c.resume).expanduser() / "manifest.json").exists():
         errors.append(f"resume: {c.resume} is not a run folder (no manifest.json)")
+    if c.engine.name == "tensorrt":
+        e = c.engine
+        if not (e.min_batch <= e.opt_batch <= e.max_batch) or not (e.min_seq <= e.opt_seq <= e.max_seq):
+            errors.append(
+                f"engine: profile must satisfy min <= opt <= max (batch {e.min_batch}/{e.opt_batch}/{e.max_batch}, seq {e.min_seq}/{e.opt_seq}/{e.max_seq})"
+            )
+        shapes = [
+            ("evaluate.batch_size", c.evaluate.batch_size, e.max_batch, "engine.max_batch"),
+            ("model.max_length", c.model.max_length, e.max_seq, "engine.max_seq"),
+        ]
+        if c.benchmark.enabled:
+            shapes += [
+                ("benchmark.batch_sizes", max(c.benchmark.batch_sizes), e.max_batch, "engine.max_batch"),
+                ("benchmark.seq_lens", max(c.benchmark.seq_lens), e.max_seq, "engine.max_seq"),
+            ]
+            if min(c.benchmark.batch_sizes) < e.min_batch or min(c.benchmark.seq_lens) < e.min_seq:
+                errors.append(
+                    f"benchmark: shapes below the TensorRT profile minimum (engine.min_batch={e.min_batch}, engine.min_seq={e.min_seq})"
+                )
+        for key, value, limit, limit_key in shapes:
+            if value > limit:
+                errors.append(f"{key}: {value} is outside the TensorRT optimization profile ({limit_key}={limit})")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")

@@ -27,6 +27,10 @@ class Engine(Protocol):
         """(batch, seq) int64 arrays by input name -> logits (batch, num_labels) float32."""
         ...
 
+    def bind(self, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+        """Place inputs where the engine reads them once; the call runs the engine (for timing)."""
+        ...
+
 
 @dataclass(frozen=True)
 class EngineKind:

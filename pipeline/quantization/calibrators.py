@@ -102,7 +102,7 @@ class HistogramCalibrator(_Calibrator):
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         """Add `x` to the histogram (same binning and growth rule as pytorch-quantization's torch path)."""
-        x = x.detach().float()
+        x = x.detach().float().cpu()  # histograms live on the CPU whatever the model's device
         if torch.min(x) < 0.0:
             x = x.abs()
         if self._skip_zeros:

@@ -141,7 +141,7 @@ class TensorQuantizer(nn.Module):
             return x
         if self.learn_amax and self.training:
             return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
-        scale = self.scale().to(x.dtype)
+        scale = self.scale().to(device=x.device, dtype=x.dtype)
         if self.export_constant_scale:
             # A fresh tensor is a constant to the tracer: the exported Q/DQ get literal scales.
             scale = torch.tensor(scale.detach().cpu().numpy(), dtype=x.dtype)

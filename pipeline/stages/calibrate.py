@@ -44,6 +44,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         counts.update(json.loads((hit / "counts.json").read_text()))
 
     hit = cached(ctx.cache, "calibrate", key, compute=compute, save=save, restore=restore)
+    ctx.model.to(ctx.device)  # amax tensors are created on the CPU
     roles: dict[str, int] = {}
     for q in ctx.quantizers.values():
         roles[q.role] = roles.get(q.role, 0) + int(q.enabled)

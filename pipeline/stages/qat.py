@@ -24,6 +24,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         for q in ctx.quantizers.values():
             # Weight amax follows the calibrated per-channel max; learnable amax trains every range.
             q.set_learnable(cfg.qat.learn_amax and q.amax is not None)
+        ctx.model.to(ctx.device)
         teacher = ctx.fp32_model if cfg.qat.distill else None
         try:
             _common.train_stage("qat", cfg.qat, cfg, ctx, teacher=teacher)
