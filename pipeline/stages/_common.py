@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from pipeline.cache import link_or_copy
 from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.data.batching import Encoded
 from pipeline.outputs import atomic_write
 from pipeline.schema import RunConfig, TrainConfig
-from pipeline.training import train
+from pipeline.training import state_for_safetensors, train
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,22 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     }
     if result.losses:
         ctx.artifacts.plots[f"loss_{name}"] = plot_loss(result.losses, ctx.path(f"loss_{name}.png"), name)
+
+
+def save_trained(ctx: RunContext, stage: str, tmp: Path) -> None:
+    """Cache entry of a training stage: full state (weights + amax), its metrics, its loss curve."""
+    save_file(state_for_safetensors(ctx.model), str(tmp / "state.safetensors"))
+    (tmp / "training.json").write_text(json.dumps(ctx.metrics.training[stage]))
+    if ctx.path(f"loss_{stage}.png").exists():
+        link_or_copy(ctx.path(f"loss_{stage}.png"), tmp / f"loss_{stage}.png")
+
+
+def restore_trained(ctx: RunContext, stage: str, hit: Path, key: str) -> None:
+    ctx.model.load_state_dict(load_file(str(hit / "state.safetensors")))
+    ctx.model.eval()
+    ctx.metrics.training[stage] = {**json.loads((hit / "training.json").read_text()), "cached_from": key}
+    if (hit / f"loss_{stage}.png").exists():
+        link_or_copy(hit / f"loss_{stage}.png", ctx.path(f"loss_{stage}.png"))
 
 
 def plot_loss(losses: list[float], path, title: str):

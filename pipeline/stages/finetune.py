@@ -6,19 +6,15 @@ calibration, QAT or export share one fine-tuned model.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from pipeline.cache import cached, link_or_copy
 from pipeline.context import RunContext
 from pipeline.schema import RunConfig
 from pipeline.stages import _common
-from pipeline.training import state_for_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +30,12 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
 
     def save(tmp: Path) -> None:
         link_or_copy(ctx.path("finetuned"), tmp / "finetuned")
-        save_file(state_for_safetensors(ctx.model), str(tmp / "state.safetensors"))
-        (tmp / "training.json").write_text(json.dumps(ctx.metrics.training["finetune"]))
-        if ctx.path("loss_finetune.png").exists():
-            link_or_copy(ctx.path("loss_finetune.png"), tmp / "loss_finetune.png")
+        _common.save_trained(ctx, "finetune", tmp)
 
     def restore(hit: Path) -> None:
-        ctx.model.load_state_dict(load_file(str(hit / "state.safetensors")))
-        ctx.model.eval()
+        _common.restore_trained(ctx, "finetune", hit, key)
         link_or_copy(hit / "finetuned", ctx.path("finetuned"))
         ctx.artifacts.finetuned = ctx.path("finetuned")
-        ctx.metrics.training["finetune"] = {**json.loads((hit / "training.json").read_text()), "cached_from": key}
-        if (hit / "loss_finetune.png").exists():
-            link_or_copy(hit / "loss_finetune.png", ctx.path("loss_finetune.png"))
 
     return "cached" if cached(ctx.cache, "finetune", key, compute=compute, save=save, restore=restore) else None
 

@@ -4,17 +4,11 @@ Cached by everything upstream + the qat config."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from safetensors.torch import load_file, save_file
-
-from pipeline.cache import cached, link_or_copy
+from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.schema import RunConfig
 from pipeline.stages import _common
 from pipeline.stages.calibrate import save_quantizer_state
-from pipeline.training import state_for_safetensors
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
@@ -32,19 +26,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
             for q in ctx.quantizers.values():
                 q.set_learnable(False)  # plain buffers again for export and the cache
 
-    def save(tmp: Path) -> None:
-        save_file(state_for_safetensors(ctx.model), str(tmp / "state.safetensors"))
-        (tmp / "training.json").write_text(json.dumps(ctx.metrics.training["qat"]))
-        if ctx.path("loss_qat.png").exists():
-            link_or_copy(ctx.path("loss_qat.png"), tmp / "loss_qat.png")
-
-    def restore(hit: Path) -> None:
-        ctx.model.load_state_dict(load_file(str(hit / "state.safetensors")))
-        ctx.model.eval()
-        ctx.metrics.training["qat"] = {**json.loads((hit / "training.json").read_text()), "cached_from": key}
-        if (hit / "loss_qat.png").exists():
-            link_or_copy(hit / "loss_qat.png", ctx.path("loss_qat.png"))
-
-    hit = cached(ctx.cache, "qat", key, compute=compute, save=save, restore=restore)
+    hit = cached(
+        ctx.cache,
+        "qat",
+        key,
+        compute=compute,
+        save=lambda tmp: _common.save_trained(ctx, "qat", tmp),
+        restore=lambda h: _common.restore_trained(ctx, "qat", h, key),
+    )
     save_quantizer_state(ctx)  # amax may have moved (learn_amax); weights certainly did
     return "cached" if hit else None
