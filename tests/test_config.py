@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from pipeline.schema import ConfigError, validate
@@ -122,3 +124,15 @@ def test_preflight_reports_environment_problems_before_any_stage(tmp_path):
 
 def test_config_yaml_is_plain_yaml():
     OmegaConf.load(CONF / "config.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "variant").glob("*.yaml")))
+def test_every_sweep_variant_composes(name):
+    validate(compose_cfg([f"+variant={name}"]))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml") if p.stem != "optuna"))
+def test_every_sweep_composes(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
