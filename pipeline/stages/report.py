@@ -103,10 +103,16 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
             "",
             f"- calibration: {q.get('method')}; quantizers: {q.get('quantizers')} ({q.get('enabled_by_role')})",
         ]
+        if "quantized_gemms" in q:
+            g = q["quantized_gemms"]
+            lines.append(
+                f"- GEMMs with Q/DQ on both inputs (modules): {g['linear']} Linear, {g['attention_qk']} attention Q·Kᵀ, "
+                f"{g['attention_pv']} attention P·V, {g['attention_rel']} relative-position (DeBERTa)"
+            )
         if "onnx_int8" in q:
             lines.append(f"- model_int8.onnx: {q['onnx_int8']}")
         for p, k in q.get("engine_kernels", {}).items():
-            lines.append(f"- {p} engine kernels: {k}")
+            lines.append(f"- {p} engine GEMM kernels (what the engine actually runs): {k}")
         lines.append("")
     if d["benchmark"].get("grid"):
         lines += [
