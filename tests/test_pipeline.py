@@ -40,7 +40,7 @@ def test_smoke_run_writes_the_output_contract(tmp_path):
     assert all(m["accuracy"][k] is not None for k in ("fp32", "fake_quant", "engine_fp32", "int8"))
     assert set(m["latency_ms"]) == {"fp32", "int8"} and set(m["latency_ms"]["int8"]) == {"p50", "p90", "p99"}
     assert {(r["batch"], r["seq"]) for r in m["benchmark"]["grid"]} == {(1, 16), (1, 32), (2, 16), (2, 32)}
-    assert m["stages"]["qat"]["status"] == "skipped" and m["stages"]["report"]["status"] == "done"
+    assert m["stages"]["qat"]["status"] == "done" and m["stages"]["report"]["status"] == "done"  # QAT is in the default run
     assert m["parity"]["argmax_agreement"] >= 0.9 and m["parity"]["cosine"] > 0.98
     # Every quantized GEMM (2 layers x 6 Linear + 2 x 2 attention matmuls) runs as an int8 kernel in ORT.
     k = m["quantization"]["engine_kernels"]["int8"]
@@ -98,7 +98,7 @@ def test_data_csv_end_to_end(tmp_path):
 
 
 def test_switched_off_stages_are_recorded_skipped(tmp_path):
-    ctx = run_tiny(tmp_path, ["finetune=none", "calibration=none", "engine=none", "export=none", "benchmark=none"])
+    ctx = run_tiny(tmp_path, ["finetune=none", "calibration=none", "qat=none", "engine=none", "export=none", "benchmark=none"])
     status = {k: v.status for k, v in ctx.stages.items()}
     assert status == {
         "load": "done",
