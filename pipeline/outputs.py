@@ -49,7 +49,7 @@ def _json_default(o: Any) -> Any:
 
 # Keys that name places, not experiment content: excluded from the config hash so the same experiment
 # hashes the same wherever it runs.
-_HASH_EXCLUDE = {"hydra", "run_name", "resume"}
+_HASH_EXCLUDE = {"hydra", "run_name", "resume", "cache"}  # none of these change results
 
 
 def config_hash(cfg: DictConfig) -> str:
