@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -39,13 +40,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of the pipeline's own source: a code change invalidates every cache entry, so a cache
+    can never hand back results computed by different code."""
+    h = hashlib.sha256(__version__.encode())
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def stage_key(stage: str, *parts: Any) -> str:
-    """sha256 over the stage name, the package version and the given config parts / upstream keys."""
+    """sha256 over the stage name, the code digest and the given config parts / upstream keys."""
 
     def plain(x: Any) -> Any:
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
-    blob = json.dumps([stage, __version__, *map(plain, parts)], sort_keys=True, default=str).encode()
+    blob = json.dumps([stage, code_digest(), *map(plain, parts)], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 

@@ -49,10 +49,15 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     for q in ctx.quantizers.values():
         roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
     # GEMMs with both inputs quantized, by kind (modules; a shared ALBERT layer counts once).
-    gemms = {"linear": roles.get("linear_weight", 0), "attention_qk": roles.get("attn_q", 0), "attention_pv": roles.get("attn_probs", 0),
-             "attention_rel": roles.get("attn_rel", 0) // 2}
-    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles,
-                                     "quantized_gemms": gemms, **counts})
+    gemms = {
+        "linear": roles.get("linear_weight", 0),
+        "attention_qk": roles.get("attn_q", 0),
+        "attention_pv": roles.get("attn_probs", 0),
+        "attention_rel": roles.get("attn_rel", 0) // 2,
+    }
+    ctx.metrics.quantization.update(
+        {"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles, "quantized_gemms": gemms, **counts}
+    )
     save_quantizer_state(ctx)
     log.info("calibrate: %s on %d batches -> %d quantizers %s", c.method, len(calib_batches), len(ctx.quantizers), roles)
     return "cached" if hit else None
