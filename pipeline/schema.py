@@ -164,6 +164,8 @@ class BenchmarkConfig:
     headline_seq: int = field(default=128, metadata=_range(1))
     warmup: int = field(default=5, metadata=_range(0))
     iters: int = field(default=30, metadata=_range(1))
+    # Also time the FP32 and fake-quant torch models (reference rows, same interleaving).
+    include_torch: bool = False
 
 
 @dataclass

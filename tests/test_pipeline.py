@@ -91,8 +91,10 @@ def test_data_csv_end_to_end(tmp_path):
             "data.label_column=sentiment",
             "data.num_train=null",
             "data.num_eval=null",
+            "benchmark.include_torch=true",
         ],
     )
+    assert {r["precision"] for r in ctx.metrics.benchmark["grid"]} == {"fp32", "int8", "torch_fp32", "torch_fake_quant"}
     assert ctx.splits.label_names == ["negative", "positive"] and len(ctx.splits.eval) == 16
     assert ctx.metrics.accuracy["int8"] is not None
 

@@ -10,6 +10,7 @@ import logging
 import time
 
 import numpy as np
+import torch
 
 from pipeline.context import RunContext
 from pipeline.schema import RunConfig
@@ -30,19 +31,21 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
                 "attention_mask": np.ones((batch, seq), dtype=np.int64),
                 "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
             }
-            calls = {role: e.bind(inputs) for role, e in engines.items()}
-            times: dict[str, list[float]] = {role: [] for role in engines}
+            # label -> timed call; labels are the engines' precisions (fp32 / fp16 / int8)
+            calls = {e.precision: e.bind(inputs) for e in engines.values()}
+            if b.include_torch:
+                calls.update(_torch_calls(ctx, inputs))
+            times: dict[str, list[float]] = {label: [] for label in calls}
             for _ in range(b.warmup):
                 for call in calls.values():
                     call()
             for _ in range(b.iters):
-                for role, call in calls.items():  # interleaved: same noise for both engines
+                for label, call in calls.items():  # interleaved: same noise for every engine
                     t0 = time.perf_counter()
                     call()
-                    times[role].append((time.perf_counter() - t0) * 1000)
-            for role, ts in times.items():
-                p = engines[role].precision
-                row = {"batch": batch, "seq": seq, "precision": p, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
+                    times[label].append((time.perf_counter() - t0) * 1000)
+            for label, ts in times.items():
+                row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
                 grid.append(row)
             log.info("benchmark b=%d s=%d: %s", batch, seq, {p: round(float(np.median(ts)), 2) for p, ts in times.items()})
     ctx.metrics.benchmark = {"grid": grid, "warmup": b.warmup, "iters": b.iters, "engine": cfg.engine.name}
@@ -52,6 +55,30 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     if baseline in head and "int8" in head:
         ctx.metrics.speedup = head[baseline]["p50"] / head["int8"]["p50"]
     ctx.artifacts.plots["benchmark"] = plot(grid, ctx.path("benchmark.png"))
+
+
+def _torch_calls(ctx: RunContext, inputs: dict[str, np.ndarray]) -> dict:
+    """Reference rows: the FP32 and fake-quant torch models on the same inputs (fake quant simulates
+    INT8 in floating point: it shows the cost of simulation, not an INT8 speed)."""
+    feed = {k: torch.from_numpy(v).to(ctx.device) for k, v in inputs.items() if k != "token_type_ids" or _uses_token_types(ctx)}
+    models = {"torch_fp32": ctx.fp32_model if ctx.fp32_model is not None else ctx.model}
+    if ctx.quantized:
+        models["torch_fake_quant"] = ctx.model
+
+    def make(model):
+        def call() -> None:
+            with torch.no_grad():
+                model.eval()(**feed)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+
+        return call
+
+    return {label: make(m) for label, m in models.items()}
+
+
+def _uses_token_types(ctx: RunContext) -> bool:
+    return "token_type_ids" in ctx.encoded["eval"].features[0]
 
 
 def summary(ts: list[float]) -> dict[str, float]:
@@ -73,7 +100,7 @@ def plot(grid: list[dict], path):
     from pipeline.outputs import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    styles = {"fp32": "-", "int8": "--", "fp16": ":"}
+    styles = {"fp32": "-", "int8": "--", "fp16": ":", "torch_fp32": "-.", "torch_fake_quant": "-."}
     for seq in sorted({r["seq"] for r in grid}):
         for p in sorted({r["precision"] for r in grid}):
             rows = sorted((r for r in grid if r["seq"] == seq and r["precision"] == p), key=lambda r: r["batch"])
