@@ -54,8 +54,13 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_qat_and_kd_stages_run_and_record(tmp_path):
-    ctx = run_tiny(tmp_path, ["qat=kd", "qat.max_steps=3", "finetune.max_steps=2", "qat.learn_amax=true", "benchmark=none"])
+    ctx = run_tiny(
+        tmp_path, ["qat=kd", "qat.max_steps=3", "finetune.max_steps=2", "qat.learn_amax=true", "benchmark=none", "qat.eval_each_epoch=true"]
+    )
     assert ctx.stages["qat"].status == "done" and ctx.metrics.training["qat"]["steps"] == 3
+    # 64 examples / batch 32 = 2 steps per epoch: 3 steps span 2 epochs, each followed by a fake-quant eval
+    assert [e["epoch"] for e in ctx.metrics.training["qat"]["epoch_eval"]] == [1, 2]
+    assert all(0 <= e["accuracy"] <= 1 for e in ctx.metrics.training["qat"]["epoch_eval"])
     assert (tmp_path / "run/loss_qat.png").exists() and (tmp_path / "run/checkpoints/qat/trainer_state.pt").exists()
     assert not any(isinstance(q.amax, torch.nn.Parameter) for q in ctx.quantizers.values())  # back to buffers for export
     assert ctx.metrics.accuracy["int8"] is not None
