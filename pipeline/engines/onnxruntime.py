@@ -46,7 +46,7 @@ class OrtEngine:
         if not cfg.allow_spinning:
             # Idle pool threads otherwise busy-wait after each op; with the FP32 and INT8 sessions
             # interleaved on a small machine, one session's spinning threads steal the other's cores
-            # (measured on 2 cores: FP32 95 -> 68 ms, INT8 51 -> 29 ms at batch 8 x seq 128).
+            # (benchmarks/ort_threads.py, 2 cores, batch 8 x seq 128: FP32 90 -> 61 ms, INT8 50 -> 29 ms).
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3  # the NCHWc serialization warning is expected and not actionable
         self.files: dict[str, Path] = {}

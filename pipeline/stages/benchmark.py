@@ -19,9 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> None:
-    # torch's OpenMP pool, started by training/evaluation in this process, busy-waits on the cores
-    # the engine's threads need: measured at batch 8 x seq 128 on 2 cores, ORT INT8 30 -> 38 ms and
-    # FP32 61 -> 67 ms with torch's pool live vs idle. One torch thread while engines are timed.
+    # torch's intra-op pool and the engines' pools are both sized to every core; while engines are
+    # timed, torch (idle here) keeps one thread so the two pools never compete for the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
