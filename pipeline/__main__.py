@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 
 from pipeline.outputs import write_json
 from pipeline.run import run_pipeline
+from pipeline.schema import ConfigError
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -31,6 +33,9 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         log.error("%s", exc)
         if hc.mode != RunMode.MULTIRUN:
+            if isinstance(exc, ConfigError):  # the message says it all: no traceback, exit status 2
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
             raise
         if not (run_dir / "manifest.json").exists():  # failed before the run started (bad config)
             write_json(
