@@ -21,10 +21,6 @@ from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
 GEMM_FUNCS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__}
 
-# Attention classes that compute their GEMMs themselves (class names; extend in conf/quant/*.yaml).
-DEFAULT_CLASSES = ("DisentangledSelfAttention", "MPNetSelfAttention")
-
-
 class _CountGemms(TorchFunctionMode):
     def __init__(self):
         super().__init__()

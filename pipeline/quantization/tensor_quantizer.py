@@ -24,10 +24,11 @@ _MIN_AMAX = 1e-8
 
 
 class _LearnableAmaxFakeQuant(torch.autograd.Function):
-    """Fake quant whose gradient also reaches amax (LSQ-style rule, as pytorch-quantization's
-    `fake_tensor_quant` backward extended to amax): for |x| <= amax, d/dx = 1, d/damax = (q - x/s)/qmax
-    rounding error; for |x| > amax, d/dx = 0, d/damax = sign(x) * qmax/qmax = sign(x) (clipped
-    values move with amax). Forward is identical to torch's fake quant, so export is unchanged.
+    """Fake quant whose gradient also reaches amax (LSQ-style rule; s = amax / qmax, q the integer):
+    inside the range, d/dx = 1 (straight-through) and d/damax = (q - x/s) / qmax, the rounding error;
+    outside it (clipped), d/dx = 0 and d/damax = q / qmax = +-1, so clipped values pull amax outward
+    and rounding error pulls it either way. Forward is identical to torch's fake quant, so export
+    is unchanged.
     """
 
     @staticmethod
