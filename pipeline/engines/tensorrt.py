@@ -177,21 +177,23 @@ class TrtEngine:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         return out
 
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _on_device(self, inputs: dict[str, np.ndarray]) -> dict:
+        """int64 (batch, seq) arrays -> CUDA tensors for the engine's inputs."""
         torch = self._torch
-        dev = {
+        return {
             k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, torch.int64) for k, v in inputs.items() if k in self.input_names
         }
-        out = self.run_torch(dev)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        out = self.run_torch(self._on_device(inputs))
         torch.cuda.current_stream(self.device).synchronize()
         return out.float().cpu().numpy()
 
     def bind(self, inputs: dict[str, np.ndarray]):
         """Inputs placed on the GPU once; the returned call times only the engine (+ a stream sync)."""
         torch = self._torch
-        dev = {
-            k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, torch.int64) for k, v in inputs.items() if k in self.input_names
-        }
+        dev = self._on_device(inputs)
 
         def call() -> None:
             self.run_torch(dev)

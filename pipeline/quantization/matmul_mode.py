@@ -21,6 +21,7 @@ from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
 GEMM_FUNCS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__}
 
+
 class _CountGemms(TorchFunctionMode):
     def __init__(self):
         super().__init__()

@@ -21,25 +21,26 @@ from pipeline.training import state_for_safetensors, train
 log = logging.getLogger(__name__)
 
 
+def _ordered_logits(tokenizer, data: Encoded, batch_size: int, limit: int | None, forward) -> np.ndarray:
+    """forward(batch) -> logits over length-sorted batches (less padding), returned in split order."""
+    out: dict[int, np.ndarray] = {}
+    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
+        out.update(zip(b.index, forward(b)))
+    return np.stack([out[i] for i in sorted(out)])
+
+
 @torch.no_grad()
 def torch_logits(
     model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None
 ) -> np.ndarray:
-    """Logits (N, num_labels) in the split's order; batches are length-sorted (less padding)."""
+    """Logits (N, num_labels) of a torch model, in the split's order."""
     model.eval()
-    out: dict[int, np.ndarray] = {}
-    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
-        logits = model(**b.to(device).inputs).logits.float().cpu().numpy()
-        out.update(zip(b.index, logits))
-    return np.stack([out[i] for i in sorted(out)])
+    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: model(**b.to(device).inputs).logits.float().cpu().numpy())
 
 
 def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None) -> np.ndarray:
-    out: dict[int, np.ndarray] = {}
-    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
-        logits = engine.run({k: v.numpy() for k, v in b.inputs.items()})
-        out.update(zip(b.index, logits))
-    return np.stack([out[i] for i in sorted(out)])
+    """Logits (N, num_labels) of an engine, in the split's order."""
+    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}))
 
 
 def accuracy(logits: np.ndarray, labels: list[int]) -> float:
