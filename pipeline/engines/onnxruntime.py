@@ -64,13 +64,15 @@ class OrtEngine:
         if cfg.save_optimized:
             self.kernels = count_ops(self.files["optimized_graph"], INT8_OPS + FLOAT_GEMM_OPS)
 
+    def _feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: inputs[k].astype(np.int64, copy=False) for k in self.input_names}
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: inputs[k].astype(np.int64, copy=False) for k in self.input_names}
-        return self.session.run(None, feed)[0]
+        return self.session.run(None, self._feed(inputs))[0]
 
     def bind(self, inputs: dict[str, np.ndarray]):
         """A call that runs the engine on inputs placed once (IO binding on the GPU providers)."""
-        feed = {k: inputs[k].astype(np.int64, copy=False) for k in self.input_names}
+        feed = self._feed(inputs)
         if not self.on_gpu:
             return lambda: self.session.run(None, feed)
         import onnxruntime as ort
