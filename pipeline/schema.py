@@ -140,10 +140,9 @@ class EngineConfig:
     save_optimized: bool = True
     # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_int8_enable: true}} (ORT only).
     provider_options: dict[str, Any] = field(default_factory=dict)
-    # TensorRT (engine=tensorrt)
+    # TensorRT (engine=tensorrt). No precision keys: networks are strongly typed (TensorRT 11 has no other mode),
+    # so each plan's precision is its graph's (model_fp16.onnx, model_int8_trt.onnx, model_fp8.onnx).
     device_id: int = field(default=0, metadata=_range(0))
-    fp16: bool = True
-    strongly_typed: bool = False
     workspace_gb: float = field(default=4.0, metadata=_range(0.0625))
     optimization_level: int = field(default=3, metadata=_range(0, 5))
     timing_cache: str | None = "outputs/.cache/tensorrt/timing.cache"

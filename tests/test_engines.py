@@ -25,13 +25,45 @@ def test_profile_shapes_from_config():
     assert shapes == {n: ((1, 4), (8, 128), (32, 256)) for n in ("input_ids", "attention_mask")}
 
 
-def test_inspector_json_parsing_of_the_documented_format():
+def test_inspector_json_parsing_of_the_documented_10x_format():
     s = parse_inspector((DATA / "trt_inspector_sample.json").read_text())
-    assert s["by_precision"] == {"int64": 1, "int8": 2, "fp16": 3}
-    assert (s["gemm_layers"], s["gemm_int8"]) == (3, 2)  # query GEMM + Myelin attention in INT8; classifier FP16
-    assert [r["precision"] for r in s["layers"]][:3] == ["int64", "int8", "int8"]
-    names_only = parse_inspector({"Layers": ["a", "b"], "Bindings": []})
-    assert names_only["by_precision"] == {"unknown": 2}
+    assert s["layout"] == "10.x"
+    assert [r["precision"] for r in s["layers"]] == ["int64", "int8", "unknown", "fp16", "fp16", "fp16"]
+    # The Myelin attention layer reads an Int8 tensor, but the inspector does not state the precision of the
+    # GEMMs fused inside it: "unknown", never the lowest input dtype (which would count it as an INT8 GEMM).
+    assert s["layers"][2]["fused"] and s["layers"][2]["inputs"] == ["int8", "fp16"]
+    assert s["by_precision"] == {"int64": 1, "int8": 1, "unknown": 1, "fp16": 3}
+    assert (s["gemm_layers"], s["gemm_int8"], s["gemm_unknown"]) == (3, 1, 1)
+    assert s["gemm_by_precision"] == {"int8": 1, "unknown": 1, "fp16": 1}
+    assert [t["name"] for t in s["io_tensors"]] == ["input_ids", "attention_mask", "token_type_ids", "logits"]
+    names_only = parse_inspector({"Layers": ["a", "{ForeignNode[x...y]}"], "Bindings": []})
+    assert names_only["by_precision"] == {"unknown": 2} and names_only["gemm_by_precision"] == {"unknown": 1}
+
+
+def test_inspector_json_parsing_of_the_documented_11x_format():
+    s = parse_inspector((DATA / "trt11_inspector_sample.json").read_text())
+    assert s["layout"] == "11.x"
+    assert s["io_tensors"] == [
+        {"name": "input_ids", "mode": "Input", "dtype": "int64"},
+        {"name": "attention_mask", "mode": "Input", "dtype": "int64"},
+        {"name": "logits", "mode": "Output", "dtype": "fp32"},
+    ]
+    # Precision from the separate DataType field; a fused layer with only Int8 inputs is still "unknown";
+    # an FP16 + FP32 elementwise layer is "mixed", not the lower of the two.
+    assert [r["precision"] for r in s["layers"]] == ["int64", "int8", "unknown", "fp32", "fp16", "mixed"]
+    assert s["gemm_by_precision"] == {"int8": 1, "unknown": 1, "fp16": 1}
+    assert (s["gemm_int8"], s["gemm_fp8"], s["gemm_unknown"]) == (1, 0, 1)
+    # DataType wins over the words of Format (11.x): the split fields are read as stated.
+    one = {
+        "Layers": [
+            {
+                "Name": "g",
+                "LayerType": "CaskGemmMatrixMultiply",
+                "Inputs": [{"Format": "Row major linear FP16 format", "DataType": "FP8"}] * 2,
+            }
+        ]
+    }
+    assert parse_inspector(one)["gemm_by_precision"] == {"fp8": 1}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path of machines without a GPU")
@@ -45,8 +77,8 @@ def test_engine_tensorrt_fails_at_validation_with_the_exact_message(tmp_path):
     with pytest.raises(ConfigError) as e:
         run_pipeline(compose_cfg(["engine=tensorrt"]), tmp_path / "run")
     assert e.value.errors == [
-        "engine=tensorrt: the tensorrt Python package is not installed; pip install tensorrt (TensorRT 10+, needs network access "
-        "to NVIDIA's index pypi.nvidia.com) on a machine with an NVIDIA GPU",
+        "engine=tensorrt: the tensorrt Python package is not installed; this engine targets TensorRT 11.x (10.x accepted); "
+        "pip install tensorrt on a machine with an NVIDIA GPU",
         "engine=tensorrt: no CUDA GPU visible to torch; TensorRT engines build and run on NVIDIA GPUs only (use engine=onnxruntime here)",
     ]
     assert not (tmp_path / "run").exists()  # before any stage: nothing written

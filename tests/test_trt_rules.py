@@ -405,3 +405,61 @@ def test_weights_as_numpy_helper_roundtrip_sanity():
     m = legal_model("fp8")
     w = numpy_helper.to_array(_init(m, "w1_q")).astype(np.float32)
     assert np.isfinite(w).all() and np.abs(w).max() <= 448
+
+
+# ---- the TensorRT engine's parts that need no TensorRT ------------------------------------------------------
+
+
+def _fake_trt(version: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0))
+
+
+def test_network_flags_strongly_typed_on_10x_and_none_on_11x():
+    from pipeline.engines.tensorrt import network_flags
+
+    assert network_flags(_fake_trt("10.15.1")) == 1  # 1 << STRONGLY_TYPED: opt-in on 10.x
+    assert network_flags(_fake_trt("11.4.0")) == 0  # always strongly typed; the flag is deprecated and ignored
+
+
+def test_check_names_the_targeted_version_for_an_old_tensorrt(monkeypatch):
+    from pipeline.engines import tensorrt as trt_engine
+    from pipeline.schema import EngineConfig
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt("8.6.1"))
+    problems = trt_engine.check(EngineConfig(name="tensorrt"))
+    assert problems[0] == (
+        "engine=tensorrt: TensorRT 8.6.1 found; this engine targets TensorRT 11.x (10.x accepted); "
+        "pip install tensorrt on a machine with an NVIDIA GPU"
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt("11.4.0"))
+    assert not any("TensorRT" in p and "found" in p for p in trt_engine.check(EngineConfig(name="tensorrt")))
+
+
+def test_graph_precision_reads_the_graph():
+    from pipeline.engines.trt_rules import graph_precision
+
+    assert graph_precision(legal_model("int8")) == "int8"
+    assert graph_precision(legal_model("fp8")) == "fp8"
+
+
+def test_engine_refuses_illegal_or_mislabelled_graphs_before_importing_tensorrt(tmp_path):
+    from pipeline.engines.tensorrt import check_graph
+
+    good, bad = tmp_path / "int8.onnx", tmp_path / "bad.onnx"
+    onnx.save(legal_model("int8"), good)
+    check_graph(good, "int8")  # legal and labelled right: no exception
+    m = legal_model("int8")
+    plant_uint8_activation_qdq(m)
+    onnx.save(m, bad)
+    with pytest.raises(RuntimeError, match=r"not a legal TensorRT graph .*\n.*bad.onnx: (qdq-type|zero-point): a2_"):
+        check_graph(bad, "int8")
+    with pytest.raises(ValueError, match="is a int8 graph, not fp8"):
+        check_graph(good, "fp8")
+    with pytest.raises(ValueError, match="'fp32': one of fp16, int8, fp8"):
+        check_graph(good, "fp32")
+    m = legal_model("int8")
+    plant_half_quantized_gemm(m)
+    onnx.save(m, bad)
+    check_graph(bad, "int8")  # a half-quantized GEMM builds (in float): a warning, not a refusal

@@ -121,6 +121,35 @@ def has_quantized_gemm(model: onnx.ModelProto | str | Path) -> bool:
     return gemm_quantization(model)["quantized"] > 0
 
 
+def graph_precision(model: onnx.ModelProto | str | Path) -> str:
+    """The precision a strongly typed TensorRT plan of this graph has, read from its types.
+
+    Args:
+        model: the loaded model or a path to an .onnx file.
+
+    Returns:
+        "fp8" / "int8" when its Q/DQ are FLOAT8E4M3FN / INT8 ("mixed" when both), else "fp16" when it has
+        FLOAT16 initializers, Casts or tensors, else "fp32".
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    g = _Graph(model, infer=False)
+    quant = set()
+    for n in _qdq(g):
+        zp = n.input[2] if len(n.input) > 2 else ""
+        t = g.elem.get(zp) if zp else g.elem.get(n.input[0] if n.op_type == "DequantizeLinear" else n.output[0])
+        if t in QUANT_TYPES:
+            quant.add(t)
+    if len(quant) > 1:
+        return "mixed"
+    if quant:
+        return "fp8" if TensorProto.FLOAT8E4M3FN in quant else "int8"
+    half = any(t == TensorProto.FLOAT16 for t in g.elem.values()) or any(
+        n.op_type == "Cast" and _attr(n, "to") == TensorProto.FLOAT16 for n in g.nodes
+    )
+    return "fp16" if half else "fp32"
+
+
 class _Graph:
     """Index of the main graph: producers, consumers, constants, element types (after strict inference)."""
 
