@@ -16,7 +16,10 @@ from pipeline.run import run_pipeline
 from pipeline.schema import ConfigError
 
 log = logging.getLogger("pipeline")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package: pipeline/conf is a symlink to the top-level conf/ (the one copy
+# users edit), and the wheel carries its files as package data, so the command finds them from any
+# folder after a plain `pip install .`, editable or not.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -1,8 +1,9 @@
 """The one training loop: FP32 fine-tuning (finetune stage) and quantization-aware training (qat stage).
 
 Deterministic and resumable: epoch e shuffles with seed + e; a checkpoint holds weights and quantizer
-state (safetensors), optimizer, scheduler, RNG states and the step, so a resumed run continues the
-same batch sequence with the same dropout masks and ends where an uninterrupted run ends.
+state, optimizer, scheduler, RNG states and the step (safetensors + JSON, never pickles), so a resumed
+run continues the same batch sequence with the same dropout masks and ends where an uninterrupted run
+ends. A checkpoint folder is renamed into place complete and verified before it is resumed from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,16 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pipeline.data import batches
 from pipeline.data.batching import Encoded
-from pipeline.outputs import atomic_write, write_json
 from pipeline.schema import TrainConfig
 
 log = logging.getLogger(__name__)
+
+# A checkpoint is one folder checkpoints/<stage>/step-<N>/ holding these files.
+_CKPT_PREFIX = "step-"
+_CKPT_FILES = ("model.safetensors", "trainer_state.safetensors", "trainer_state.json")
 
 
 @dataclass
@@ -81,10 +89,10 @@ def train(
     """Train `model` in place.
 
     Args:
-        checkpoint_dir: where checkpoints go (`<run>/checkpoints/<stage>`).
+        checkpoint_dir: where checkpoints go (`<run>/checkpoints/<stage>/step-<N>/`).
         teacher: frozen FP32 model for distillation (cfg.distill).
         eval_fn: called after each epoch when cfg.eval_each_epoch (returns a metrics dict).
-        resume: a checkpoint folder to continue from.
+        resume: a checkpoint folder (`.../step-<N>/`, see latest_checkpoint) to continue from.
         stop_after: stop (with a checkpoint) after this many steps — simulates an interruption in tests.
     """
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
@@ -156,19 +164,86 @@ def state_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return _dedupe({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
 
 
-def _save_checkpoint(folder: Path, model, opt, sched, result: TrainResult) -> None:
-    """weights+quantizers (safetensors), optimizer/scheduler/RNG (torch), progress (json); each atomic."""
+def _save_checkpoint(folder: Path, model, opt, sched, result: TrainResult) -> Path:
+    """Write `folder/step-<N>/` as one unit: files go into a hidden temp folder that is renamed into
+    place only when all are written, so a crash leaves the previous checkpoint intact and never a
+    folder mixing step-N weights with older optimizer state. Older checkpoints are then removed.
+
+    Contents (no pickles: a resume folder may come from anywhere, and loading a pickle runs code):
+    model.safetensors (weights + quantizer amax), trainer_state.safetensors (optimizer tensors and
+    RNG states) and trainer_state.json (the rest: scheduler, optimizer hyper-parameters, progress).
+    Each file records the step; resume checks they agree.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    state = state_for_safetensors(model)
-    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    atomic_write(
-        folder / "trainer_state.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, p)
-    )
-    write_json(
-        folder / "progress.json",
-        {"step": result.steps, "losses": result.losses, "epoch_eval": result.epoch_eval, "seconds": result.seconds},
-    )
+    for stale in folder.glob(f".{_CKPT_PREFIX}*"):  # temp folders of a crashed earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = folder / f"{_CKPT_PREFIX}{result.steps:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    try:
+        tensors, state = _trainer_state(opt, sched)
+        meta = {"step": str(result.steps)}
+        save_file(state_for_safetensors(model), str(tmp / "model.safetensors"), metadata=meta)
+        save_file(tensors, str(tmp / "trainer_state.safetensors"), metadata=meta)
+        progress = {"step": result.steps, "losses": result.losses, "epoch_eval": result.epoch_eval, "seconds": result.seconds}
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "progress": progress}))
+        if final.exists():  # the same step saved twice (the final save after a periodic one): swap
+            os.replace(final, folder / f".{final.name}.replaced")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in [*folder.glob(f"{_CKPT_PREFIX}*"), *folder.glob(f".{_CKPT_PREFIX}*")]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _trainer_state(opt: torch.optim.Optimizer, sched) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer, scheduler and RNG states split into tensors (safetensors) and plain values (JSON)."""
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))  # uint32 words, widened
+    py_version, py_words, py_gauss = random.getstate()
+    tensors["rng.python"] = torch.tensor(py_words, dtype=torch.int64)
+    opt_state = opt.state_dict()
+    opt_plain: dict[str, dict] = {}
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                opt_plain.setdefault(str(idx), {})[name] = value
+    plain = {
+        "optimizer": {"param_groups": opt_state["param_groups"], "state": opt_plain},
+        "scheduler": sched.state_dict(),
+        "rng": {"numpy": [np_pos, np_has_gauss, np_gauss], "python": [py_version, py_gauss]},
+    }
+    return tensors, plain
+
+
+def _restore_trainer_state(tensors: dict[str, torch.Tensor], plain: dict, opt: torch.optim.Optimizer, sched) -> None:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in plain["optimizer"]["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    # JSON turned tuples (AdamW's betas) into lists: give every value the type the optimizer uses.
+    groups = []
+    for saved, current in zip(plain["optimizer"]["param_groups"], opt.param_groups):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched.load_state_dict(plain["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    np_pos, np_has_gauss, np_gauss = plain["rng"]["numpy"]
+    np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    py_version, py_gauss = plain["rng"]["python"]
+    random.setstate((py_version, tuple(int(w) for w in tensors["rng.python"].tolist()), py_gauss))
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,22 +256,51 @@ def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_checkpoint(folder: Path, model, opt, sched) -> TrainResult:
-    missing = [f for f in ("model.safetensors", "trainer_state.pt", "progress.json") if not (folder / f).exists()]
+class CheckpointError(RuntimeError):
+    """A resume folder whose checkpoint is incomplete or inconsistent."""
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint under `folder` (a stage's checkpoints/<stage>/), or None if there is none.
+
+    Hidden temp folders (a save interrupted before its rename) are never considered. Only one
+    checkpoint is kept, so there is no older one to fall back to: the newest is verified on load and
+    refused if its files disagree (see _load_checkpoint).
+    """
+    found = sorted(p for p in Path(folder).glob(f"{_CKPT_PREFIX}*") if p.is_dir()) if Path(folder).is_dir() else []
+    return found[-1] if found else None
+
+
+def _verify_checkpoint(folder: Path) -> int:
+    """The checkpoint's step, after checking every file is present and records that same step."""
+    missing = [f for f in _CKPT_FILES if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"resume: checkpoint {folder} is incomplete (missing {', '.join(missing)})")
+        raise CheckpointError(f"resume: checkpoint {folder} is incomplete (missing {', '.join(missing)}); refusing to resume from it")
+    steps = {}
+    for f in ("model.safetensors", "trainer_state.safetensors"):
+        with safe_open(str(folder / f), framework="pt") as fh:
+            steps[f] = (fh.metadata() or {}).get("step")
+    steps["trainer_state.json"] = json.loads((folder / "trainer_state.json").read_text())["progress"]["step"]
+    expected = folder.name.removeprefix(_CKPT_PREFIX)
+    if not expected.isdigit() or any(str(s) != str(int(expected)) for s in steps.values()):
+        found = ", ".join(f"{f}: {s}" for f, s in steps.items())
+        raise CheckpointError(
+            f"resume: checkpoint {folder} mixes training steps ({found}; folder says {expected}); refusing to resume from it"
+        )
+    return int(expected)
+
+
+def _load_checkpoint(folder: Path, model, opt, sched) -> TrainResult:
+    step = _verify_checkpoint(folder)
+    # safetensors and JSON only: nothing in a resume folder can run code when loaded.
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    trainer = torch.load(folder / "trainer_state.pt", weights_only=False)
-    opt.load_state_dict(trainer["optimizer"])
-    sched.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"]["torch"])
-    np.random.set_state(trainer["rng"]["numpy"])
-    random.setstate(trainer["rng"]["python"])
-    progress = json.loads((folder / "progress.json").read_text())
+    plain = json.loads((folder / "trainer_state.json").read_text())
+    _restore_trainer_state(load_file(str(folder / "trainer_state.safetensors")), plain, opt, sched)
+    progress = plain["progress"]
     return TrainResult(
-        steps=progress["step"],
+        steps=step,
         losses=progress["losses"],
         epoch_eval=progress["epoch_eval"],
         seconds=progress["seconds"],
-        resumed_from_step=progress["step"],
+        resumed_from_step=step,
     )

@@ -16,7 +16,7 @@ from pipeline.data import batches
 from pipeline.data.batching import Encoded
 from pipeline.outputs import atomic_write
 from pipeline.schema import RunConfig, TrainConfig
-from pipeline.training import state_for_safetensors, train
+from pipeline.training import latest_checkpoint, state_for_safetensors, train
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
             logits = torch_logits(ctx.model, ctx.tokenizer, ctx.encoded["eval"], cfg.evaluate.batch_size, ctx.device)
             return {"accuracy": accuracy(logits, ctx.encoded["eval"].labels)}
 
-    resume = None
-    if ctx.resume_from is not None and (ctx.resume_from / "checkpoints" / name / "progress.json").exists():
-        resume = ctx.resume_from / "checkpoints" / name
+    # The newest complete checkpoint of this stage in the run being resumed (None: start afresh).
+    resume = latest_checkpoint(ctx.resume_from / "checkpoints" / name) if ctx.resume_from is not None else None
     result = train(
         ctx.model,
         ctx.tokenizer,
