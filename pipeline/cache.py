@@ -1,8 +1,10 @@
 """Stage cache: reuse a stage's outputs across runs and sweep jobs.
 
 An entry is keyed by the sha256 of the config subset the stage depends on plus the key of the stage
-it consumes, so sweep jobs that differ only in calibration share one fine-tuned model, and a rerun
-of the same config reuses every cached stage. Entries live under `cache.dir` (default
+it consumes, the pipeline's source and the versions of the libraries that compute it, so sweep jobs
+that differ only in calibration share one fine-tuned model, and a rerun of the same config with the
+same code and libraries reuses every cached stage. Stages that measure built artifacts (evaluate)
+add the sha256 of those files to their key. Entries live under `cache.dir` (default
 outputs/.cache/<stage>/<key>/).
 
 Safety: an entry is built in a temp folder and renamed into place (atomic), under an exclusive
@@ -23,7 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +55,38 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+# Libraries whose version can change what a stage produces: training numerics and kernels (torch),
+# model code and tokenizers (transformers), graph serialization (onnx), the engines (onnxruntime,
+# tensorrt) and host-side math (numpy). Absent packages key as None.
+KEY_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tensorrt", "numpy")
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of KEY_PACKAGES: part of every key, so an upgrade never reuses old results."""
+    out: dict[str, str | None] = {}
+    for pkg in KEY_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def file_digests(paths: Iterable[Path | None]) -> dict[str, str]:
+    """sha256 of each existing file by name: keys results measured on artifacts (ONNX files, engine
+    plans) by the exact bytes measured, so a rebuilt artifact never inherits an older measurement."""
+    return {Path(p).name: _sha256(Path(p)) for p in paths if p is not None and Path(p).is_file()}
+
+
 def stage_key(stage: str, *parts: Any) -> str:
-    """sha256 over the stage name, the code digest and the given config parts / upstream keys."""
+    """sha256 over the stage name, the code digest, the library versions and the given config parts /
+    upstream keys."""
 
     def plain(x: Any) -> Any:
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
-    blob = json.dumps([stage, code_digest(), *map(plain, parts)], sort_keys=True, default=str).encode()
+    blob = json.dumps([stage, code_digest(), library_versions(), *map(plain, parts)], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 

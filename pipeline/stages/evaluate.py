@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import cached
+from pipeline.cache import cached, file_digests
 from pipeline.context import RunContext
 from pipeline.data.batching import Encoded
 from pipeline.schema import RunConfig
@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
-    """Cached by everything upstream + the evaluate and engine configs (a rerun reuses the numbers)."""
-    key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine)
+    """Cached by everything upstream + the evaluate and engine configs + the sha256 of the ONNX and engine
+    files measured: numbers are reused only for the very bytes they were measured on."""
+    measured = [*sorted(ctx.run_dir.glob("*.onnx*")), *ctx.artifacts.engine_files.values()]  # every graph + engine file
+    key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine, file_digests(measured))
 
     def save(tmp: Path) -> None:
         (tmp / "evaluate.json").write_text(json.dumps({"accuracy": ctx.metrics.accuracy, "parity": ctx.metrics.parity}))
