@@ -101,20 +101,51 @@ def test_unavailable_ort_provider_is_reported(tmp_path):
     )
 
 
-def test_gpu_check_script_falls_back_to_cpu_and_prints_one_table(tmp_path):
-    r = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--random-init", "--out", str(tmp_path)],
+def _gpu_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh", *args],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parent.parent,
         timeout=600,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
+
+
+def _table(out: str) -> dict[str, str]:
+    """check name -> result, from the final table (the run's own summary comes before it)."""
+    rows = out.split("| check ")[-1].splitlines()[2:]
+    rows = [r for r in rows if r.startswith("| ")]
+    return {r.split("|")[1].strip(): r.split("|")[2].strip() for r in rows}
+
+
+def test_gpu_check_script_falls_back_to_cpu_and_prints_one_table(tmp_path):
+    r = _gpu_check("--random-init", "--out", str(tmp_path))
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    table = _table(out)
+    assert len(table) == 8 and set(table.values()) <= {"ok", "skipped"}, table
+    for name in ("quantizer numerics on device == CPU", "calibrators fed device tensors"):
+        assert table[name] == "ok"
+    assert table["TensorRT availability (engine=tensorrt validation)"] == "skipped"  # absent and not asked for: never "ok"
+    n = {s: sum(v == s for v in table.values()) for s in ("ok", "skipped")}
+    assert out.rstrip().splitlines()[-1] == f"summary: {n['ok']} ok, {n['skipped']} skipped, 0 failed"
     if not torch.cuda.is_available():
         assert "CPU FALLBACK: no CUDA GPU visible" in out
-    table = out.split("| check ")[-1].splitlines()[2:]  # the final table (the run's own summary comes before it)
-    assert len(table) == 6 and all("| ok     |" in line for line in table), table
+        assert table["CUDA device visible to torch"] == "skipped"
+        assert table["ONNX Runtime CUDA provider"] == "skipped"
     metrics = json.loads((tmp_path / "smoke/metrics.json").read_text())
     assert metrics["stages"]["qat"]["status"] == "done"
+    # The TensorRT graphs of the smoke run pass the static rules wherever the export wrote them.
+    trt_graphs = "static TensorRT rules on the smoke run's TensorRT graphs"
+    assert table[trt_graphs] == ("ok" if (tmp_path / "smoke/model_int8_trt.onnx").exists() else "skipped")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the missing-piece path of machines without a GPU")
+def test_gpu_check_fails_when_a_required_piece_is_missing():
+    r = _gpu_check("--only", "cuda,tensorrt", "--require-tensorrt", "--require-cuda")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    table = _table(r.stdout)
+    assert table == {"CUDA device visible to torch": "FAIL", "TensorRT availability (engine=tensorrt validation)": "FAIL"}
+    assert "required (--require-tensorrt) but missing" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1] == "summary: 0 ok, 0 skipped, 2 failed"
