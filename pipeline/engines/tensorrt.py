@@ -278,10 +278,11 @@ class TrtEngine:
         summary = parse_inspector(info)
         write_json(run_dir / f"model_{precision}.layers.json", summary)
         self.files = {"plan": plan_path, "inspector": inspect_path}
+        # gemm_int8 / gemm_fp8 / gemm_unknown always present (0 included) so reports can read them unconditionally.
         self.kernels = (
             {f"layers_{k}": v for k, v in summary["by_precision"].items()}
             | {f"gemm_{k}": v for k, v in summary["gemm_by_precision"].items()}
-            | {"gemm_layers": summary["gemm_layers"]}
+            | {k: summary[k] for k in ("gemm_layers", "gemm_int8", "gemm_fp8", "gemm_unknown")}
         )
         self.output_name = next(
             self.engine.get_tensor_name(i)
