@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import __version__
 from pipeline.cache import StageCache
 from pipeline.context import RunContext, StageRecord
+from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits, load_splits
 from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig, validate
@@ -42,16 +43,21 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
 ]
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Checks that need the environment (packages, GPU, files): still before any stage runs."""
+def preflight(cfg: RunConfig) -> DataSplits | None:
+    """Checks that need the environment (packages, GPU, files): still before any stage runs.
+
+    Local data (data=csv, the embedded snippets) is read here and every row checked, so bad data stops
+    before the run folder exists; the validated splits are returned for the load stage (read once).
+    """
     errors: list[str] = []
     if cfg.engine.name != "none":
         errors += ENGINES[cfg.engine.name]().check(cfg.engine)
-    if cfg.data.source == "csv":
-        for key in ("train_path", "eval_path"):
-            path = getattr(cfg.data, key)
-            if path and not Path(path).expanduser().exists():
-                errors.append(f"data.{key}: file not found: {path}")
+    splits = None
+    if cfg.data.source in PREFLIGHT_SOURCES:
+        try:
+            splits = load_splits(cfg.data)
+        except DataError as exc:
+            errors += exc.errors
     src = cfg.model.name_or_path
     if not cfg.model.random_init and src.startswith(("/", ".", "~")) and not Path(src).expanduser().exists():
         errors.append(f"model.name_or_path: folder not found: {src}")
@@ -59,6 +65,7 @@ def preflight(cfg: RunConfig) -> None:
         errors.append("device: cuda requested but torch sees no GPU; valid here: auto, cpu")
     if errors:
         raise ConfigError(errors)
+    return splits
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
 def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
     cfg = validate(raw)
-    preflight(cfg)
+    splits = preflight(cfg)
     digest = config_hash(raw)
     resume_from = _check_resume(Path(cfg.resume).expanduser(), digest) if cfg.resume else None
     if (run_dir / "manifest.json").exists():
@@ -78,6 +85,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
     ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=digest, resume_from=resume_from)
+    ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), cfg.cache.enabled and resume_from is None)
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
     started = time.time()

@@ -42,6 +42,9 @@ class ModelConfig:
     max_length: int = field(default=128, metadata=_range(8, 8192))
     random_init: bool = False
     trust_remote_code: bool = False
+    # Accept a checkpoint whose backbone weights are missing or mis-shaped (re-initialized at random,
+    # listed in manifest.json). Off: only a fresh task head is accepted; anything else stops the run.
+    allow_partial_load: bool = False
     # Tiny random architecture for model.random_init (tests, dry runs, offline architecture checks).
     tiny: dict[str, Any] = field(
         default_factory=lambda: {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
@@ -65,7 +68,10 @@ class DataConfig:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    labels: list[str] | None = None
+    # The classes in id order (strings or integers, matched by their text); see pipeline/data/labels.py.
+    labels: list[Any] | None = None
+    # Encoding of data.train_path / data.eval_path (utf-8 also reads a byte-order mark).
+    encoding: str = "utf-8"
 
 
 @dataclass

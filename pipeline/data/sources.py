@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.splits import DataError, DataSplits, Split, encode_labels, seeded_order, take
+from pipeline.data.files import Records, encoding_problem, read_records
+from pipeline.data.labels import LabelColumn, assign_label_ids
+from pipeline.data.splits import DataError, DataSplits, Split, seeded_order, take
 from pipeline.schema import DataConfig
 
 MOVIE_SNIPPETS = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -31,14 +34,26 @@ def load_movie_snippets(cfg: DataConfig) -> DataSplits:
     One seeded shuffle (data.split_seed) cuts disjoint eval / calibration / train parts, in that
     order, so changing num_train never changes the eval set.
     """
-    texts, labels = [], []
-    with movie_snippets_path().open(encoding="utf-8", newline="") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+    if cfg.labels is not None:
+        raise DataError("data.labels: not used by data=movie_snippets (its classes are fixed: negative, positive)")
+    path = movie_snippets_path()
+    texts, labels, lines = [], [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for row in reader:
             if len(row) < 3 or row[0] == "id":
                 continue
             texts.append("\t".join(row[2:]).strip())
             labels.append(int(float(row[1]) > 0))
-    full = Split(texts, labels)
+            lines.append(reader.line_num)
+    # The same label rules as every source (trivially met by this fixed file, and kept so).
+    problems: list[str] = []
+    names = ["negative", "positive"]
+    column = LabelColumn(labels, lambda i: f"data=movie_snippets: {path} line {lines[i]}")
+    assigned = assign_label_ids({"train": column}, problems, class_names=names)
+    if assigned is None:
+        raise DataError(problems)
+    full = Split(texts, assigned.ids["train"])
     order = seeded_order(len(full), cfg.split_seed)
     n_eval = cfg.num_eval or 2000
     n_calib = cfg.num_calib
@@ -48,73 +63,117 @@ def load_movie_snippets(cfg: DataConfig) -> DataSplits:
     train_idx = rest if cfg.num_train is None else rest[: cfg.num_train]
     if n_eval + n_calib >= len(full) or not train_idx:
         raise DataError(f"data.num_eval + data.num_calib = {n_eval + n_calib} leaves no training data ({len(full)} snippets)")
-    return DataSplits(full.subset(train_idx), full.subset(calib_idx), full.subset(eval_idx), ["negative", "positive"])
+    return DataSplits(full.subset(train_idx), full.subset(calib_idx), full.subset(eval_idx), assigned.names)
 
 
-def _read_rows(path_str: str, key: str) -> list[dict]:
-    path = Path(path_str).expanduser()
-    if not path.exists():
-        raise DataError(f"{key}: file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise DataError(f"{key}: unsupported file type {suffix!r}; valid: .csv, .tsv, .jsonl, .json")
+@dataclass
+class _Table:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: LabelColumn
 
 
-def _columns(rows: list[dict], cfg: DataConfig, key: str) -> tuple[list[str], list[str] | None, list]:
-    if not rows:
-        raise DataError(f"{key}: no rows")
-    available = list(rows[0].keys())
+def _table(records: Records, cfg: DataConfig, key: str, problems: list[str]) -> _Table | None:
+    """Check every row for the configured columns (present, text non-empty); labels are kept raw
+    for the label rules. Problems go to `problems` in line order; None when a column is missing."""
     wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
     if cfg.text_pair_column:
         wanted["data.text_pair_column"] = cfg.text_pair_column
-    for ckey, col in wanted.items():
-        if col not in rows[0]:
-            raise DataError(f"{ckey}: column {col!r} not found in {key}; available columns: {', '.join(available)}")
-    texts = [str(r[cfg.text_column]) for r in rows]
-    pairs = [str(r[cfg.text_pair_column]) for r in rows] if cfg.text_pair_column else None
-    return texts, pairs, [r[cfg.label_column] for r in rows]
+    absent = [(ckey, col) for ckey, col in wanted.items() if col not in records.columns]
+    for ckey, col in absent:
+        problems.append(f"{ckey}: column {col!r} not found in {key}; available columns: {', '.join(map(str, records.columns))}")
+    found = list(records.problems)  # (line, message), merged with the row checks below in line order
+    text_cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    texts, pairs, labels, label_rows = [], [], [], []
+    for i, row in enumerate(records.rows if not absent else []):
+        loc, ok = records.locs[i], True
+        for col in wanted.values():
+            if col not in row:  # JSON: a key the other rows have (CSV rows are complete or already refused)
+                found.append((loc, f"{records.where(i)}: no key {col!r} (keys: {', '.join(map(str, row))})"))
+                ok = False
+        for col in text_cols:
+            if col not in row:
+                continue
+            value = row[col]
+            if not isinstance(value, str):
+                found.append((loc, f"{records.where(i)}, column {col!r}: text is {json.dumps(value)}, not a string"))
+                ok = False
+            elif not value.strip():
+                found.append((loc, f"{records.where(i)}, column {col!r}: text is empty"))
+                ok = False
+        if cfg.label_column in row:  # checked by the label rules even when the text is bad: all problems at once
+            labels.append(row[cfg.label_column])
+            label_rows.append(i)
+        if ok:
+            texts.append(row[cfg.text_column])
+            pairs.append(row[cfg.text_pair_column] if cfg.text_pair_column else "")
+    problems.extend(message for _, message in sorted(found, key=lambda f: f[0]))
+    if absent:
+        return None
+    col = cfg.label_column
+    where = lambda j: f"{records.where(label_rows[j])}, column {col!r}"  # noqa: E731
+    complete = not records.problems and len(labels) == len(records.rows)
+    return _Table(texts, pairs if cfg.text_pair_column else None, LabelColumn(labels, where, complete))
 
 
-def _splits_from_columns(cfg: DataConfig, train_cols, eval_cols) -> DataSplits:
-    (tt, tp, tl), (et, ep, el) = train_cols, eval_cols
-    tr_ids, ev_ids, names = encode_labels(list(tl), list(el), cfg.labels, "data.label_column")
-    train_all = Split(tt, tr_ids, tp)
-    ev = Split(et, ev_ids, ep)
+def _splits_from_tables(
+    cfg: DataConfig, tables: dict[str, _Table], problems: list[str], class_names: list[str] | None = None
+) -> DataSplits:
+    """Label ids by the shared rules, then the calibration / train / eval cuts. Raises DataError
+    with every problem (from reading and from the labels) when there is any."""
+    assigned = assign_label_ids({s: t.labels for s, t in tables.items()}, problems, labels=cfg.labels, class_names=class_names)
+    if problems or assigned is None:
+        raise DataError(problems)
+    tr, ev = tables["train"], tables["eval"]
+    train_all = Split(tr.texts, assigned.ids["train"], tr.pairs)
+    ev_split = Split(ev.texts, assigned.ids["eval"], ev.pairs)
     if cfg.num_eval is not None:
-        ev = take(ev, cfg.num_eval, cfg.split_seed)
+        ev_split = take(ev_split, cfg.num_eval, cfg.split_seed)
     calib = take(train_all, cfg.num_calib, cfg.split_seed + 1)
     train = take(train_all, cfg.num_train, cfg.split_seed)
-    return DataSplits(train, calib, ev, names)
+    return DataSplits(train, calib, ev_split, assigned.names)
 
 
 def load_table(cfg: DataConfig) -> DataSplits:
-    """CSV / TSV / JSONL files (data.train_path, data.eval_path)."""
-    train_rows = _read_rows(cfg.train_path, "data.train_path")
-    eval_rows = _read_rows(cfg.eval_path, "data.eval_path")
-    return _splits_from_columns(cfg, _columns(train_rows, cfg, "data.train_path"), _columns(eval_rows, cfg, "data.eval_path"))
+    """CSV / TSV / JSONL / JSON files (data.train_path, data.eval_path), every row checked."""
+    problems: list[str] = []
+    if bad_encoding := encoding_problem(cfg.encoding):
+        raise DataError(bad_encoding)
+    tables = {}
+    for split, key in (("train", "data.train_path"), ("eval", "data.eval_path")):
+        records = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
+        table = _table(records, cfg, key, problems) if records is not None else None
+        if table is not None:
+            tables[split] = table
+    if len(tables) < 2:
+        raise DataError(problems)
+    return _splits_from_tables(cfg, tables, problems)
 
 
 def load_hub(cfg: DataConfig) -> DataSplits:
-    """A Hugging Face hub dataset (e.g. GLUE) through `datasets` (needs network or a local cache)."""
+    """A Hugging Face hub dataset (e.g. GLUE) through `datasets` (needs network or a local cache).
+
+    Checked by the same row and label rules as files, in the load stage (not the pre-flight: it may
+    download); rows are numbered from 0 as in `dataset[i]`.
+    """
     import datasets  # heavy import, only for this source
 
     ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+    problems: list[str] = []
     for key, split in (("data.train_split", cfg.train_split), ("data.eval_split", cfg.eval_split)):
         if split not in ds:
-            raise DataError(f"{key}: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
-    names = None
+            problems.append(f"{key}: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
+    if problems:
+        raise DataError(problems)
     feature = ds[cfg.train_split].features.get(cfg.label_column)
-    if feature is not None and hasattr(feature, "names"):
-        names = list(feature.names)
-    cols = [_columns(ds[s].to_list(), cfg, f"data.hub_id={cfg.hub_id}[{s}]") for s in (cfg.train_split, cfg.eval_split)]
-    splits = _splits_from_columns(cfg, *cols)
-    if names is not None:  # ClassLabel ints: keep the dataset's own names
-        splits.label_names = names
-    return splits
+    names = list(feature.names) if feature is not None and hasattr(feature, "names") else None  # ClassLabel: the dataset's own names
+    tables = {}
+    for name, split in (("train", cfg.train_split), ("eval", cfg.eval_split)):
+        part = ds[split]
+        records = Records(f"data.hub_id={cfg.hub_id}[{split}]", "row", part.to_list(), list(range(len(part))), list(part.column_names), [])
+        table = _table(records, cfg, f"data.hub_id={cfg.hub_id}[{split}]", problems)
+        if table is not None:
+            tables[name] = table
+    if len(tables) < 2:
+        raise DataError(problems)
+    return _splits_from_tables(cfg, tables, problems, class_names=names)

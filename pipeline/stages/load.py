@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> None:
-    ctx.splits = load_splits(cfg.data)
+    if ctx.splits is None:  # the pre-flight reads local data; hub data (and callers without a pre-flight) here
+        ctx.splits = load_splits(cfg.data)
     loaded = load_model(cfg.model, ctx.splits.num_labels, ctx.device)
     ctx.model, ctx.tokenizer, ctx.head_trained = loaded.model, loaded.tokenizer, loaded.head_trained
     ctx.chain_key("load", cfg.model, cfg.data, ctx.seed)
