@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.sweep_report import main as report_main
-from tests.conftest import TINY, run_tiny
+from pipeline.testing import TINY, run_tiny
 
 
 def test_multirun_with_a_failing_job_reports_all_jobs(tmp_path):
@@ -47,6 +47,27 @@ def test_multirun_with_a_failing_job_reports_all_jobs(tmp_path):
     # the fine-tuned model was computed once and reused by the other successful job (same config subset)
     cached = [row["cached_stages"] for row in rows.values() if row["status"] == "done"]
     assert sum("finetune" in c for c in cached) >= 1
+
+
+def test_a_folder_holding_a_sweep_is_refused_before_any_job_runs(tmp_path):
+    """Reusing hydra.sweep.dir would overwrite the old jobs' .hydra/ and pair new overrides with old
+    metrics in the sweep report: refused, and nothing in the folder changes."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra/overrides.yaml").write_text("- calibration=max\n")
+    (sweep / "0" / "metrics.json").write_text("{}")
+    before = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("*"))
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", *TINY, "calibration=max,mse", f"hydra.sweep.dir={sweep}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    assert f"error: hydra.sweep.dir={sweep} already holds a sweep; refusing to overwrite it." in r.stderr
+    assert sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("*")) == before
+    assert (sweep / "0" / ".hydra/overrides.yaml").read_text() == "- calibration=max\n"
 
 
 def test_report_regenerates_for_a_partial_sweep(tmp_path, capsys):
