@@ -12,15 +12,13 @@ import resource
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 
-import pipeline  # noqa: F401
 from pipeline.models import load_model
 from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.schema import validate
+from pipeline.testing import compose_cfg
 from pipeline.training import kd_loss
-from tests.conftest import CONF
 
 
 def main() -> None:
@@ -29,8 +27,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=["qat=kd"]))
+    cfg = validate(compose_cfg(["qat=kd"]))
     torch.manual_seed(0)
     loaded = load_model(cfg.model, 2, torch.device("cpu"))
     model, tok = loaded.model, loaded.tokenizer
