@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pipeline.data import DataSplits
     from pipeline.data.batching import Encoded
     from pipeline.engines import Engine
+    from pipeline.models import LoadReport
     from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
 StageStatus = Literal["done", "skipped", "cached", "failed"]
@@ -36,6 +37,7 @@ class Artifacts:
     quantizers: Path | None = None
     onnx_fp32: Path | None = None
     onnx_int8: Path | None = None
+    onnx: dict[str, Path] = field(default_factory=dict)  # every exported graph by file name
     engine_files: dict[str, Path] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)
 
@@ -51,6 +53,10 @@ class Metrics:
     benchmark: dict[str, Any] = field(default_factory=lambda: {"grid": []})
     quantization: dict[str, Any] = field(default_factory=dict)  # counts: quantizers, int8 kernels, ...
     training: dict[str, Any] = field(default_factory=dict)  # per training stage: steps, loss, seconds
+    # Which engine is the baseline (fp32 on ONNX Runtime, fp16 on TensorRT) and which the quantized one.
+    engine_precisions: dict[str, str | None] = field(default_factory=lambda: {"baseline": None, "quantized": None})
+    # TensorRT's graphs run through ONNX Runtime: parity of the INT8 graph, ops ORT CPU ran in FP32.
+    tensorrt_graphs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,12 +70,15 @@ class RunContext:
     tokenizer: PreTrainedTokenizerBase | None = None
     splits: DataSplits | None = None
     quantizers: dict[str, TensorQuantizer] = field(default_factory=dict)
-    engines: dict[str, Engine] = field(default_factory=dict)  # "fp32" / "int8"
+    engines: dict[str, Engine] = field(default_factory=dict)  # by precision: baseline ("fp32"/"fp16") first, then "int8"/"fp8"
+    # ONNX Runtime sessions over TensorRT's graphs ("trt_graph_fp16", "trt_graph_int8"): accuracy only.
+    check_engines: dict[str, Engine] = field(default_factory=dict)
     artifacts: Artifacts = field(default_factory=Artifacts)
     metrics: Metrics = field(default_factory=Metrics)
     stages: dict[str, StageRecord] = field(default_factory=dict)
     encoded: dict[str, Encoded] = field(default_factory=dict)  # tokenized splits: train / calib / eval
     head_trained: bool = True  # False: the task head was freshly initialized at load
+    model_load: LoadReport | None = None  # what the checkpoint did not provide (manifest.json "model_load")
     resume_from: Path | None = None
     cache: StageCache | None = None
     # Cache keys: `key` is the running chain (each stage that changes the model extends it).

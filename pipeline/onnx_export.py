@@ -75,13 +75,13 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
     return atomic_write(path, write)
 
 
-def fold_weight_quantization(path: Path) -> int:
-    """Replace QuantizeLinear(FP32 initializer) with the int8 initializer it computes.
+def fold_weight_quantization(m: onnx.ModelProto) -> int:
+    """Replace QuantizeLinear(FP32 initializer) with the int8 (or FP8) initializer it computes, in place.
 
-    The result is the deployable form: int8 weights + DequantizeLinear (4x smaller), identical
-    numerics (round half to even, saturate, as ONNX QuantizeLinear). Returns the number folded.
+    The result is the deployable form: 8-bit weights + DequantizeLinear (4x smaller), identical
+    numerics (ONNX QuantizeLinear: round half to even and saturate for int8; saturate to +-448 and
+    round to nearest even for FP8 E4M3). Returns the number folded.
     """
-    m = onnx.load(str(path))
     g = m.graph
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
@@ -103,8 +103,7 @@ def fold_weight_quantization(path: Path) -> int:
                 shape = [1] * w.ndim
                 if scale.ndim == 1:
                     shape[axis] = -1
-                info = np.iinfo(zp.dtype)
-                q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape if zp.ndim else ()), info.min, info.max).astype(zp.dtype)
+                q = _quantize(w, scale.reshape(shape), zp)
                 g.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
                 folded += 1
                 continue
@@ -115,21 +114,36 @@ def fold_weight_quantization(path: Path) -> int:
     live = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(live)
-    onnx.checker.check_model(m)
-    atomic_write(path, lambda tmp: onnx.save(m, str(tmp)))
     return folded
 
 
-def dedicate_qdq(path: Path) -> int:
+def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    if zp.dtype.kind in "iu":
+        info = np.iinfo(zp.dtype)
+        return np.clip(np.rint(w / scale) + zp.reshape(scale.shape if zp.ndim else ()), info.min, info.max).astype(zp.dtype)
+    # FP8 E4M3 (zero point 0 by definition): ml_dtypes' cast rounds to nearest even but turns
+    # out-of-range values into NaN, so saturate first as QuantizeLinear (saturate=1) does.
+    return np.clip(w / scale, -448.0, 448.0).astype(zp.dtype)
+
+
+def rewrite(path: Path, *passes) -> list:
+    """Apply in-place passes (ModelProto -> result) to the file at `path`; check and write it atomically."""
+    m = onnx.load(str(path))
+    results = [p(m) for p in passes]
+    onnx.checker.check_model(m)
+    atomic_write(path, lambda tmp: onnx.save(m, str(tmp)))
+    return results
+
+
+def dedicate_qdq(m: onnx.ModelProto) -> int:
     """Give every consumer of a shared Q -> DQ pair its own pair.
 
     Quantizers calibrated on the same tensor (e.g. the query/key/value inputs) get identical scales,
     and the exporter's common-subexpression pass merges their Q/DQ into one pair with three
     consumers. ONNX Runtime fuses Q -> DQ -> MatMul into an int8 kernel only for a dedicated pair
     (TensorRT likewise wants Q/DQ per GEMM input), so shared pairs are duplicated. Returns the number
-    of pairs added.
+    of pairs added. In place.
     """
-    m = onnx.load(str(path))
     g = m.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -177,8 +191,6 @@ def dedicate_qdq(path: Path) -> int:
             added += 1
     del g.node[:]
     g.node.extend(out)
-    onnx.checker.check_model(m)
-    atomic_write(path, lambda tmp: onnx.save(m, str(tmp)))
     return added
 
 

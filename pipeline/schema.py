@@ -113,6 +113,9 @@ class CalibrationConfig:
 
 @dataclass
 class QuantConfig:
+    # int8 (default; every engine) or fp8 (E4M3, scale amax/448: Hopper and later under TensorRT;
+    # ONNX Runtime CPU emulates FP8 Q/DQ in float, so it measures FP8 accuracy but not FP8 speed).
+    format: Literal["int8", "fp8"] = "int8"
     linear: bool = True
     attention: bool = True
     residual: bool = False
@@ -132,6 +135,9 @@ class ExportConfig:
     exporter: Literal["legacy"] = "legacy"
     opset: int = field(default=17, metadata=_range(13, 21))
     fold_weights: bool = True
+    # Also write the graphs TensorRT builds (model_fp16.onnx, model_int8_trt.onnx / model_fp8.onnx),
+    # checked against TensorRT's rules; always on with engine=tensorrt.
+    tensorrt_graphs: bool = True
 
 
 @dataclass
@@ -342,5 +348,7 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         for key, value, limit, limit_key in shapes:
             if value > limit:
                 errors.append(f"{key}: {value} is outside the TensorRT optimization profile ({limit_key}={limit})")
+    if c.quant.format == "fp8" and c.qat.enabled and c.qat.learn_amax:
+        errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")

@@ -60,9 +60,15 @@ class OrtEngine:
         # CUDA / TensorRT providers: inputs and outputs bound on the GPU (no host copies when timing).
         self.on_gpu = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device_id = int(cfg.provider_options.get(self.session.get_providers()[0], {}).get("device_id", 0))
+        # ORT's CPU provider has no FP8 GEMM and no FP16 MatMul kernels on x86: such graphs run (with
+        # FP16 / FP8 rounding of every stored tensor) but their speed means nothing, so they are not timed.
+        self.emulated = "CPUExecutionProvider" == self.session.get_providers()[0] and precision not in ("fp32", "int8")
         self.kernels: dict[str, int] = {}
+        self.fp32_fallback: dict[str, int] | None = None
         if cfg.save_optimized:
             self.kernels = count_ops(self.files["optimized_graph"], INT8_OPS + FLOAT_GEMM_OPS)
+        if self.emulated and precision != "fp8":
+            self.fp32_fallback = fp32_fallback_ops(Path(onnx_path))
 
     def _feed(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: inputs[k].astype(np.int64, copy=False) for k in self.input_names}
@@ -92,6 +98,40 @@ class OrtEngine:
 def count_ops(path: Path, ops: tuple[str, ...] | None = None) -> dict[str, int]:
     counts = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     return {k: v for k, v in sorted(counts.items()) if ops is None or k in ops}
+
+
+def fp32_fallback_ops(onnx_path: Path) -> dict[str, int]:
+    """Nodes of an FP16 graph that ONNX Runtime's CPU provider computes in FP32, by op type.
+
+    Where the CPU provider has no FP16 kernel for a node, ORT's InsertCastTransformer wraps it in Casts
+    (FP16 -> FP32 in, FP32 -> FP16 out): the node computes in FP32 on values rounded to FP16, like a
+    GPU kernel that accumulates in FP32. Found by comparing each node's input type in the graph with
+    its input type in ORT's own rewrite of it (basic optimization level, so node names survive and
+    ONNX type inference still applies).
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    def input_types(m: onnx.ModelProto) -> dict[str, int]:
+        m = onnx.shape_inference.infer_shapes(m)
+        g = m.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+        types |= {t.name: t.data_type for t in g.initializer}
+        return {n.name: types.get(n.input[0], 0) for n in g.node if n.input and n.op_type != "Cast"}
+
+    original = onnx.load(str(onnx_path))
+    fp16_nodes = {name for name, t in input_types(original).items() if t == onnx.TensorProto.FLOAT16}
+    op = {n.name: n.op_type for n in original.graph.node}
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        rewritten = input_types(onnx.load(so.optimized_model_filepath))
+    fallback = Counter(op[n] for n, t in rewritten.items() if n in fp16_nodes and t == onnx.TensorProto.FLOAT)
+    return dict(sorted(fallback.items()))
 
 
 def build(onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path) -> OrtEngine:

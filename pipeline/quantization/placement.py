@@ -44,6 +44,7 @@ def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[.
             calibrator="histogram" if histogram and not weight else "max",
             num_bins=calib.num_bins,
             skip_zeros=calib.skip_zeros,
+            format=qcfg.format,
         )
         q.enabled = role not in qcfg.exclude_roles
         return q

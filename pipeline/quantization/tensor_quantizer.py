@@ -18,6 +18,9 @@ from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
 
 Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]
 
+# Largest finite FP8 E4M3 value: FP8 scale = amax / 448 (TensorRT's and ONNX's E4M3 Q/DQ).
+FP8_MAX = 448.0
+
 # Smallest amax kept: a dead channel (all-zero weights) would otherwise give scale 0, which ONNX
 # QuantizeLinear forbids. Values below it quantize to 0 anyway.
 _MIN_AMAX = 1e-8
@@ -60,6 +63,23 @@ class _LearnableAmaxFakeQuant(torch.autograd.Function):
         return grad_x, grad_amax, None, None, None
 
 
+class _FP8FakeQuant(torch.autograd.Function):
+    """FP8 E4M3 quantize-dequantize: saturate x/s to +-448, round to the nearest E4M3 value (ties to
+    even, torch's cast), multiply back. Straight-through gradient inside the range, zero outside."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        v = x / scale
+        inside = v.abs() <= FP8_MAX
+        ctx.save_for_backward(inside)
+        return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
 class TensorQuantizer(nn.Module):
     """Quantize-dequantize one tensor; calibrates its own amax.
 
@@ -71,6 +91,9 @@ class TensorQuantizer(nn.Module):
         unsigned: Range 0..2^bits-1 (softmax outputs); signed is -2^(bits-1)..2^(bits-1)-1.
         calibrator: "max" or "histogram" (percentile / entropy / mse pick amax from the histogram).
         num_bins, skip_zeros: Histogram settings.
+        format: "int8" (integer grid, scale amax/127) or "fp8" (E4M3, scale amax/448, always signed).
+            An FP8 quantizer exports as an int8 Q/DQ template (scale amax/127) that
+            `pipeline.engines.trt_graphs.retype_qdq` turns into FP8 with the same amax.
 
     State: `amax` buffer (scalar or per channel), saved in quantizers.safetensors.
     Modes: `calibrating` (collect statistics, pass x through), `enabled` (fake-quantize when amax set).
@@ -85,9 +108,12 @@ class TensorQuantizer(nn.Module):
         calibrator: Literal["max", "histogram"] = "max",
         num_bins: int = 2048,
         skip_zeros: bool = False,
+        format: Literal["int8", "fp8"] = "int8",
     ):
         super().__init__()
         self.role = role
+        self.format = format
+        unsigned = unsigned and format == "int8"  # E4M3 has a sign bit and no unsigned variant
         self.num_bits = num_bits
         self.axis = axis
         self.unsigned = unsigned
@@ -103,11 +129,15 @@ class TensorQuantizer(nn.Module):
             self.calibrator = MaxCalibrator(num_bits, axis, unsigned)
 
     @property
-    def qmin(self) -> int:
+    def qmin(self) -> float:
+        if self.format == "fp8":
+            return -FP8_MAX
         return 0 if self.unsigned else -(2 ** (self.num_bits - 1))
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> float:
+        if self.format == "fp8":
+            return FP8_MAX
         return 2**self.num_bits - 1 if self.unsigned else 2 ** (self.num_bits - 1) - 1
 
     def load_amax(self, amax: torch.Tensor) -> None:
@@ -142,16 +172,29 @@ class TensorQuantizer(nn.Module):
             return x
         if self.learn_amax and self.training:
             return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
+        if self.format == "fp8" and not self.export_constant_scale:
+            return self._fp8(x, axis)
         scale = self.scale().to(device=x.device, dtype=x.dtype)
+        if self.format == "fp8":  # export: an int8 Q/DQ template carrying this amax (see class doc)
+            scale = (self.amax.clamp(min=_MIN_AMAX) / 127).to(device=x.device, dtype=x.dtype)
         if self.export_constant_scale:
             # A fresh tensor is a constant to the tracer: the exported Q/DQ get literal scales.
             scale = torch.tensor(scale.detach().cpu().numpy(), dtype=x.dtype)
+        lo, hi = (self.qmin, self.qmax) if self.format == "int8" else (-128, 127)
         if self.axis is None:
             zero = torch.zeros((), dtype=torch.int32, device=x.device)
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.qmin, self.qmax)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero, self.axis if axis is None else axis, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, self.axis if axis is None else axis, lo, hi)
+
+    def _fp8(self, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+        scale = self.scale().to(device=x.device, dtype=x.dtype)
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis if axis is None else axis] = -1
+            scale = scale.reshape(shape)
+        return _FP8FakeQuant.apply(x, scale)
 
     def extra_repr(self) -> str:
         amax = "unset" if self.amax is None else (f"{float(self.amax):.4g}" if self.amax.dim() == 0 else f"[{self.amax.numel()}]")
-        return f"role={self.role}, bits={self.num_bits}, axis={self.axis}, unsigned={self.unsigned}, amax={amax}, enabled={self.enabled}"
+        return f"role={self.role}, format={self.format}, bits={self.num_bits}, axis={self.axis}, unsigned={self.unsigned}, amax={amax}, enabled={self.enabled}"

@@ -31,7 +31,11 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
 
 def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     b = cfg.benchmark
-    engines = dict(ctx.engines)
+    # Engines without kernels for their precision here (FP8 on ONNX Runtime CPU) are not timed.
+    engines = {k: e for k, e in ctx.engines.items() if not getattr(e, "emulated", False)}
+    skipped = sorted(set(ctx.engines) - set(engines))
+    if skipped:
+        log.info("benchmark: not timing %s: ONNX Runtime's CPU provider has no kernels for that precision (emulated)", skipped)
     rng = np.random.default_rng(ctx.seed)
     vocab = len(ctx.tokenizer)
     grid = []
@@ -59,12 +63,13 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
                 row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
                 grid.append(row)
             log.info("benchmark b=%d s=%d: %s", batch, seq, {p: round(float(np.median(ts)), 2) for p, ts in times.items()})
-    ctx.metrics.benchmark = {"grid": grid, "warmup": b.warmup, "iters": b.iters, "engine": cfg.engine.name}
+    ctx.metrics.benchmark = {"grid": grid, "warmup": b.warmup, "iters": b.iters, "engine": cfg.engine.name, "not_timed": skipped}
     head = {r["precision"]: r for r in grid if r["batch"] == b.headline_batch and r["seq"] == b.headline_seq}
     ctx.metrics.latency_ms = {p: {k: r[k] for k in ("p50", "p90", "p99")} for p, r in head.items()}
-    baseline = engines["fp32"].precision if "fp32" in engines else None  # fp32 (ORT) or fp16 (TensorRT)
-    if baseline in head and "int8" in head:
-        ctx.metrics.speedup = head[baseline]["p50"] / head["int8"]["p50"]
+    # speedup = baseline p50 / quantized p50: FP32 vs INT8 on ONNX Runtime, FP16 vs INT8 (or FP8) on TensorRT.
+    base, quant = ctx.metrics.engine_precisions["baseline"], ctx.metrics.engine_precisions["quantized"]
+    if base in head and quant in head:
+        ctx.metrics.speedup = head[base]["p50"] / head[quant]["p50"]
     ctx.artifacts.plots["benchmark"] = plot(grid, ctx.path("benchmark.png"))
 
 
@@ -113,7 +118,7 @@ def plot(grid: list[dict], path):
     from pipeline.outputs import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    styles = {"fp32": "-", "int8": "--", "fp16": ":", "torch_fp32": "-.", "torch_fake_quant": "-."}
+    styles = {"fp32": "-", "int8": "--", "fp16": ":", "fp8": "--", "torch_fp32": "-.", "torch_fake_quant": "-."}
     for seq in sorted({r["seq"] for r in grid}):
         for p in sorted({r["precision"] for r in grid}):
             rows = sorted((r for r in grid if r["seq"] == seq and r["precision"] == p), key=lambda r: r["batch"])

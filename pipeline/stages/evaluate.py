@@ -20,6 +20,7 @@ from pipeline.schema import RunConfig
 from pipeline.stages._common import accuracy, engine_logits, torch_logits
 
 log = logging.getLogger(__name__)
+BASELINES = ("fp32", "fp16")
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
@@ -29,11 +30,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine, file_digests(measured))
 
     def save(tmp: Path) -> None:
-        (tmp / "evaluate.json").write_text(json.dumps({"accuracy": ctx.metrics.accuracy, "parity": ctx.metrics.parity}))
+        (tmp / "evaluate.json").write_text(
+            json.dumps({"accuracy": ctx.metrics.accuracy, "parity": ctx.metrics.parity, "tensorrt_graphs": ctx.metrics.tensorrt_graphs})
+        )
 
     def restore(hit: Path) -> None:
         d = json.loads((hit / "evaluate.json").read_text())
-        ctx.metrics.accuracy, ctx.metrics.parity = d["accuracy"], d["parity"]
+        ctx.metrics.accuracy, ctx.metrics.parity, ctx.metrics.tensorrt_graphs = d["accuracy"], d["parity"], d["tensorrt_graphs"]
 
     hit = cached(ctx.cache, "evaluate", key, compute=lambda: _evaluate(cfg, ctx), save=save, restore=restore)
     return "cached" if hit else None
@@ -51,13 +54,22 @@ def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
     if ctx.quantized:
         fq = torch_logits(ctx.model, ctx.tokenizer, ev, bs, ctx.device)
         acc["fake_quant"] = accuracy(fq, ev.labels)
-    if "fp32" in ctx.engines:
-        acc["engine_fp32"] = accuracy(engine_logits(ctx.engines["fp32"], ctx.tokenizer, ev, bs), ev.labels)
-    if "int8" in ctx.engines:
-        int8 = engine_logits(ctx.engines["int8"], ctx.tokenizer, ev, bs)
-        acc["int8"] = accuracy(int8, ev.labels)
-        n = min(len(ev), cfg.evaluate.parity_batches * bs)
-        ctx.metrics.parity = parity(int8[:n], fq[:n])
+    n = min(len(ev), cfg.evaluate.parity_batches * bs)
+    # Baselines are reported as engine_<precision> (engine_fp32 on ONNX Runtime, engine_fp16 on
+    # TensorRT); quantized engines under their precision (int8 / fp8), with parity against fake quant.
+    for precision, engine in ctx.engines.items():
+        logits = engine_logits(engine, ctx.tokenizer, ev, bs)
+        if precision in BASELINES:
+            acc[f"engine_{precision}"] = accuracy(logits, ev.labels)
+        else:
+            acc[precision] = accuracy(logits, ev.labels)
+            ctx.metrics.parity = parity(logits[:n], fq[:n])
+    # TensorRT's own graphs through ONNX Runtime: the numerics TensorRT would receive, measured here.
+    for label, engine in ctx.check_engines.items():
+        logits = engine_logits(engine, ctx.tokenizer, ev, bs)
+        acc[label] = accuracy(logits, ev.labels)
+        if fq is not None and label != "trt_graph_fp16":
+            ctx.metrics.tensorrt_graphs.setdefault(label, {})["parity_vs_fake_quant"] = parity(logits[:n], fq[:n])
     log.info("evaluate: accuracy %s parity %s", {k: v if v is None else round(v, 4) for k, v in acc.items()}, ctx.metrics.parity)
 
 

@@ -1,42 +1,62 @@
-"""export: model_fp32.onnx and (when quantized) model_int8.onnx with Q/DQ; dynamic batch and sequence.
-Cached by everything upstream + the export config."""
+"""export: the ONNX graphs the engines build from, with dynamic batch and sequence axes.
+
+- model_fp32.onnx: the FP32 baseline (ONNX Runtime).
+- model_int8.onnx: INT8 Q/DQ for ONNX Runtime (quant.format=int8): int8 weights + DQ, dedicated Q/DQ
+  pairs, P (softmax output) unsigned (0..255), FP32 elsewhere: ORT CPU's fastest INT8 form.
+- With export.tensorrt_graphs (default) or engine=tensorrt, TensorRT's strongly typed graphs
+  (pipeline/engines/trt_graphs.py): model_fp16.onnx, model_int8_trt.onnx (signed INT8, FP16 compute).
+- quant.format=fp8: model_fp8.onnx (FP8 E4M3 Q/DQ, FP16 compute) instead of the INT8 graphs.
+
+Every quantized graph comes from one Q/DQ export of the fake-quant model (FP32 weights + Q), written
+to a temporary file and converted per target, so each format quantizes the FP32 weights once.
+Cached by everything upstream + the export config + whether TensorRT graphs are written.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.cache import cached, link_or_copy
 from pipeline.context import RunContext
 from pipeline.data import batches
-from pipeline.onnx_export import count_qdq, dedicate_qdq, export, fold_weight_quantization
+from pipeline.engines import trt_graphs
+from pipeline.onnx_export import count_qdq, dedicate_qdq, export, fold_weight_quantization, rewrite
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
-FILES = ("model_fp32.onnx", "model_int8.onnx")
+FILES = ("model_fp32.onnx", "model_int8.onnx", "model_fp16.onnx", "model_int8_trt.onnx", "model_fp8.onnx")
+_INFO = ("onnx_int8", "onnx_tensorrt")  # what export records in metrics.quantization (cached with the files)
+
+
+def tensorrt_graphs_wanted(cfg: RunConfig) -> bool:
+    return cfg.export.tensorrt_graphs or cfg.engine.name == "tensorrt"
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
-    key = ctx.chain_key("export", cfg.export)
+    key = ctx.chain_key("export", cfg.export, tensorrt_graphs_wanted(cfg))
 
     def save(tmp: Path) -> None:
         for f in FILES:
             if ctx.path(f).exists():
                 link_or_copy(ctx.path(f), tmp / f)
-        (tmp / "onnx_int8.json").write_text(json.dumps(ctx.metrics.quantization.get("onnx_int8")))
+        (tmp / "onnx_info.json").write_text(json.dumps({k: ctx.metrics.quantization.get(k) for k in _INFO}))
 
     def restore(hit: Path) -> None:
         for f in FILES:
             if (hit / f).exists():
                 link_or_copy(hit / f, ctx.path(f))
-        info = json.loads((hit / "onnx_int8.json").read_text())
-        if info is not None:
-            ctx.metrics.quantization["onnx_int8"] = info
+        for k, v in json.loads((hit / "onnx_info.json").read_text()).items():
+            if v is not None:
+                ctx.metrics.quantization[k] = v
 
     hit = cached(ctx.cache, "export", key, compute=lambda: _export(cfg, ctx), save=save, restore=restore)
-    ctx.artifacts.onnx_fp32 = ctx.path("model_fp32.onnx")
-    ctx.artifacts.onnx_int8 = ctx.path("model_int8.onnx") if ctx.path("model_int8.onnx").exists() else None
+    ctx.artifacts.onnx = {f: ctx.path(f) for f in FILES if ctx.path(f).exists()}
+    ctx.artifacts.onnx_fp32 = ctx.artifacts.onnx.get("model_fp32.onnx")
+    ctx.artifacts.onnx_int8 = ctx.artifacts.onnx.get("model_int8.onnx")
     return "cached" if hit else None
 
 
@@ -51,11 +71,27 @@ def _export(cfg: RunConfig, ctx: RunContext) -> None:
     export(fp32.cpu(), example, ctx.path("model_fp32.onnx"), cfg.export.opset)
     fp32.set_attn_implementation(attn)
     fp32.to(ctx.device)
-    if not ctx.quantized:
-        return
-    int8 = export(ctx.model.cpu(), example, ctx.path("model_int8.onnx"), cfg.export.opset)
-    ctx.model.to(ctx.device)
-    folded = fold_weight_quantization(int8) if cfg.export.fold_weights else 0
-    dedicated = dedicate_qdq(int8)
+    trt: dict[str, dict] = {}
+    if tensorrt_graphs_wanted(cfg):
+        trt["model_fp16.onnx"] = trt_graphs.fp16_graph(ctx.path("model_fp32.onnx"), ctx.path("model_fp16.onnx"))
+    if ctx.quantized:
+        with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export_") as tmp:
+            qdq = export(ctx.model.cpu(), example, Path(tmp) / "model_qdq.onnx", cfg.export.opset)
+            ctx.model.to(ctx.device)
+            if cfg.quant.format == "fp8":
+                trt["model_fp8.onnx"] = trt_graphs.quantized_graph(qdq, ctx.path("model_fp8.onnx"), "fp8")
+            else:
+                if tensorrt_graphs_wanted(cfg):
+                    trt["model_int8_trt.onnx"] = trt_graphs.quantized_graph(qdq, ctx.path("model_int8_trt.onnx"), "int8")
+                _ort_int8(cfg, ctx, qdq)
+    if trt:
+        ctx.metrics.quantization["onnx_tensorrt"] = trt
+
+
+def _ort_int8(cfg: RunConfig, ctx: RunContext, qdq: Path) -> None:
+    """model_int8.onnx for ONNX Runtime: folded int8 weights (export.fold_weights), dedicated pairs."""
+    int8 = ctx.path("model_int8.onnx")
+    shutil.copyfile(qdq, int8)
+    folded, dedicated = rewrite(int8, fold_weight_quantization if cfg.export.fold_weights else (lambda m: 0), dedicate_qdq)
     ctx.metrics.quantization["onnx_int8"] = {**count_qdq(int8), "folded_weights": folded, "dedicated_qdq_pairs": dedicated}
     log.info("export: model_int8.onnx %s", ctx.metrics.quantization["onnx_int8"])

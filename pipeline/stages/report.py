@@ -24,6 +24,8 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "parity": m.parity,
         "latency_ms": m.latency_ms,
         "speedup": m.speedup,
+        "engine_precisions": m.engine_precisions,
+        "tensorrt_graphs": m.tensorrt_graphs,
         "benchmark": m.benchmark,
         "quantization": m.quantization,
         "training": m.training,
@@ -52,27 +54,40 @@ def _ms(d: dict, p: str) -> str:
     return f"{d['latency_ms'][p]['p50']:.2f} ms" if p in d["latency_ms"] else "—"
 
 
+_NAMES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "fp8": "FP8"}
+
+
 def summary_table(d: dict, run_dir: Path) -> str:
     acc = d["accuracy"]
+    prec = d.get("engine_precisions") or {}
+    base, quant = prec.get("baseline") or "fp32", prec.get("quantized") or "int8"
+    B, Q = _NAMES[base], _NAMES[quant]
     rows = [
         ("accuracy FP32 (torch)", _pct(acc["fp32"])),
         ("accuracy fake-quant (torch)", _pct(acc["fake_quant"])),
-        ("accuracy engine FP32", _pct(acc["engine_fp32"])),
-        ("accuracy engine INT8", _pct(acc["int8"])),
+        (f"accuracy engine {B}", _pct(acc.get(f"engine_{base}"))),
+        (f"accuracy engine {Q}", _pct(acc.get(quant))),
         (
-            "parity INT8 vs fake-quant",
+            f"parity {Q} vs fake-quant",
             "—"
             if d["parity"]["argmax_agreement"] is None
             else f"argmax {100 * d['parity']['argmax_agreement']:.2f} %, cosine {d['parity']['cosine']:.5f}",
         ),
     ]
+    # TensorRT's graphs run through ONNX Runtime (CPU): what TensorRT would compute, checked here.
+    for label, title in (("trt_graph_fp16", "model_fp16.onnx"), ("trt_graph_int8", "model_int8_trt.onnx")):
+        if acc.get(label) is not None:
+            rows.append((f"accuracy TensorRT graph {title} (ORT CPU)", _pct(acc[label])))
+    p = d.get("tensorrt_graphs", {}).get("trt_graph_int8", {}).get("parity_vs_fake_quant")
+    if p:
+        rows.append(("parity TensorRT INT8 graph vs fake-quant", f"argmax {100 * p['argmax_agreement']:.2f} %, cosine {p['cosine']:.5f}"))
     if d["latency_ms"]:
         head = _headline(d)
-        rows += [(f"latency p50 FP32 ({head})", _ms(d, "fp32")), (f"latency p50 INT8 ({head})", _ms(d, "int8"))]
-        rows.append(("speedup (FP32 p50 / INT8 p50)", "—" if d["speedup"] is None else f"{d['speedup']:.2f}x"))
-    kern = d["quantization"].get("engine_kernels", {}).get("int8")
+        rows += [(f"latency p50 {B} ({head})", _ms(d, base)), (f"latency p50 {Q} ({head})", _ms(d, quant))]
+        rows.append((f"speedup ({B} p50 / {Q} p50)", "—" if d["speedup"] is None else f"{d['speedup']:.2f}x"))
+    kern = d["quantization"].get("engine_kernels", {}).get(quant)
     if kern:
-        rows.append(("INT8 engine GEMM kernels", ", ".join(f"{k} {v}" for k, v in kern.items())))
+        rows.append((f"{Q} engine GEMM kernels", ", ".join(f"{k} {v}" for k, v in kern.items())))
     rows.append(("outputs", str(run_dir)))
     w = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'':{w}} | value |", f"|{'-' * (w + 2)}|-------|"] + [f"| {k:{w}} | {v} |" for k, v in rows])
@@ -111,6 +126,14 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
             )
         if "onnx_int8" in q:
             lines.append(f"- model_int8.onnx: {q['onnx_int8']}")
+        for name, info in q.get("onnx_tensorrt", {}).items():
+            lines.append(f"- {name} (TensorRT, strongly typed): {info}")
+        for info in d.get("tensorrt_graphs", {}).values():
+            if info.get("ort_cpu_fp32_fallback_ops"):
+                lines.append(
+                    f"- {info['file']} through ONNX Runtime CPU: ops with no FP16 kernel there, computed in FP32 on FP16-rounded "
+                    f"inputs and rounded back to FP16: {info['ort_cpu_fp32_fallback_ops']}"
+                )
         for p, k in q.get("engine_kernels", {}).items():
             lines.append(f"- {p} engine GEMM kernels (what the engine actually runs): {k}")
         lines.append("")
