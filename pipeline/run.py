@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -178,5 +179,7 @@ def _write_manifest(ctx: RunContext, raw: DictConfig, started: float, error: str
             "resumed_from": str(ctx.resume_from) if ctx.resume_from else None,
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "stages": {k: {"status": v.status, "seconds": round(v.seconds, 3)} for k, v in ctx.stages.items()},
+            # Weights the checkpoint did not provide (re-initialized) or that went unused; null before load.
+            "model_load": dataclasses.asdict(ctx.model_load) if ctx.model_load else None,
         },
     )

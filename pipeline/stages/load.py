@@ -16,7 +16,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     if ctx.splits is None:  # the pre-flight reads local data; hub data (and callers without a pre-flight) here
         ctx.splits = load_splits(cfg.data)
     loaded = load_model(cfg.model, ctx.splits.num_labels, ctx.device)
-    ctx.model, ctx.tokenizer, ctx.head_trained = loaded.model, loaded.tokenizer, loaded.head_trained
+    ctx.model, ctx.tokenizer, ctx.head_trained, ctx.model_load = loaded.model, loaded.tokenizer, loaded.head_trained, loaded.report
     ctx.chain_key("load", cfg.model, cfg.data, ctx.seed)
     ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in ("train", "calib", "eval")}
     log.info(
