@@ -9,6 +9,8 @@ ONNX Runtime's int8 fusion unless every pair is duplicated (README, "Export").
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from onnx import numpy_helper
 from pipeline.outputs import atomic_write
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
+log = logging.getLogger(__name__)
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -56,8 +59,9 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), constant_scales(model), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings on shape-dependent Python branches
+        # Record the exporter's warnings (not hide them): each is logged once per run folder, with a count.
+        with warnings.catch_warnings(record=True) as caught, constant_scales(model), torch.no_grad():
+            warnings.simplefilter("always")
             torch.onnx.export(
                 wrapper,
                 args,
@@ -69,10 +73,38 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
                 dynamic_axes=axes,
                 do_constant_folding=True,
             )
+        _log_export_warnings(caught, path)
         m = onnx.load(str(tmp))
         onnx.checker.check_model(m)
 
     return atomic_write(path, write)
+
+
+# Exporter warnings understood and expected, each with why (logged at INFO); any other is a WARNING.
+EXPECTED_EXPORT_WARNINGS = [
+    # The legacy exporter is chosen on purpose (module docstring): it maps fake-quant ops to Q/DQ.
+    (DeprecationWarning, r"legacy TorchScript-based ONNX export"),
+    # constant_scales() turns each quantizer's amax into a constant while tracing: constants by design.
+    (torch.jit.TracerWarning, r"Converting a tensor to a NumPy array|torch\.tensor results are registered as constants"),
+]
+_LOGGED: set[tuple] = set()  # (run folder, category, message, location) already logged
+
+
+def _log_export_warnings(caught: list[warnings.WarningMessage], path: Path) -> None:
+    """One log line per distinct warning and source line (the tracer repeats its own per layer), once per
+    run folder (the FP32 and INT8 exports raise the same ones)."""
+    counts: dict[tuple, int] = {}
+    for w in caught:
+        key = (str(Path(path).parent), w.category, str(w.message), f"{Path(w.filename).name}:{w.lineno}")
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        if key in _LOGGED:
+            continue
+        _LOGGED.add(key)
+        _, category, message, where = key
+        expected = any(issubclass(category, c) and re.search(rx, message) for c, rx in EXPECTED_EXPORT_WARNINGS)
+        level = logging.INFO if expected else logging.WARNING
+        log.log(level, "export %s: %s x%d at %s: %s", Path(path).name, category.__name__, n, where, message)
 
 
 def fold_weight_quantization(m: onnx.ModelProto) -> int:
