@@ -256,7 +256,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class CheckpointError(RuntimeError):
+class ResumeError(RuntimeError):
     """A resume folder whose checkpoint is incomplete or inconsistent."""
 
 
@@ -275,7 +275,7 @@ def _verify_checkpoint(folder: Path) -> int:
     """The checkpoint's step, after checking every file is present and records that same step."""
     missing = [f for f in _CKPT_FILES if not (folder / f).is_file()]
     if missing:
-        raise CheckpointError(f"resume: checkpoint {folder} is incomplete (missing {', '.join(missing)}); refusing to resume from it")
+        raise ResumeError(f"resume: checkpoint {folder} is incomplete (missing {', '.join(missing)}); refusing to resume from it")
     steps = {}
     for f in ("model.safetensors", "trainer_state.safetensors"):
         with safe_open(str(folder / f), framework="pt") as fh:
@@ -284,7 +284,7 @@ def _verify_checkpoint(folder: Path) -> int:
     expected = folder.name.removeprefix(_CKPT_PREFIX)
     if not expected.isdigit() or any(str(s) != str(int(expected)) for s in steps.values()):
         found = ", ".join(f"{f}: {s}" for f, s in steps.items())
-        raise CheckpointError(
+        raise ResumeError(
             f"resume: checkpoint {folder} mixes training steps ({found}; folder says {expected}); refusing to resume from it"
         )
     return int(expected)

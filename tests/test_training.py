@@ -15,7 +15,7 @@ import pipeline
 import pipeline.stages._common as common
 import pipeline.training as training
 from pipeline.testing import run_tiny
-from pipeline.training import CheckpointError, kd_loss, latest_checkpoint
+from pipeline.training import ResumeError, kd_loss, latest_checkpoint
 
 QAT = ["cache=off", "qat=default", "qat.max_steps=6", "qat.checkpoint_every=0", "finetune.max_steps=4", "qat.batch_size=8"]
 
@@ -91,7 +91,7 @@ def test_a_crash_between_checkpoint_files_never_resumes_from_a_mixed_checkpoint(
 
     # Step-4 weights copied over the step-2 checkpoint by hand: the step numbers disagree -> refused.
     shutil.copy(folder / leftover[0] / "model.safetensors", folder / "step-00000002" / "model.safetensors")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ResumeError) as e:
         run_tiny(tmp_path, ckpt + [f"resume={tmp_path}/crash"], name="mixed")
     assert str(e.value) == (
         f"resume: checkpoint {folder}/step-00000002 mixes training steps (model.safetensors: 4, trainer_state.safetensors: 2, "
