@@ -24,7 +24,7 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one pipeline; returns INT8 engine accuracy (the objective for sweepers such as Optuna).
+    """Run one pipeline; returns the quantized (INT8 / FP8) engine's accuracy (the objective for sweepers such as Optuna).
 
     In a multirun, a failing job is recorded (manifest.json status "failed" with the error) and the
     sweep goes on; the sweep report lists it. A single run fails loudly with a non-zero exit.
@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> float | None:
                 {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "stages": {}, "overrides": list(hc.overrides.task)},
             )
         return None
-    return ctx.metrics.accuracy["int8"]
+    return ctx.metrics.accuracy.get(ctx.metrics.engine_precisions["quantized"] or "int8")
 
 
 def cli() -> None:

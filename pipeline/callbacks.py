@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -38,6 +39,17 @@ class RunDirGuard(Callback):
                 f"error: hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another "
                 "folder (or leave hydra.run.dir unset for a new timestamped one)."
             )
+        # Bad input (config, data files, packages, GPU) is refused here, before Hydra creates the run
+        # folder: nothing is written for a run that cannot start. run_pipeline checks again (it is
+        # also called without Hydra, e.g. by tests and scripts); the checks are cheap.
+        from pipeline.run import preflight
+        from pipeline.schema import ConfigError, validate
+
+        try:
+            preflight(validate(config))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -221,10 +221,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     """Check the composed config; return it typed, or raise ConfigError listing every problem."""
     errors: list[str] = []
     try:
-        data = OmegaConf.to_container(cfg, resolve=True)
+        # hydra.* is Hydra's own (and holds job-time interpolations that cannot resolve before the job).
+        data = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
     except Exception as exc:  # an interpolation that cannot resolve (e.g. a missing embedded package)
         raise ConfigError([f"cannot resolve config: {exc}"]) from exc
-    data = {k: v for k, v in data.items() if k != "hydra"}
     typed = _build(RunConfig, data, "", errors)
     if not errors:
         _check_combinations(typed, errors)

@@ -1,5 +1,5 @@
 """Aggregate a multirun: every job's metrics.json / manifest.json into sweep_summary.csv,
-sweep_report.md and a Pareto plot (INT8 accuracy vs INT8 latency, FP32 marked, front highlighted).
+sweep_report.md and a Pareto plot (quantized accuracy vs latency, baseline marked, front highlighted).
 
 Runs at the end of a multirun (Hydra callback `SweepReport`) and on demand:
     qdq-pipeline-report outputs/<run_name>/multirun_<time>
@@ -23,15 +23,17 @@ COLUMNS = [
     "job",
     "status",
     "overrides",
+    "baseline",
+    "quantized",
     "acc_fp32",
     "acc_fake_quant",
-    "acc_engine_fp32",
-    "acc_int8",
-    "delta_int8_fp32",
+    "acc_engine_baseline",
+    "acc_quantized",
+    "delta_quantized_fp32",
     "parity_argmax",
     "parity_cosine",
-    "p50_fp32_ms",
-    "p50_int8_ms",
+    "p50_baseline_ms",
+    "p50_quantized_ms",
     "speedup",
     "cached_stages",
     "seconds",
@@ -60,39 +62,45 @@ def _job_row(job: Path) -> dict | None:
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
         acc, par, lat = m.get("accuracy", {}), m.get("parity", {}), m.get("latency_ms", {})
+        # The engine's baseline is FP32 on ONNX Runtime and FP16 on TensorRT; the quantized engine is
+        # INT8 or FP8 (quant.format): columns name the role, the labels say which precision it was.
+        prec = m.get("engine_precisions") or {}
+        base, quant = prec.get("baseline") or "fp32", prec.get("quantized") or "int8"
         row.update(
+            baseline=base,
+            quantized=quant,
             acc_fp32=acc.get("fp32"),
             acc_fake_quant=acc.get("fake_quant"),
-            acc_engine_fp32=acc.get("engine_fp32"),
-            acc_int8=acc.get("int8"),
+            acc_engine_baseline=acc.get(f"engine_{base}"),
+            acc_quantized=acc.get(quant),
             parity_argmax=par.get("argmax_agreement"),
             parity_cosine=par.get("cosine"),
-            p50_fp32_ms=lat.get("fp32", {}).get("p50"),
-            p50_int8_ms=lat.get("int8", {}).get("p50"),
+            p50_baseline_ms=lat.get(base, {}).get("p50"),
+            p50_quantized_ms=lat.get(quant, {}).get("p50"),
             speedup=m.get("speedup"),
         )
-        if row["acc_int8"] is not None and row["acc_fp32"] is not None:
-            row["delta_int8_fp32"] = row["acc_int8"] - row["acc_fp32"]
+        if row["acc_quantized"] is not None and row["acc_fp32"] is not None:
+            row["delta_quantized_fp32"] = row["acc_quantized"] - row["acc_fp32"]
     return row
 
 
 def collect(sweep_dir: Path) -> list[dict]:
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: (len(p.name), p.name))
     rows = [r for r in (_job_row(j) for j in jobs) if r is not None]
-    # Best INT8 accuracy first; failed / incomplete jobs last.
-    return sorted(rows, key=lambda r: (r["status"] != "done", -(r["acc_int8"] or -1.0)))
+    # Best quantized-engine accuracy first; failed / incomplete jobs last.
+    return sorted(rows, key=lambda r: (r["status"] != "done", -(r["acc_quantized"] or -1.0)))
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher INT8 accuracy, lower INT8 p50 latency)."""
-    pts = [r for r in rows if r["acc_int8"] is not None and r["p50_int8_ms"] is not None]
+    """Rows not dominated in (higher quantized-engine accuracy, lower quantized-engine p50 latency)."""
+    pts = [r for r in rows if r["acc_quantized"] is not None and r["p50_quantized_ms"] is not None]
     return [
         r
         for r in pts
         if not any(
-            o["acc_int8"] >= r["acc_int8"]
-            and o["p50_int8_ms"] <= r["p50_int8_ms"]
-            and (o["acc_int8"], o["p50_int8_ms"]) != (r["acc_int8"], r["p50_int8_ms"])
+            o["acc_quantized"] >= r["acc_quantized"]
+            and o["p50_quantized_ms"] <= r["p50_quantized_ms"]
+            and (o["acc_quantized"], o["p50_quantized_ms"]) != (r["acc_quantized"], r["p50_quantized_ms"])
             for o in pts
         )
     ]
@@ -126,20 +134,20 @@ def write_report(sweep_dir: Path) -> list[dict]:
         f"# Sweep report: {sweep_dir}",
         "",
         f"{len(rows)} jobs: {done} done, {len(rows) - done} failed or incomplete. "
-        "Sorted by INT8 engine accuracy; * = on the accuracy/latency Pareto front.",
+        "Sorted by quantized-engine accuracy; * = on the accuracy/latency Pareto front.",
         "",
         f"Overrides shared by every job: `{' '.join(common) or '(none)'}`; the table shows each job's own.",
         "",
-        "| job | status | overrides | FP32 % | fake-quant % | INT8 % | Δ INT8−FP32 (pt) | p50 FP32 ms | p50 INT8 ms | speedup | cached stages |",
+        "| job | status | overrides | FP32 % | fake-quant % | quantized engine % | Δ vs FP32 (pt) | p50 baseline ms | p50 quantized ms | speedup | cached stages |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         star = "*" if r["job"] in front else ""
-        delta = "—" if r["delta_int8_fp32"] is None else f"{100 * r['delta_int8_fp32']:+.2f}"
+        delta = "—" if r["delta_quantized_fp32"] is None else f"{100 * r['delta_quantized_fp32']:+.2f}"
         own = " ".join(o for o in r["overrides"].split() if o not in common)
         lines.append(
             f"| {r['job']}{star} | {r['status']} | `{own}` | {_fmt(r['acc_fp32'], True)} | {_fmt(r['acc_fake_quant'], True)} | "
-            f"{_fmt(r['acc_int8'], True)} | {delta} | {_fmt(r['p50_fp32_ms'])} | {_fmt(r['p50_int8_ms'])} | {_fmt(r['speedup'])} | {r['cached_stages'] or '—'} |"
+            f"{_fmt(r['acc_quantized'], True)} ({r['quantized']}) | {delta} | {_fmt(r['p50_baseline_ms'])} ({r['baseline']}) | {_fmt(r['p50_quantized_ms'])} | {_fmt(r['speedup'])} | {r['cached_stages'] or '—'} |"
         )
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
@@ -151,7 +159,7 @@ def write_report(sweep_dir: Path) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: Path) -> bool:
-    pts = [r for r in rows if r["acc_int8"] is not None and r["p50_int8_ms"] is not None]
+    pts = [r for r in rows if r["acc_quantized"] is not None and r["p50_quantized_ms"] is not None]
     if not pts:
         return False
     import matplotlib
@@ -159,20 +167,35 @@ def _plot(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    front = sorted(pareto_front(rows), key=lambda r: r["p50_int8_ms"])
+    front = sorted(pareto_front(rows), key=lambda r: r["p50_quantized_ms"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([r["p50_int8_ms"] for r in pts], [100 * r["acc_int8"] for r in pts], c="tab:blue", label="INT8 jobs", zorder=3)
-    ax.plot([r["p50_int8_ms"] for r in front], [100 * r["acc_int8"] for r in front], "-o", c="tab:red", label="Pareto front", zorder=4)
+    ax.scatter(
+        [r["p50_quantized_ms"] for r in pts],
+        [100 * r["acc_quantized"] for r in pts],
+        c="tab:blue",
+        label="quantized engine (INT8 / FP8)",
+        zorder=3,
+    )
+    ax.plot(
+        [r["p50_quantized_ms"] for r in front], [100 * r["acc_quantized"] for r in front], "-o", c="tab:red", label="Pareto front", zorder=4
+    )
     common = _common_overrides(rows)
     for r in pts:
         own = " ".join(o for o in r["overrides"].split() if o not in common)
-        ax.annotate(own[:40] or r["job"], (r["p50_int8_ms"], 100 * r["acc_int8"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    fp32 = [r for r in pts if r["acc_fp32"] is not None and r["p50_fp32_ms"] is not None]
+        ax.annotate(
+            own[:40] or r["job"], (r["p50_quantized_ms"], 100 * r["acc_quantized"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+        )
+    fp32 = [r for r in pts if r["acc_fp32"] is not None and r["p50_baseline_ms"] is not None]
     if fp32:
         ax.scatter(
-            [r["p50_fp32_ms"] for r in fp32], [100 * r["acc_fp32"] for r in fp32], marker="s", c="gray", label="FP32 (same job)", zorder=2
+            [r["p50_baseline_ms"] for r in fp32],
+            [100 * r["acc_fp32"] for r in fp32],
+            marker="s",
+            c="gray",
+            label="FP32 accuracy at the baseline engine latency (same job)",
+            zorder=2,
         )
-    ax.set(xlabel="p50 latency, headline shape (ms)", ylabel="accuracy (%)", title="INT8 accuracy vs latency")
+    ax.set(xlabel="p50 latency, headline shape (ms)", ylabel="accuracy (%)", title="Quantized engine: accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

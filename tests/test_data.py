@@ -377,6 +377,5 @@ def test_cli_bad_data_exits_2_without_traceback_or_run_folder(tmp_path):
         f"  - data.train_path: {tr} line 3: 1 field, the header has 2 (missing: label)\n"
         f"  - data.train_path: {tr} line 4, column 'label': label is blank\n"
     ) in r.stderr
-    # The pipeline wrote nothing. (Hydra itself creates the folder with .hydra/ and its log before the
-    # task function runs; that is Hydra's, not a run: no manifest, no resolved config.)
-    assert not (tmp_path / "run/manifest.json").exists() and not (tmp_path / "run/config.resolved.yaml").exists()
+    # Refused in the RunDirGuard callback, before Hydra creates the run folder: nothing at all is written.
+    assert not (tmp_path / "run").exists()

@@ -135,22 +135,16 @@ def test_failed_run_never_touches_an_earlier_run(tmp_path):
     # 1) a new run pointed at the same folder is refused before Hydra writes anything there
     r = _cli(*TINY, f"hydra.run.dir={earlier}", cwd=tmp_path)
     assert r.returncode != 0 and "already holds a run; refusing to overwrite it" in r.stderr
-    # 2) a run failing mid-way (bad CSV column, found in the load stage) fails in its own folder only
-    (tmp_path / "t.csv").write_text("sentence,label\nok,1\nbad,0\n")
-    r = _cli(
-        *TINY,
-        "data=csv",
-        f"data.train_path={tmp_path}/t.csv",
-        f"data.eval_path={tmp_path}/t.csv",
-        f"hydra.run.dir={tmp_path}/failing",
-        cwd=tmp_path,
-    )
-    assert r.returncode != 0 and "data.text_column: column 'text' not found" in r.stderr
-    assert json.loads((tmp_path / "failing/manifest.json").read_text())["status"] == "failed"
+    # 2) a run failing mid-way (a model folder with no checkpoint in it, found by the load stage) fails in its own folder only
+    (tmp_path / "empty_model").mkdir()
+    r = _cli(*TINY, "model.random_init=false", f"model.name_or_path={tmp_path}/empty_model", f"hydra.run.dir={tmp_path}/failing", cwd=tmp_path)
+    assert r.returncode != 0
+    manifest = json.loads((tmp_path / "failing/manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stages"]["load"]["status"] == "failed"
     # 3) a config error stops before any stage
     r = _cli(*TINY, "calibration.percentile=101", f"hydra.run.dir={tmp_path}/invalid", cwd=tmp_path)
     assert r.returncode != 0 and "calibration.percentile: 101.0 out of range; must be in [0.0, 100.0]" in r.stderr
-    assert not (tmp_path / "invalid/manifest.json").exists()
+    assert not (tmp_path / "invalid").exists()
     assert _tree_digest(earlier) == before
 
 

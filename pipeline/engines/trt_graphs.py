@@ -59,8 +59,38 @@ def _block_list() -> list[str]:
     return sorted(set(FP32_OPS) | set(float16.DEFAULT_OP_BLOCK_LIST))
 
 
+def position_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that compute float values from shapes and constants only: positions, rotary angles
+    (ModernBERT), relative-position buckets (DeBERTa, MPNet). Kept in FP32.
+
+    Such values are integers cast to float and transformed (log buckets, position x frequency, sin /
+    cos); in FP16 a position of 512 has a spacing of 0.5, which would wreck rotary angles. They do
+    not depend on the input's values, only on its shape, so FP32 there costs nothing per token.
+    Found by propagation: seeds are Casts to FLOAT of shape-derived integers; a node whose float
+    inputs are such tensors or constants continues the region; anything touching the graph inputs'
+    values (embeddings, the attention mask) ends it.
+    """
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+    value_dependent = {i.name for i in g.input}
+    region: set[str] = set()  # float tensors inside the position region
+    nodes = []
+    for n in g.node:
+        ins = [i for i in n.input if i]
+        if n.op_type != "Shape" and any(i in value_dependent for i in ins):
+            value_dependent.update(n.output)
+            continue
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        seed = n.op_type == "Cast" and to == TensorProto.FLOAT and types.get(n.input[0]) not in floats
+        if seed or any(i in region for i in ins):
+            nodes.append(n.name)
+            region.update(o for o in n.output if types.get(o, TensorProto.FLOAT) in floats)
+    return nodes
+
+
 def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP32 -> FP16 except `FP32_OPS`; graph inputs/outputs keep their types (Casts inside)."""
+    """FP32 -> FP16 except `FP32_OPS` and the position region; graph I/O keep their types (Casts inside)."""
     from onnxconverter_common import float16
 
     with warnings.catch_warnings(record=True) as caught:
@@ -68,8 +98,21 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         # max_finite_val: the additive attention mask holds float32's lowest value (-3.4e38); it
         # becomes -1e4, still "minus infinity" after softmax (exp(-1e4) == 0) without producing inf.
         out = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=_block_list(), min_positive_val=2.0**-24, max_finite_val=1e4
+            model,
+            keep_io_types=True,
+            op_block_list=_block_list(),
+            node_block_list=position_nodes(model),
+            min_positive_val=2.0**-24,
+            max_finite_val=1e4,
         )
+    # The converter retypes the output of a Cast from an integer type (e.g. the attention mask cast
+    # to float) to FP16 but leaves `to=FLOAT`: make the Cast produce what its output is declared as.
+    declared = {v.name: v.type.tensor_type.elem_type for v in out.graph.value_info}
+    for n in out.graph.node:
+        if n.op_type == "Cast" and declared.get(n.output[0]) == TensorProto.FLOAT16:
+            for a in n.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
     clipped = [w for w in caught if "truncated" in str(w.message)]
     if clipped:
         # Expected and harmless: the mask constant and a few weights below FP16's smallest subnormal.
@@ -141,6 +184,7 @@ def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
     # Recorded intermediate types (from the exporter / version converter) still say uint8 / float:
     # drop them so type inference derives the new ones.
     del g.value_info[:]
+    _drop_unused(model)  # the replaced zero points
     return dict(counts)
 
 
@@ -215,7 +259,6 @@ def quantized_graph(qdq_onnx: Path, out: Path, fmt: str) -> dict:
     m = _upgrade(onnx.load(str(qdq_onnx)))
     _drop_noop_casts(m)
     retyped = retype_qdq(m, fmt)
-    _drop_unused(m)
     folded = fold_weight_quantization(m)
     dedicated = dedicate_qdq(m)
     m = _to_fp16(m)
