@@ -284,9 +284,7 @@ def _verify_checkpoint(folder: Path) -> int:
     expected = folder.name.removeprefix(_CKPT_PREFIX)
     if not expected.isdigit() or any(str(s) != str(int(expected)) for s in steps.values()):
         found = ", ".join(f"{f}: {s}" for f, s in steps.items())
-        raise ResumeError(
-            f"resume: checkpoint {folder} mixes training steps ({found}; folder says {expected}); refusing to resume from it"
-        )
+        raise ResumeError(f"resume: checkpoint {folder} mixes training steps ({found}; folder says {expected}); refusing to resume from it")
     return int(expected)
 
 

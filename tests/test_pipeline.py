@@ -137,7 +137,9 @@ def test_failed_run_never_touches_an_earlier_run(tmp_path):
     assert r.returncode != 0 and "already holds a run; refusing to overwrite it" in r.stderr
     # 2) a run failing mid-way (a model folder with no checkpoint in it, found by the load stage) fails in its own folder only
     (tmp_path / "empty_model").mkdir()
-    r = _cli(*TINY, "model.random_init=false", f"model.name_or_path={tmp_path}/empty_model", f"hydra.run.dir={tmp_path}/failing", cwd=tmp_path)
+    r = _cli(
+        *TINY, "model.random_init=false", f"model.name_or_path={tmp_path}/empty_model", f"hydra.run.dir={tmp_path}/failing", cwd=tmp_path
+    )
     assert r.returncode != 0
     manifest = json.loads((tmp_path / "failing/manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["stages"]["load"]["status"] == "failed"
