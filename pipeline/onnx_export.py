@@ -115,6 +115,7 @@ def fold_weight_quantization(m: onnx.ModelProto) -> int:
     round to nearest even for FP8 E4M3). Returns the number folded.
     """
     g = m.graph
+    _fold_constant_clamps(g)
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
 
@@ -147,6 +148,26 @@ def fold_weight_quantization(m: onnx.ModelProto) -> int:
     del g.initializer[:]
     g.initializer.extend(live)
     return folded
+
+
+def _fold_constant_clamps(g: onnx.GraphProto) -> None:
+    """Min / Max of constants -> an initializer: the clamp a reduced-range (7-bit) weight quantizer
+    puts on its weight before the 8-bit Q/DQ the exporter can write (TensorQuantizer.forward)."""
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant" and n.attribute}
+    keep = []
+    for n in g.node:
+        if n.op_type in ("Min", "Max") and all(i in values for i in n.input):
+            op = np.minimum if n.op_type == "Min" else np.maximum
+            out = values[n.input[0]]
+            for i in n.input[1:]:
+                out = op(out, values[i])  # broadcasting, as ONNX Min / Max
+            values[n.output[0]] = out
+            g.initializer.append(numpy_helper.from_array(out.astype(values[n.input[0]].dtype), n.output[0]))
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
 
 
 def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:

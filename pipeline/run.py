@@ -86,6 +86,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
     ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=digest, resume_from=resume_from)
+    _resolve_weight_range(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), cfg.cache.enabled and resume_from is None)
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
@@ -112,6 +113,20 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
         report.write_metrics(cfg, ctx)
         _write_manifest(ctx, raw, started, error)
     return ctx
+
+
+def _resolve_weight_range(cfg: RunConfig, ctx: RunContext) -> None:
+    """quant.weight_range=auto -> full or reduced for this engine on this machine, before any stage (the
+    calibrate stage's cache key holds the resolved value); metrics.json records the choice and why."""
+    from pipeline.engines.onnxruntime import weight_range_for
+
+    asked = cfg.quant.weight_range
+    resolved, why = weight_range_for(cfg.engine) if asked == "auto" else (asked, "set by quant.weight_range")
+    if cfg.quant.format != "int8":
+        resolved, why = "full", f"quant.format={cfg.quant.format}: the weight range applies to int8 only"
+    cfg.quant.weight_range = resolved
+    ctx.metrics.quantization["weight_range"] = {"asked": asked, "resolved": resolved, "why": why}
+    log.info("quant.weight_range=%s -> %s (%s)", asked, resolved, why)
 
 
 def _check_resume(folder: Path, config_hash: str) -> Path:

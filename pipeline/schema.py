@@ -116,6 +116,12 @@ class QuantConfig:
     # int8 (default; every engine) or fp8 (E4M3, scale amax/448: Hopper and later under TensorRT;
     # ONNX Runtime CPU emulates FP8 Q/DQ in float, so it measures FP8 accuracy but not FP8 speed).
     format: Literal["int8", "fp8"] = "int8"
+    # INT8 weight range. ONNX Runtime's x86 int8 GEMM without VNNI (AVX2 / SSE: vpmaddubsw) adds pairs
+    # of u8 x s8 products into int16 and saturates once |weight| > 64: full-range int8 weights give
+    # wrong results there. reduced = 7-bit weights (-64..63, scale amax/63), ONNX Runtime's own
+    # `reduce_range` remedy; full = -128..127; auto = reduced exactly when the ONNX Runtime CPU engine
+    # runs on an x86 CPU without VNNI (the manifest records what was chosen and why).
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
     linear: bool = True
     attention: bool = True
     residual: bool = False

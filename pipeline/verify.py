@@ -65,4 +65,11 @@ def measure(ctx: RunContext) -> dict:
     out["fp32_engine_vs_torch"] = _rel(e32.run({k: v.numpy() for k, v in batch.items()}), fp32(**batch).logits.numpy())
     out["parity_argmax"] = ctx.metrics.parity["argmax_agreement"]
     out["parity_cosine"] = ctx.metrics.parity["cosine"]
+    # TensorRT's graphs: violations of its Q/DQ rules (0 = legal), ops kept FP32 in the FP16 graph
+    # (position region included), and the INT8 graph's parity with fake quant through ONNX Runtime.
+    from pipeline.engines.trt_rules import check_tensorrt
+
+    out["trt_violations"] = sum(len(check_tensorrt(ctx.path(f))) for f in ("model_fp16.onnx", "model_int8_trt.onnx"))
+    trt = ctx.metrics.tensorrt_graphs["trt_graph_int8"]["parity_vs_fake_quant"]
+    out["trt_parity_argmax"], out["trt_parity_cosine"] = trt["argmax_agreement"], trt["cosine"]
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -67,13 +68,24 @@ def test_calibrating_passes_through_and_collects():
     assert q.calibrator.compute_amax("percentile", percentile=100) == pytest.approx(float(x.abs().max()), rel=1e-3)
 
 
-def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path):
+@pytest.mark.parametrize("weight_bits", [7, 8])
+def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight_bits):
+    """7-bit weights (quant.weight_range=reduced) are exact on every x86 CPU; full-range 8-bit weights
+    only where ORT's int8 GEMM does not saturate (VNNI), which weight_range=auto detects."""
+    from pipeline.engines.onnxruntime import weight_range_for
+    from pipeline.schema import EngineConfig
+
+    if weight_bits == 8 and weight_range_for(EngineConfig(name="onnxruntime"))[0] == "reduced":
+        pytest.skip("x86 CPU without VNNI: ORT's int8 GEMM saturates with full-range weights (what weight_range=auto avoids)")
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8)
-    ql = QuantLinear.from_linear(lin, TensorQuantizer("linear_input"), TensorQuantizer("linear_weight", axis=0))
+    with torch.no_grad():
+        lin.weight[0, 0] = 3.0  # a weight beyond the others' amax after calibration below: clamped identically
+    wq = TensorQuantizer("linear_weight", axis=0, num_bits=weight_bits)
+    ql = QuantLinear.from_linear(lin, TensorQuantizer("linear_input"), wq)
     x = torch.randn(2, 5, 16)
     ql.input_quantizer.load_amax(x.abs().max())
-    ql.weight_quantizer.load_amax(lin.weight.abs().amax(1))
+    ql.weight_quantizer.load_amax(lin.weight.abs().amax(1).clamp(max=0.25))
 
     class M(torch.nn.Module):
         def __init__(self):
@@ -89,7 +101,9 @@ def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path):
     g = onnx.load(str(path)).graph
     ops = [n.op_type for n in g.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2 and "Transpose" not in ops
-    assert any(i.data_type == onnx.TensorProto.INT8 for i in g.initializer)
+    w8 = next(numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT8)
+    assert w8.min() == -(2 ** (weight_bits - 1)) or w8.max() == 2 ** (weight_bits - 1) - 1  # the clipped weight
+    assert w8.min() >= -(2 ** (weight_bits - 1)) and w8.max() <= 2 ** (weight_bits - 1) - 1
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -137,3 +151,17 @@ def test_placement_globs_roles_and_residual():
     m = _tiny_bert()
     qs = insert_quantizers(m, QuantConfig(residual=True, exclude=HEAD), CALIB, EXAMPLE)
     assert _roles(qs)["residual"] == 4  # attention.output.LayerNorm + output.LayerNorm per layer; embeddings excluded
+
+
+def test_weight_range_auto_is_reduced_only_for_ort_cpu_on_x86_without_vnni():
+    from pipeline.engines.onnxruntime import weight_range_for
+    from pipeline.schema import EngineConfig
+
+    ort_cpu = EngineConfig(name="onnxruntime")
+    assert weight_range_for(ort_cpu, {"avx2", "fma"}, "x86_64")[0] == "reduced"
+    assert weight_range_for(ort_cpu, {"avx2", "avx512_vnni"}, "x86_64")[0] == "full"
+    assert weight_range_for(ort_cpu, {"avx2", "avx_vnni"}, "x86_64")[0] == "full"
+    assert weight_range_for(ort_cpu, set(), "aarch64")[0] == "full"
+    assert weight_range_for(EngineConfig(name="tensorrt"), {"avx2"}, "x86_64")[0] == "full"
+    gpu = EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert weight_range_for(gpu, {"avx2"}, "x86_64")[0] == "full"

@@ -100,6 +100,37 @@ def count_ops(path: Path, ops: tuple[str, ...] | None = None) -> dict[str, int]:
     return {k: v for k, v in sorted(counts.items()) if ops is None or k in ops}
 
 
+# CPU features with which ONNX Runtime's x86 int8 GEMMs accumulate u8 x s8 products without int16
+# saturation (VNNI dot products, AMX tiles).
+_NO_SATURATION_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def weight_range_for(cfg: EngineConfig, cpu_flags: set[str] | None = None, machine: str | None = None) -> tuple[str, str]:
+    """Resolve quant.weight_range=auto: ("reduced" | "full", why).
+
+    ONNX Runtime's x86 int8 MatMul without VNNI uses vpmaddubsw, which sums two u8 x s8 products in
+    int16 and saturates once |weight| > 64 (measured here on an AVX2-only EPYC: a 16x8 QDQ Linear off
+    by 0.41 against ORT's unfused graph with full-range weights, exact with |w| <= 64).
+    """
+    import platform
+
+    machine = machine or platform.machine()
+    if cfg.name != "onnxruntime" or cfg.providers[0] != "CPUExecutionProvider":
+        return "full", f"engine {cfg.name} ({cfg.providers[0] if cfg.name == 'onnxruntime' else 'GPU'}) has no int16 saturation"
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "full", f"{machine} CPU: ONNX Runtime's int8 kernels there do not saturate"
+    if cpu_flags is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+            cpu_flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+        except OSError:
+            return "full", "CPU features unknown (no /proc/cpuinfo); set quant.weight_range=reduced on an x86 CPU without VNNI"
+    have = [f for f in _NO_SATURATION_FLAGS if f in cpu_flags]
+    if have:
+        return "full", f"x86 CPU with {have[0]}: int8 dot products accumulate without saturation"
+    return "reduced", "x86 CPU without VNNI (no avx512_vnni / avx_vnni / amx_int8): ONNX Runtime's u8 x s8 int16 pairs saturate beyond |w| = 64"
+
+
 def fp32_fallback_ops(onnx_path: Path) -> dict[str, int]:
     """Nodes of an FP16 graph that ONNX Runtime's CPU provider computes in FP32, by op type.
 

@@ -39,6 +39,7 @@ def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[.
         weight = role == "linear_weight"
         q = TensorQuantizer(
             role,  # type: ignore[arg-type]
+            num_bits=7 if weight and qcfg.weight_range == "reduced" and qcfg.format == "int8" else 8,
             axis=0 if weight else axis,
             unsigned=unsigned,
             calibrator="histogram" if histogram and not weight else "max",

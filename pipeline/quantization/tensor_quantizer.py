@@ -86,7 +86,7 @@ class TensorQuantizer(nn.Module):
     Args:
         role: What the tensor is (linear_input, linear_weight, attn_q, ...): recorded in quant_map.json
             and used by include/exclude rules.
-        num_bits: 8 (the exporter's Q/DQ are int8/uint8).
+        num_bits: 8, or 7 for reduced-range weights (-64..63, still stored as int8; quant.weight_range).
         axis: None for per-tensor, or the channel axis (0 = output features of a Linear weight).
         unsigned: Range 0..2^bits-1 (softmax outputs); signed is -2^(bits-1)..2^(bits-1)-1.
         calibrator: "max" or "histogram" (percentile / entropy / mse pick amax from the histogram).
@@ -181,6 +181,13 @@ class TensorQuantizer(nn.Module):
             # A fresh tensor is a constant to the tracer: the exported Q/DQ get literal scales.
             scale = torch.tensor(scale.detach().cpu().numpy(), dtype=x.dtype)
         lo, hi = (self.qmin, self.qmax) if self.format == "int8" else (-128, 127)
+        if self.export_constant_scale and self.format == "int8" and self.num_bits < 8:
+            # The legacy exporter writes Q/DQ only for the full 8-bit range. Clamping to this
+            # quantizer's narrower range first gives the same values (a 7-bit weight is an int8 in
+            # -64..63); on a weight the clamp is constant-folded into the initializer.
+            bound = scale.reshape([-1 if d == (self.axis if axis is None else axis) else 1 for d in range(x.dim())]) if self.axis is not None else scale
+            x = torch.clamp(x, min=bound * lo, max=bound * hi) if self.axis is None else torch.maximum(torch.minimum(x, bound * hi), bound * lo)
+            lo, hi = -128, 127
         if self.axis is None:
             zero = torch.zeros((), dtype=torch.int32, device=x.device)
             return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
