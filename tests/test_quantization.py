@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from pipeline.onnx_export import export, fold_weight_quantization, rewrite
 from pipeline.quantization.modules import QuantLinear

@@ -128,7 +128,10 @@ def weight_range_for(cfg: EngineConfig, cpu_flags: set[str] | None = None, machi
     have = [f for f in _NO_SATURATION_FLAGS if f in cpu_flags]
     if have:
         return "full", f"x86 CPU with {have[0]}: int8 dot products accumulate without saturation"
-    return "reduced", "x86 CPU without VNNI (no avx512_vnni / avx_vnni / amx_int8): ONNX Runtime's u8 x s8 int16 pairs saturate beyond |w| = 64"
+    return (
+        "reduced",
+        "x86 CPU without VNNI (no avx512_vnni / avx_vnni / amx_int8): ONNX Runtime's u8 x s8 int16 pairs saturate beyond |w| = 64",
+    )
 
 
 def fp32_fallback_ops(onnx_path: Path) -> dict[str, int]:

@@ -185,8 +185,16 @@ class TensorQuantizer(nn.Module):
             # The legacy exporter writes Q/DQ only for the full 8-bit range. Clamping to this
             # quantizer's narrower range first gives the same values (a 7-bit weight is an int8 in
             # -64..63); on a weight the clamp is constant-folded into the initializer.
-            bound = scale.reshape([-1 if d == (self.axis if axis is None else axis) else 1 for d in range(x.dim())]) if self.axis is not None else scale
-            x = torch.clamp(x, min=bound * lo, max=bound * hi) if self.axis is None else torch.maximum(torch.minimum(x, bound * hi), bound * lo)
+            bound = (
+                scale.reshape([-1 if d == (self.axis if axis is None else axis) else 1 for d in range(x.dim())])
+                if self.axis is not None
+                else scale
+            )
+            x = (
+                torch.clamp(x, min=bound * lo, max=bound * hi)
+                if self.axis is None
+                else torch.maximum(torch.minimum(x, bound * hi), bound * lo)
+            )
             lo, hi = -128, 127
         if self.axis is None:
             zero = torch.zeros((), dtype=torch.int32, device=x.device)
