@@ -118,6 +118,9 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
             "",
             f"- calibration: {q.get('method')}; quantizers: {q.get('quantizers')} ({q.get('enabled_by_role')})",
         ]
+        if "weight_range" in q:
+            w = q["weight_range"]
+            lines.append(f"- weight range: {w['resolved']} (quant.weight_range={w['asked']}: {w['why']})")
         if "quantized_gemms" in q:
             g = q["quantized_gemms"]
             lines.append(
