@@ -1,5 +1,8 @@
-"""evaluate: task accuracy of FP32 torch, fake-quant torch, FP32 engine and INT8 engine on the eval
-split, and parity of the INT8 engine against fake-quant torch (argmax agreement, mean cosine of logits).
+"""evaluate: task accuracy of FP32 torch, fake-quant torch, the baseline engine (engine_fp32 on ONNX
+Runtime, engine_fp16 on TensorRT) and the quantized engine (int8 / fp8) on the eval split, parity of the
+quantized engine against fake-quant torch (argmax agreement, mean cosine of logits), and, on ONNX
+Runtime, the accuracy of TensorRT's own graphs (accuracy.trt_graph_fp16 / trt_graph_int8) with the
+INT8 graph's parity: the numerics TensorRT would receive, measured on any machine.
 
 Parity is not judged at 1e-5: near-tie roundings flip between torch and the engine's int8 kernels and
 cascade through layers, so agreement of decisions and the cosine of logit vectors are what matter.
