@@ -183,3 +183,42 @@ def test_report_labels_the_tensorrt_baseline_fp16(tmp_path):
     assert "accuracy engine FP16 " in table and "90.00 %" in table
     assert re.search(r"speedup \(FP16 p50 / INT8 p50\) +\| 2.00x", table), table
     assert "FP32 p50" not in table and "engine FP32" not in table
+
+
+def test_position_region_stays_fp32_in_the_fp16_graph(tmp_path):
+    """Rotary-style angles (position x frequency -> sin) come from the input's shape only: kept FP32,
+    while the activation path they meet is FP16 (a position of 512 has an FP16 spacing of 0.5)."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])
+    inits = [
+        numpy_helper.from_array(np.random.default_rng(0).standard_normal((100, 4)).astype(np.float32), "emb"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_i"),
+        numpy_helper.from_array(np.array(1, np.int64), "step"),
+        numpy_helper.from_array(np.array([1.0, 0.1, 0.01, 0.001], np.float32), "inv_freq"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "one"], ["seq"], name="seq", axis=0),
+        helper.make_node("Squeeze", ["seq"], ["seq_s"], name="squeeze"),
+        helper.make_node("Range", ["zero_i", "seq_s", "step"], ["pos"], name="range"),
+        helper.make_node("Cast", ["pos"], ["pos_f"], name="pos_cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["pos_f", "one"], ["pos_col"], name="pos_col"),
+        helper.make_node("Mul", ["pos_col", "inv_freq"], ["angles"], name="angles"),
+        helper.make_node("Sin", ["angles"], ["sin"], name="sin"),
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+        helper.make_node("Mul", ["h", "sin"], ["logits"], name="rotate"),
+    ]
+    m = helper.make_model(helper.make_graph(nodes, "g", [ids], [out], inits), opset_imports=[helper.make_opsetid("", 19)])
+    assert trt_graphs.position_nodes(m) == ["pos_cast", "pos_col", "angles", "sin"]
+    onnx.save(m, str(tmp_path / "fp32.onnx"))
+    trt_graphs.fp16_graph(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")  # also runs the TensorRT checker
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "fp16.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
+    out_type = {n.name: types.get(n.output[0]) for n in g.node}  # the converter renames outputs it casts
+    assert out_type["sin"] == out_type["angles"] == TensorProto.FLOAT  # kept FP32
+    assert out_type["embed"] == TensorProto.FLOAT16  # the activation path is FP16
+    x = np.array([[5, 17, 42] + [3] * 509], np.int64)  # positions up to 511
+    ref = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x})[0]
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()  # FP16 activations only; angles exact
