@@ -60,8 +60,11 @@ def test_default_run_writes_legal_tensorrt_graphs_and_measures_them(tmp_path):
     assert abs(acc["trt_graph_fp16"] - acc["engine_fp32"]) <= 0.02  # FP16 graph == FP32 up to a near tie
     p = ctx.metrics.tensorrt_graphs["trt_graph_int8"]["parity_vs_fake_quant"]
     assert p["argmax_agreement"] >= 0.95 and p["cosine"] > 0.99, p
-    # ORT CPU computes FP16 MatMuls in FP32 (no x86 FP16 GEMM kernel): reported, not hidden.
-    assert ctx.metrics.tensorrt_graphs["trt_graph_fp16"]["ort_cpu_fp32_fallback_ops"].get("MatMul", 0) > 0
+    # Ops ORT CPU computes in FP32 inside the FP16 graph (e.g. MatMul on x86 without FP16 GEMM
+    # kernels) are reported, not hidden: real op types of the graph, each counted at least once.
+    fallback = ctx.metrics.tensorrt_graphs["trt_graph_fp16"]["ort_cpu_fp32_fallback_ops"]
+    ops = {n.op_type for n in onnx.load(str(run / "model_fp16.onnx")).graph.node}
+    assert isinstance(fallback, dict) and set(fallback) <= ops and all(v > 0 for v in fallback.values()), fallback
     # FP16 logits vs FP32 logits on the same batch: FP16 rounding only.
     feed = {
         "input_ids": np.random.default_rng(0).integers(1000, 20000, (4, 24)),
