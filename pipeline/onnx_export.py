@@ -107,6 +107,21 @@ def _log_export_warnings(caught: list[warnings.WarningMessage], path: Path) -> N
         log.log(level, "export %s: %s x%d at %s: %s", Path(path).name, category.__name__, n, where, message)
 
 
+def constant_tensors(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every constant of a graph by tensor name: initializers and Constant nodes' values (the protos
+    themselves, so a pass can rewrite them in place)."""
+    out = {n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    return out | {t.name: t for t in g.initializer}
+
+
+def inferred_types(m: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor ONNX shape inference can type, initializers included."""
+    g = onnx.shape_inference.infer_shapes(m).graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]} | {
+        t.name: t.data_type for t in g.initializer
+    }
+
+
 def fold_weight_quantization(m: onnx.ModelProto) -> int:
     """Replace QuantizeLinear(FP32 initializer) with the int8 (or FP8) initializer it computes, in place.
 
@@ -116,15 +131,11 @@ def fold_weight_quantization(m: onnx.ModelProto) -> int:
     """
     g = m.graph
     _fold_constant_clamps(g)
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    inits = {i.name for i in g.initializer}
+    consts = constant_tensors(g)
 
     def value(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
+        return numpy_helper.to_array(consts[name]) if name in consts else None
 
     folded, keep = 0, []
     for node in g.node:
@@ -153,8 +164,7 @@ def fold_weight_quantization(m: onnx.ModelProto) -> int:
 def _fold_constant_clamps(g: onnx.GraphProto) -> None:
     """Min / Max of constants -> an initializer: the clamp a reduced-range (7-bit) weight quantizer
     puts on its weight before the 8-bit Q/DQ the exporter can write (TensorQuantizer.forward)."""
-    values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant" and n.attribute}
+    values = {name: numpy_helper.to_array(t) for name, t in constant_tensors(g).items()}
     keep = []
     for n in g.node:
         if n.op_type in ("Min", "Max") and all(i in values for i in n.input):
@@ -204,8 +214,7 @@ def dedicate_qdq(m: onnx.ModelProto) -> int:
         for i, name in enumerate(node.input):
             consumers.setdefault(name, []).append((node, i))
 
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts = constant_tensors(g)
 
     def clone(node: onnx.NodeProto, suffix: str) -> onnx.NodeProto:
         """Copy a Q or DQ node with its own scale / zero-point initializers: ORT's common-
@@ -216,8 +225,7 @@ def dedicate_qdq(m: onnx.ModelProto) -> int:
         c.output[0] = f"{node.output[0]}{suffix}"
         for slot in (1, 2):
             src = node.input[slot] if len(node.input) > slot else None
-            tensor = inits.get(src) if src else None
-            tensor = tensor if tensor is not None else consts.get(src)
+            tensor = consts.get(src) if src else None
             if tensor is not None:
                 t = onnx.TensorProto()
                 t.CopyFrom(tensor)

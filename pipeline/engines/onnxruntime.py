@@ -147,12 +147,11 @@ def fp32_fallback_ops(onnx_path: Path) -> dict[str, int]:
 
     import onnxruntime as ort
 
+    from pipeline.onnx_export import inferred_types
+
     def input_types(m: onnx.ModelProto) -> dict[str, int]:
-        m = onnx.shape_inference.infer_shapes(m)
-        g = m.graph
-        types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-        types |= {t.name: t.data_type for t in g.initializer}
-        return {n.name: types.get(n.input[0], 0) for n in g.node if n.input and n.op_type != "Cast"}
+        types = inferred_types(m)
+        return {n.name: types.get(n.input[0], 0) for n in m.graph.node if n.input and n.op_type != "Cast"}
 
     original = onnx.load(str(onnx_path))
     fp16_nodes = {name for name, t in input_types(original).items() if t == onnx.TensorProto.FLOAT16}

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, version_converter
 
-from pipeline.onnx_export import dedicate_qdq, fold_weight_quantization
+from pipeline.onnx_export import constant_tensors, dedicate_qdq, fold_weight_quantization, inferred_types
 from pipeline.outputs import atomic_write
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def position_nodes(model: onnx.ModelProto) -> list[str]:
     inputs are such tensors or constants continues the region; anything touching the graph inputs'
     values (embeddings, the attention mask) ends it.
     """
-    g = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    g = model.graph
+    types = inferred_types(model)
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
     value_dependent = {i.name for i in g.input}
     region: set[str] = set()  # float tensors inside the position region
@@ -128,19 +128,6 @@ def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
     return model if current >= OPSET else version_converter.convert_version(model, OPSET)
 
 
-def _const(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
-    """The TensorProto behind `name` (an initializer or a Constant node's value), editable in place."""
-    for t in graph.initializer:
-        if t.name == name:
-            return t
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return a.t
-    return None
-
-
 def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
     """Turn every Q/DQ into signed INT8 (`fmt="int8"`) or FP8 E4M3 (`fmt="fp8"`), same amax.
 
@@ -149,13 +136,14 @@ def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
     the target type. Q and DQ of a pair share their scale tensor, which is rewritten once.
     """
     g = model.graph
+    consts = constant_tensors(g)
     done: dict[str, float] = {}
     counts: Counter[str] = Counter()
     for node in g.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
             continue
-        zp = _const(g, node.input[2])
-        scale = _const(g, node.input[1])
+        zp = consts.get(node.input[2])
+        scale = consts.get(node.input[1])
         if zp is None or scale is None:
             raise ValueError(f"{node.name}: Q/DQ scale and zero point must be constants to be converted")
         old = zp.data_type
@@ -203,9 +191,7 @@ def _drop_noop_casts(model: onnx.ModelProto) -> int:
     retypes their output tensors to FP16 and leaves `to=FLOAT`, which breaks strong typing.
     """
     g = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
-    types |= {t.name: t.data_type for t in g.initializer}
+    types = inferred_types(model)
     outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}
     keep = []
