@@ -51,9 +51,17 @@ def calibrate_weights(quantizers: dict[str, TensorQuantizer], model: torch.nn.Mo
 
 @torch.no_grad()
 def calibrate(
-    model: torch.nn.Module, quantizers: dict[str, TensorQuantizer], batches: Iterable[dict[str, torch.Tensor]], cfg: CalibrationConfig
+    model: torch.nn.Module,
+    quantizers: dict[str, TensorQuantizer],
+    batches: Iterable[dict[str, torch.Tensor]],
+    cfg: CalibrationConfig,
+    on_collected: Callable[[dict[str, TensorQuantizer]], None] | None = None,
 ) -> dict[str, int]:
-    """Calibrate weights, then activations on `batches`; returns counts (calibrated / never reached)."""
+    """Calibrate weights, then activations on `batches`; returns counts (calibrated / never reached).
+
+    `on_collected(quantizers)` runs after the statistics are collected and before amax is computed
+    (which frees them): e.g. to keep the histograms for calibration.png without a second pass.
+    """
     calibrate_weights(quantizers, model)
     acts = {n: q for n, q in quantizers.items() if q.role != "linear_weight"}
     for q in acts.values():
@@ -66,6 +74,8 @@ def calibrate(
     finally:
         for q in acts.values():
             q.calibrating = False
+    if on_collected is not None:
+        on_collected(acts)
     compute = METHODS[cfg.method]
     unreached = 0
     for q in acts.values():

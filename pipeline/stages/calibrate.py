@@ -14,6 +14,7 @@ from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.outputs import atomic_write, write_json
+from pipeline.quantization import calibration_plot
 from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
@@ -31,19 +32,30 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
     key = ctx.chain_key("calibrate", cfg.quant, c)
     counts: dict[str, int] = {}
+    # The calibration pass's own histograms, kept for calibration.png (run folder and cache entry).
+    hists: dict[str, torch.Tensor] = {}
+    hist_file = calibration_plot.HISTOGRAMS
 
     def compute() -> None:
-        counts.update(calibrate(ctx.model, ctx.quantizers, calib_batches, c))
+        counts.update(
+            calibrate(ctx.model, ctx.quantizers, calib_batches, c, on_collected=lambda qs: hists.update(calibration_plot.histograms(qs)))
+        )
 
     def save(tmp: Path) -> None:
         save_file(_amax_state(ctx), str(tmp / "quantizers.safetensors"))
         (tmp / "counts.json").write_text(json.dumps(counts))
+        if hists:
+            save_file(hists, str(tmp / hist_file))
 
     def restore(hit: Path) -> None:
         load_quantizer_state(ctx, load_file(str(hit / "quantizers.safetensors")))
         counts.update(json.loads((hit / "counts.json").read_text()))
+        if (hit / hist_file).exists():
+            hists.update(load_file(str(hit / hist_file)))
 
     hit = cached(ctx.cache, "calibrate", key, compute=compute, save=save, restore=restore)
+    if hists:
+        atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
     roles: dict[str, int] = {}
     for q in ctx.quantizers.values():

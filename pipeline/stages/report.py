@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.context import RunContext
 from pipeline.outputs import write_json, write_text
+from pipeline.quantization import calibration_plot
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
         for p, k in q.get("engine_kernels", {}).items():
             lines.append(f"- {p} engine GEMM kernels (what the engine actually runs): {k}")
         lines.append("")
+    if cfg.calibration.method != "none":
+        lines += calibration_plot.report_lines(ctx.run_dir, cfg.calibration.method)
     if d["benchmark"].get("grid"):
         lines += [
             "## Benchmark (same run, interleaved)",
