@@ -128,3 +128,25 @@ def test_calibration_figure_with_max_has_no_histograms(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cp.plot(empty, "none")[0] is None
+
+
+def test_calibration_png_in_real_runs_cached_and_max(tmp_path):
+    """A tiny pipeline run writes calibration.png from its own calibration pass; a rerun whose calibrate
+    stage comes from the cache draws it from the cached histograms; calibration=max says why it has none."""
+    from pipeline.quantization import calibration_plot as cp
+    from pipeline.testing import run_tiny
+
+    light = ["qat=none", "export=none", "engine=none", "benchmark=none"]  # calibrate + report are what is tested
+    first = run_tiny(tmp_path, light, name="first")
+    second = run_tiny(tmp_path, light, name="second")
+    assert second.stages["calibrate"].status == "cached"
+    for ctx in (first, second):
+        report = (ctx.run_dir / "report.md").read_text()
+        assert "![calibration](calibration.png)" in report
+        assert (ctx.run_dir / "calibration.png").stat().st_size > 1000
+        assert len(cp.load(ctx.run_dir)) == sum(1 for r in json.loads((ctx.run_dir / "quant_map.json").read_text()) if r["axis"] is None)
+    a, b = (cp.load(c.run_dir)[0] for c in (first, second))
+    assert np.array_equal(a.counts, b.counts) and a.amax == b.amax
+    mx = run_tiny(tmp_path, [*light, "calibration=max"], name="max")
+    assert not (mx.run_dir / cp.HISTOGRAMS).exists()
+    assert "collects no histograms" in (mx.run_dir / "report.md").read_text()
