@@ -33,8 +33,11 @@ class RunDirGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from pipeline.distributed import is_main_process
+
         run_dir = Path(str(config.hydra.run.dir))
-        if _holds_run(run_dir):
+        # Under torchrun every rank names rank 0's run folder (pipeline/__main__.py); rank 0 checks it.
+        if is_main_process() and _holds_run(run_dir):
             raise SystemExit(
                 f"error: hydra.run.dir={run_dir} already holds a run; refusing to overwrite it. Choose another "
                 "folder (or leave hydra.run.dir unset for a new timestamped one)."

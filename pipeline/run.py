@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.cache import StageCache
 from pipeline.context import RunContext, StageRecord
 from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits, load_splits
@@ -79,22 +79,30 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     splits = preflight(cfg)
     digest = config_hash(raw)
     resume_from = _check_resume(Path(cfg.resume).expanduser(), digest) if cfg.resume else None
-    if (run_dir / "manifest.json").exists():
+    main_rank = distributed.is_main_process()  # under torchrun, other ranks get a scratch run_dir
+    if main_rank and (run_dir / "manifest.json").exists():
         raise FileExistsError(f"{run_dir} already holds a run; refusing to overwrite it")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
-    ctx = RunContext(run_dir=run_dir, device=resolve_device(cfg.device), seed=cfg.seed, config_hash=digest, resume_from=resume_from)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from)
     _resolve_weight_range(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
-    ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), cfg.cache.enabled and resume_from is None)
+    # Off under torchrun: a hit on one rank and a miss on another would hang the collectives.
+    use_cache = cfg.cache.enabled and resume_from is None and not distributed.is_distributed()
+    if cfg.cache.enabled and distributed.is_distributed() and main_rank:
+        log.info("cache: off for a multi-process run (every rank must run the same stages)")
+    ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), use_cache)
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
     started = time.time()
     _write_manifest(ctx, raw, started, None)
     error = None
     try:
         for name, stage, enabled in STAGES:
+            if not main_rank and name not in distributed.COLLECTIVE_STAGES:
+                break  # export, engines, evaluation, benchmark and report: rank 0 alone
             if not enabled(cfg):
                 ctx.stages[name] = StageRecord("skipped", 0.0)
                 continue

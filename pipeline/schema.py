@@ -156,6 +156,10 @@ class EngineConfig:
     allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     save_optimized: bool = True
+    # ONNX Runtime: apply its transformer fusions (SkipLayerNormalization, BiasGelu, LayerNormalization)
+    # to the quantized graph before the session is made (<graph>.fused.onnx in the run folder): fewer
+    # element-wise passes between the int8 GEMMs (benchmarks/ort_int8_speed.py measures it).
+    transformer_fusions: bool = True
     # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_int8_enable: true}} (ORT only).
     provider_options: dict[str, Any] = field(default_factory=dict)
     # TensorRT (engine=tensorrt). No precision keys: networks are strongly typed (TensorRT 11 has no other mode),
@@ -183,6 +187,16 @@ class BenchmarkConfig:
     iters: int = field(default=30, metadata=_range(1))
     # Also time the FP32 and fake-quant torch models (reference rows, same interleaving).
     include_torch: bool = False
+    # ONNX Runtime's own quantizers built from model_fp32.onnx (pipeline/engines/peers.py), evaluated on
+    # the eval split and timed interleaved with our engines. ONNX Runtime engine only; [] = off.
+    peers: list[Literal["ort_fp32_fused", "ort_dynamic", "ort_dynamic_fused", "ort_static"]] = field(
+        default_factory=lambda: ["ort_fp32_fused", "ort_dynamic", "ort_dynamic_fused", "ort_static"]
+    )
+    # The serving-shaped row: the eval split's real lengths, length-sorted batches of headline_batch
+    # padded to each batch's longest example; `real_length_passes` timed passes over at most
+    # `real_length_examples` examples (0 = off).
+    real_length_examples: int = field(default=512, metadata=_range(0))
+    real_length_passes: int = field(default=3, metadata=_range(1))
 
 
 @dataclass
@@ -197,6 +211,20 @@ class EvaluateConfig:
 class CacheConfig:
     enabled: bool = True
     dir: str = "outputs/.cache"
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a run returns to a sweeper such as Optuna (pipeline/objective.py; conf/sweep/optuna*.yaml).
+
+    metric=accuracy: the quantized engine's accuracy (maximize). metric=latency: its p50 latency at the
+    headline shape (minimize), subject to quantized accuracy >= min_accuracy: a constraint, not a weighted
+    sum; a run under the floor returns a value worse than every run above it.
+    """
+
+    metric: Literal["accuracy", "latency"] = "accuracy"
+    # Accuracy floor (fraction, e.g. 0.84) for metric=latency; null = no floor.
+    min_accuracy: float | None = field(default=None, metadata=_range(0.0, 1.0))
 
 
 @dataclass
@@ -217,6 +245,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata=_range(0))
     resume: str | None = None
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +359,8 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
                 f"benchmark.headline_batch/headline_seq: ({c.benchmark.headline_batch}, {c.benchmark.headline_seq}) must be in the grid "
                 f"batch_sizes={c.benchmark.batch_sizes} x seq_lens={c.benchmark.seq_lens}"
             )
+    if c.objective.metric == "latency" and not c.benchmark.enabled:
+        errors.append("objective.metric=latency: needs the benchmark; benchmark=none cannot be combined with it (choose objective.metric=accuracy)")
     if c.resume is not None and not (Path(c.resume).expanduser() / "manifest.json").exists():
         errors.append(f"resume: {c.resume} is not a run folder (no manifest.json)")
     if c.engine.name == "tensorrt":

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from pipeline import distributed
 from pipeline.data import batches
 from pipeline.data.batching import Encoded
 from pipeline.schema import TrainConfig
@@ -95,6 +96,11 @@ def train(
         resume: a checkpoint folder (`.../step-<N>/`, see latest_checkpoint) to continue from.
         stop_after: stop (with a checkpoint) after this many steps — simulates an interruption in tests.
     """
+    # Under torchrun (pipeline/distributed.py) every rank reads the same global batches and trains on its
+    # slice of each (rows rank, rank + world, ...) through DistributedDataParallel, which averages the
+    # gradients: steps, learning-rate schedule and effective batch size are those of a single process.
+    world, rank = distributed.world_size(), distributed.rank()
+    net = _wrap_ddp(model, device) if distributed.is_distributed() else model
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
@@ -109,7 +115,15 @@ def train(
         teacher.eval()
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=total,
+        initial=result.steps,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not distributed.is_main_process(),
+    )
     step = result.steps
     for epoch in range(step // steps_per_epoch, epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch already done before a resume
@@ -119,13 +133,21 @@ def train(
             if step >= total:
                 break
             batch = batch.to(device)
-            logits = model(**batch.inputs).logits
+            inputs, labels = batch.inputs, batch.labels
+            if world > 1:
+                if len(labels) < world:
+                    raise ValueError(
+                        f"{desc}: a batch of {len(labels)} examples cannot be split over {world} ranks; "
+                        "choose a batch_size / number of examples that leaves every rank at least one per batch"
+                    )
+                inputs, labels = {k: v[rank::world] for k, v in inputs.items()}, labels[rank::world]
+            logits = net(**inputs).logits
             if cfg.distill and teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(**batch.inputs).logits
-                loss = kd_loss(logits, t_logits, batch.labels, cfg.kd_alpha, cfg.kd_temperature)
+                    t_logits = teacher(**inputs).logits
+                loss = kd_loss(logits, t_logits, labels, cfg.kd_alpha, cfg.kd_temperature)
             else:
-                loss = F.cross_entropy(logits, batch.labels)
+                loss = F.cross_entropy(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -133,7 +155,8 @@ def train(
             opt.step()
             sched.step()
             step += 1
-            result.losses.append(loss.item())
+            # The loss of the whole global batch (mean over ranks), the same number on every rank.
+            result.losses.append(distributed.all_reduce_(loss.detach().clone(), "sum").item() / world)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{result.losses[-1]:.4f}",
@@ -141,7 +164,8 @@ def train(
             )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (stop_after is not None and step >= stop_after):
                 result.steps = step
-                _save_checkpoint(checkpoint_dir, model, opt, sched, result)
+                if distributed.is_main_process():  # ranks hold identical weights: rank 0 saves
+                    _save_checkpoint(checkpoint_dir, model, opt, sched, result)
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 result.seconds += time.perf_counter() - t0
@@ -155,8 +179,22 @@ def train(
     model.eval()
     result.steps = step
     result.seconds += time.perf_counter() - t0
-    _save_checkpoint(checkpoint_dir, model, opt, sched, result)
+    if distributed.is_main_process():
+        _save_checkpoint(checkpoint_dir, model, opt, sched, result)
+    distributed.barrier()  # no rank moves on before the checkpoint exists
     return result
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over `model` (its parameters stay the model's own: saving and export use
+    `model`). DDP broadcasts rank 0's weights and buffers at construction; later buffer broadcasts are
+    off because quantizer amax buffers are already bit-identical on every rank (reduced calibration)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    # Parameters that get no gradient in some step (e.g. unused heads, disabled quantizers' amax):
+    # find_unused_parameters keeps DDP's gradient reduction from waiting for them.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
 
 
 def state_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

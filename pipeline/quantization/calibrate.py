@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from pipeline import distributed
 from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 from pipeline.schema import CalibrationConfig
@@ -64,16 +65,13 @@ def calibrate(
     """
     calibrate_weights(quantizers, model)
     acts = {n: q for n, q in quantizers.items() if q.role != "linear_weight"}
-    for q in acts.values():
-        q.calibrator.reset()
-        q.calibrating = True
     model.eval()
-    try:
-        for inputs in batches:
-            model(**inputs)
-    finally:
+    if distributed.is_distributed():
+        _collect_distributed(model, acts, list(batches))
+    else:
         for q in acts.values():
-            q.calibrating = False
+            q.calibrator.reset()
+        _forward_all(model, acts, batches)
     if on_collected is not None:
         on_collected(acts)
     compute = METHODS[cfg.method]
@@ -87,3 +85,37 @@ def calibrate(
             continue
         q.load_amax(amax)
     return {"calibrated": len(quantizers) - unreached, "unreached": unreached}
+
+
+def _forward_all(model: torch.nn.Module, acts: dict[str, TensorQuantizer], batches: Iterable[dict[str, torch.Tensor]]) -> None:
+    for q in acts.values():
+        q.calibrating = True
+    try:
+        for inputs in batches:
+            model(**inputs)
+    finally:
+        for q in acts.values():
+            q.calibrating = False
+
+
+def _collect_distributed(model: torch.nn.Module, acts: dict[str, TensorQuantizer], batches: list[dict[str, torch.Tensor]]) -> None:
+    """Under torchrun: rank r collects on batches r, r + world, ...; the statistics are then gathered to
+    every rank and merged in rank order (same inputs, same arithmetic), so amax is bit-identical on
+    every rank. Histograms need a first pass for the common range (see HistogramCalibrator.fix_range).
+    Weights are read from the parameters, identical on every rank, and need no reduction.
+    """
+    mine = batches[distributed.rank() :: distributed.world_size()]
+    hist = {n: q for n, q in acts.items() if isinstance(q.calibrator, HistogramCalibrator)}
+    for q in acts.values():
+        q.calibrator.reset()
+    if hist:
+        for q in hist.values():
+            q.calibrator.begin_range_pass()
+        _forward_all(model, hist, mine)
+        maxima = distributed.all_gather_object({n: q.calibrator.range_state() for n, q in hist.items()})
+        for n, q in hist.items():
+            q.calibrator.fix_range([m[n] for m in maxima])
+    _forward_all(model, acts, mine)
+    states = distributed.all_gather_object({n: q.calibrator.state() for n, q in acts.items()})
+    for n, q in acts.items():
+        q.calibrator.merge([s[n] for s in states])

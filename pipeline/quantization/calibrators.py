@@ -70,6 +70,18 @@ class MaxCalibrator(_Calibrator):
         """The absolute max of everything collected (None if nothing was collected)."""
         return self._calib_amax
 
+    # Multi-process calibration (pipeline/quantization/calibrate.py): every rank's statistics are
+    # gathered to every rank and merged in rank order, so every rank computes the same amax bit for bit.
+    def state(self) -> torch.Tensor | None:
+        return self._calib_amax
+
+    def merge(self, states: list[torch.Tensor | None]) -> None:
+        """Replace the statistics with the merge of every rank's `state()` (max is order-independent)."""
+        found = [s for s in states if s is not None]
+        self._calib_amax = None
+        for s in found:
+            self._calib_amax = s.clone() if self._calib_amax is None else torch.maximum(self._calib_amax, s)
+
 
 class HistogramCalibrator(_Calibrator):
     """Histogram of absolute values; amax by percentile, entropy (KL divergence) or MSE.
@@ -98,6 +110,11 @@ class HistogramCalibrator(_Calibrator):
         self._skip_zeros = skip_zeros
         self._calib_hist: torch.Tensor | None = None
         self._calib_bin_edges: torch.Tensor | None = None
+        # Multi-process calibration only: a first pass finds the range (`_range_max`), then every rank
+        # bins into the same fixed edges [0, global max] so the histograms add up exactly.
+        self._range_pass = False
+        self._range_max: torch.Tensor | None = None
+        self._fixed_max: torch.Tensor | None = None
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
@@ -107,6 +124,15 @@ class HistogramCalibrator(_Calibrator):
             x = x.abs()
         if self._skip_zeros:
             x = x[x != 0]
+        if self._range_pass:
+            m = x.max() if x.numel() else torch.tensor(0.0)
+            self._range_max = m if self._range_max is None else torch.maximum(self._range_max, m)
+            return
+        if self._fixed_max is not None:
+            hist = torch.histc(x, bins=self._num_bins, min=0, max=float(self._fixed_max))
+            self._calib_hist = hist if self._calib_hist is None else self._calib_hist + hist
+            self._calib_bin_edges = torch.linspace(0, float(self._fixed_max), self._num_bins + 1)
+            return
         # Histogram of |x| on [0, max]: later batches with a larger max extend the edges with bins of
         # the first batch's width, and earlier counts stay in their bins.
         x_max = x.max()
@@ -125,6 +151,40 @@ class HistogramCalibrator(_Calibrator):
     def reset(self) -> None:
         self._calib_hist = None
         self._calib_bin_edges = None
+        self._range_pass = False
+        self._range_max = None
+        self._fixed_max = None
+
+    # Multi-process calibration (pipeline/quantization/calibrate.py). Growing histograms depend on the
+    # order batches arrive in, so ranks could not add theirs up; instead: pass 1 records each rank's
+    # |x| max (`begin_range_pass`), the ranks agree on the global max (`fix_range`), pass 2 bins every
+    # rank's data into the same `num_bins` edges on [0, global max], and the counts are summed in rank
+    # order (`merge`): every rank ends with the same histogram, hence the same amax.
+    def begin_range_pass(self) -> None:
+        self.reset()
+        self._range_pass = True
+
+    def range_state(self) -> torch.Tensor | None:
+        return self._range_max
+
+    def fix_range(self, maxima: list[torch.Tensor | None]) -> None:
+        found = [m for m in maxima if m is not None]
+        self.reset()
+        if found:
+            self._fixed_max = torch.stack(found).max()
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self._calib_hist is None else (self._calib_hist, self._calib_bin_edges)
+
+    def merge(self, states: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Replace the histogram with the sum of every rank's `state()` (all binned on the same edges)."""
+        found = [s for s in states if s is not None]
+        self._calib_hist = self._calib_bin_edges = None
+        for hist, edges in found:
+            if self._calib_bin_edges is not None and not torch.equal(edges, self._calib_bin_edges):
+                raise RuntimeError("histograms from different ranks have different bin edges; call fix_range first")
+            self._calib_hist = hist.clone() if self._calib_hist is None else self._calib_hist + hist
+            self._calib_bin_edges = edges
 
     def compute_amax(self, method: str, *, stride: int = 1, start_bin: int = 128, percentile: float = 99.99) -> torch.Tensor | None:
         """amax from the collected histogram.
