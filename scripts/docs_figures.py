@@ -450,11 +450,9 @@ def layer_graph(path: Path, layer: str = "layer.0") -> tuple[list[tuple[str, str
     for n in nodes:
         if n.name not in kept:
             continue
-        parts = [p for p in n.name.split("/") if p]
-        where = parts[-2] if len(parts) >= 2 else ""
-        if where.endswith("_quantizer") and len(parts) >= 3:  # query/input_quantizer -> query.input
-            where = f"{parts[-3]}.{where[: -len('_quantizer')]}"
-        where = {"self": "attention", "attn_quant": "attention", "intermediate_act_fn": "GELU"}.get(where, where)
+        where = _where(n.name, layer)
+        if n.op_type == "Add" and where.endswith("output") and not where.endswith("dense"):
+            where = "residual"
         label = n.op_type
         if n.op_type == "DequantizeLinear" and n.input[0] in inits:
             label = "DQ (int8 W)"
@@ -466,6 +464,17 @@ def layer_graph(path: Path, layer: str = "layer.0") -> tuple[list[tuple[str, str
     labels += [("IN", "io", "layer input"), ("MASK", "io", "attention mask"), ("OUT", "io", "layer output")]
     present = {a for e in edges for a in e}
     return [x for x in labels if x[0] in present], edges
+
+
+def _where(name: str, layer: str) -> str:
+    """/model/bert/encoder/layer.0/attention/output/dense/input_quantizer/QuantizeLinear -> attention.output.dense.input"""
+    parts = [p for p in name.split("/") if p]
+    if layer in parts:
+        parts = parts[parts.index(layer) + 1 :]
+    where = ".".join(parts[:-1]).replace("_quantizer", "").replace("intermediate.intermediate_act_fn", "GELU")
+    if where.startswith("attention.self."):
+        where = where[len("attention.self.") :]
+    return {"attention.self": "attention", "attn_quant": "attention"}.get(where, where)
 
 
 def _layout(nodes: list[str], edges: set[tuple[str, str]]) -> dict[str, tuple[float, int]]:
@@ -538,10 +547,14 @@ def draw_layer(path: Path, out: str, title: str) -> tuple[Counter, int]:
     info = {n: (op, label) for n, op, label in nodes}
     depth = max(y for _, y in pos.values()) + 1
     width = max(abs(x) for x, _ in pos.values()) * 2 + 1
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * width), 0.52 * depth + 0.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.9 * width), 0.52 * depth + 0.8))
     for a, b in edges:
         (x0, y0), (x1, y1) = pos[a], pos[b]
-        ax.annotate("", xy=(x1, -y1 + 0.22), xytext=(x0, -y0 - 0.22), arrowprops={"arrowstyle": "->", "color": "0.55", "lw": 0.7})
+        long = y1 - y0 > 1  # skips rows (residual paths, weights): curved and dashed, so it does not run behind the column
+        style = {"arrowstyle": "->", "color": "0.45" if long else "0.55", "lw": 0.7}
+        if long:
+            style.update(connectionstyle=f"arc3,rad={-0.35 if x1 >= x0 else 0.35}", linestyle="--")
+        ax.annotate("", xy=(x1, -y1 + 0.22), xytext=(x0, -y0 - 0.22), arrowprops=style)
     for n, (x, y) in pos.items():
         op, label = info[n]
         ax.text(
@@ -571,7 +584,7 @@ def diagrams(run: Run) -> None:
         if not path.exists():
             print(f"  ({name} not in the run: {out} skipped)")
             continue
-        ops, n_edges = draw_layer(path, out, f"encoder layer 0 of {name} ({what}); shape and data-movement ops elided")
+        ops, n_edges = draw_layer(path, out, f"encoder layer 0 of {name}\n({what}; shape and data-movement ops elided)")
         counts = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))
         write(
             f"fig_{out[:-4]}.md",
