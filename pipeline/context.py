@@ -57,6 +57,9 @@ class Metrics:
     engine_precisions: dict[str, str | None] = field(default_factory=lambda: {"baseline": None, "quantized": None})
     # TensorRT's graphs run through ONNX Runtime: parity of the INT8 graph, ops ORT CPU ran in FP32.
     tensorrt_graphs: dict[str, Any] = field(default_factory=dict)
+    # ONNX Runtime's own quantizers as comparison rows: {name, description, precision, file, accuracy,
+    # error, grid: [{batch, seq, p50}], real_length} (pipeline/engines/peers.py).
+    peers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class RunContext:
     engines: dict[str, Engine] = field(default_factory=dict)  # by precision: baseline ("fp32"/"fp16") first, then "int8"/"fp8"
     # ONNX Runtime sessions over TensorRT's graphs ("trt_graph_fp16", "trt_graph_int8"): accuracy only.
     check_engines: dict[str, Engine] = field(default_factory=dict)
+    # Peers (benchmark.peers): ONNX Runtime's quantizers on model_fp32.onnx, by peer name.
+    peers: dict[str, Engine] = field(default_factory=dict)
     artifacts: Artifacts = field(default_factory=Artifacts)
     metrics: Metrics = field(default_factory=Metrics)
     stages: dict[str, StageRecord] = field(default_factory=dict)

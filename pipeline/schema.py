@@ -157,9 +157,10 @@ class EngineConfig:
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     save_optimized: bool = True
     # ONNX Runtime: apply its transformer fusions (SkipLayerNormalization, BiasGelu, LayerNormalization)
-    # to the quantized graph before the session is made (<graph>.fused.onnx in the run folder): fewer
-    # element-wise passes between the int8 GEMMs (benchmarks/ort_int8_speed.py measures it).
-    transformer_fusions: bool = True
+    # to the INT8 graph before the session is made (<graph>.fused.onnx in the run folder). Off: on the
+    # AVX2 CPU measured, ORT's CPU SkipLayerNormalization took longer than the Add + LayerNormalization it
+    # replaces (benchmarks/ort_int8_speed.py --profile); measure on your CPU before turning it on.
+    transformer_fusions: bool = False
     # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_int8_enable: true}} (ORT only).
     provider_options: dict[str, Any] = field(default_factory=dict)
     # TensorRT (engine=tensorrt). No precision keys: networks are strongly typed (TensorRT 11 has no other mode),

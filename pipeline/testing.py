@@ -33,6 +33,8 @@ TINY = [
     "data.num_eval=64",
     "data.num_calib=32",
     "calibration.batch_size=16",
+    # ONNX Runtime's own quantizers are built and timed only where a test asks (tests/test_peers.py).
+    "benchmark.peers=[]",
 ]
 
 

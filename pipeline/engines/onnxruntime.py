@@ -7,6 +7,7 @@ graph is the proof that INT8 kernels run, not just Q/DQ arithmetic in float.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 import onnx
 
 from pipeline.schema import EngineConfig
+
+log = logging.getLogger(__name__)
 
 INT8_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "QLinearConv")
 FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
@@ -50,6 +53,17 @@ class OrtEngine:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3  # the NCHWc serialization warning is expected and not actionable
         self.files: dict[str, Path] = {}
+        if cfg.transformer_fusions and precision == "int8":
+            # Between the int8 GEMMs an encoder layer runs bias adds, residual adds, LayerNorms and GELU
+            # as separate passes over the activations; fused, they are two kernels per layer
+            # (SkipLayerNormalization, BiasGelu). Q/DQ pairs and the int8 GEMMs are left as they are.
+            from pipeline.engines.peers import transformer_fusions
+
+            try:
+                onnx_path = transformer_fusions(Path(onnx_path), run_dir / f"{Path(onnx_path).stem}.fused.onnx")
+                self.files["fused_graph"] = onnx_path
+            except Exception as exc:  # the optimizer's pattern code does not know every architecture
+                log.warning("engine: ONNX Runtime transformer fusions failed on %s (%s); using the graph unfused", onnx_path, exc)
         if cfg.save_optimized:
             opt = run_dir / f"{Path(onnx_path).stem}.ort_optimized.onnx"
             so.optimized_model_filepath = str(opt)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from pipeline.context import RunContext
+from pipeline.data import batches
+from pipeline.data.batching import Encoded
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     rng = np.random.default_rng(ctx.seed)
     vocab = len(ctx.tokenizer)
     grid = []
+    peers = {row["name"]: row for row in ctx.metrics.peers}  # each peer's own grid (metrics.peers)
     for batch in b.batch_sizes:
         for seq in b.seq_lens:
             inputs = {
@@ -46,31 +50,96 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
                 "attention_mask": np.ones((batch, seq), dtype=np.int64),
                 "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
             }
-            # label -> timed call; labels are the engines' precisions (fp32 / fp16 / int8)
+            # label -> timed call; labels are the engines' precisions (fp32 / fp16 / int8), then peer names
             calls = {e.precision: e.bind(inputs) for e in engines.values()}
             if b.include_torch:
                 calls.update(_torch_calls(ctx, inputs, torch_threads))
-            times: dict[str, list[float]] = {label: [] for label in calls}
-            for _ in range(b.warmup):
-                for call in calls.values():
-                    call()
-            for _ in range(b.iters):
-                for label, call in calls.items():  # interleaved: same noise for every engine
-                    t0 = time.perf_counter()
-                    call()
-                    times[label].append((time.perf_counter() - t0) * 1000)
+            peer_calls = {name: e.bind(inputs) for name, e in ctx.peers.items()}
+            times = interleaved({**calls, **peer_calls}, b.warmup, b.iters)
             for label, ts in times.items():
                 row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
-                grid.append(row)
+                (peers[label]["grid"] if label in peer_calls else grid).append(row)
             log.info("benchmark b=%d s=%d: %s", batch, seq, {p: round(float(np.median(ts)), 2) for p, ts in times.items()})
-    ctx.metrics.benchmark = {"grid": grid, "warmup": b.warmup, "iters": b.iters, "engine": cfg.engine.name, "not_timed": skipped}
+    ctx.metrics.benchmark = {
+        "grid": grid,
+        "warmup": b.warmup,
+        "iters": b.iters,
+        "engine": cfg.engine.name,
+        "not_timed": skipped,
+        "headline_batch": b.headline_batch,
+        "headline_seq": b.headline_seq,
+    }
+    if b.real_length_examples:
+        real = real_length(ctx, {e.precision: e for e in engines.values()} | ctx.peers, b)
+        ctx.metrics.benchmark["real_length"] = {k: v for k, v in real.items() if k not in ctx.peers}
+        for name in ctx.peers:
+            peers[name]["real_length"] = real[name]
     head = {r["precision"]: r for r in grid if r["batch"] == b.headline_batch and r["seq"] == b.headline_seq}
     ctx.metrics.latency_ms = {p: {k: r[k] for k in ("p50", "p90", "p99")} for p, r in head.items()}
     # speedup = baseline p50 / quantized p50: FP32 vs INT8 on ONNX Runtime, FP16 vs INT8 (or FP8) on TensorRT.
     base, quant = ctx.metrics.engine_precisions["baseline"], ctx.metrics.engine_precisions["quantized"]
     if base in head and quant in head:
         ctx.metrics.speedup = head[base]["p50"] / head[quant]["p50"]
-    ctx.artifacts.plots["benchmark"] = plot(grid, ctx.path("benchmark.png"))
+    ctx.artifacts.plots["benchmark"] = plot(grid + [r for p in ctx.metrics.peers for r in p["grid"]], ctx.path("benchmark.png"))
+
+
+def interleaved(calls: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each labelled call, the calls taking turns (one noise for all)."""
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    for _ in range(iters):
+        for label, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[label].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def real_length(ctx: RunContext, engines: dict, b) -> dict:
+    """The latency a serving system sees: the eval split's real sentence lengths, length-sorted
+    batches of `headline_batch` padded to their longest example (dynamic padding), every engine on
+    every batch in turn; `real_length_passes` timed passes after one warm-up pass.
+
+    Returns, per label, the milliseconds of one pass over the examples (median over passes), the
+    median batch latency and the throughput."""
+    data = ctx.encoded["eval"]
+    data = Encoded(data.features[: b.real_length_examples], data.labels[: b.real_length_examples])
+    feeds = [
+        {k: v.numpy() for k, v in batch.inputs.items()} for batch in batches(ctx.tokenizer, data, b.headline_batch, sort_by_length=True)
+    ]
+    calls = [{label: e.bind(feed) for label, e in engines.items()} for feed in feeds]
+    per_pass: dict[str, list[float]] = {label: [] for label in engines}
+    per_batch: dict[str, list[float]] = {label: [] for label in engines}
+    for p in range(b.real_length_passes + 1):
+        totals = dict.fromkeys(engines, 0.0)
+        for batch_calls in calls:
+            for label, ms in interleaved(batch_calls, 0, 1).items():
+                totals[label] += ms[0]
+                if p:
+                    per_batch[label].append(ms[0])
+        if p:  # pass 0 warms up
+            for label, t in totals.items():
+                per_pass[label].append(t)
+    lengths = [len(f["input_ids"]) for f in data.features]
+    info = {"examples": len(data), "batch": b.headline_batch, "mean_len": float(np.mean(lengths)), "max_len": int(max(lengths))}
+    out = {}
+    for label in engines:
+        total = float(np.median(per_pass[label]))
+        out[label] = {
+            **info,
+            "pass_ms": total,
+            "p50_batch_ms": float(np.median(per_batch[label])),
+            "throughput_seq_s": len(data) * 1000 / total,
+        }
+    log.info(
+        "benchmark real lengths (%d examples, mean %.1f tokens): %s",
+        len(data),
+        info["mean_len"],
+        {k: round(v["pass_ms"], 1) for k, v in out.items()},
+    )
+    return out
 
 
 def _torch_calls(ctx: RunContext, inputs: dict[str, np.ndarray], threads: int) -> dict:
@@ -122,9 +191,9 @@ def plot(grid: list[dict], path):
     for seq in sorted({r["seq"] for r in grid}):
         for p in sorted({r["precision"] for r in grid}):
             rows = sorted((r for r in grid if r["seq"] == seq and r["precision"] == p), key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rows], [r["p50"] for r in rows], styles.get(p, "-"), marker="o", label=f"{p} seq {seq}")
+            ax.plot([r["batch"] for r in rows], [r["p50"] for r in rows], linestyle=styles.get(p, (0, (1, 1))), marker="o", label=f"{p} seq {seq}")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="Engine latency (same run)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))

@@ -4,10 +4,16 @@ so that evaluate can measure, on any machine, the numerics of exactly what Tenso
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import numpy as np
+import onnx
+
 from pipeline.context import RunContext
-from pipeline.engines import ENGINES, GRAPHS, TRT_GRAPHS
+from pipeline.data import batches
+from pipeline.engines import ENGINES, GRAPHS, TRT_GRAPHS, EngineKind
+from pipeline.engines.peers import PeerInputs, build_peers
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -27,7 +33,11 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         ctx.metrics.quantization.setdefault("engine_kernels", {})[precision] = engine.kernels
         log.info("build_engine: %s %s kernels %s", cfg.engine.name, precision, engine.kernels)
     if cfg.engine.name != "onnxruntime":
+        if cfg.benchmark.enabled and cfg.benchmark.peers:
+            log.info("build_engine: benchmark.peers are ONNX Runtime graphs; not compared against engine=%s", cfg.engine.name)
         return
+    if cfg.benchmark.enabled and cfg.benchmark.peers and "model_fp32.onnx" in ctx.artifacts.onnx:
+        _build_peers(cfg, ctx, kind)
     for label, name in TRT_GRAPHS[cfg.quant.format].items():
         if name in ctx.artifacts.onnx:
             engine = kind.build(ctx.artifacts.onnx[name], label, cfg.engine, ctx.run_dir)
@@ -35,3 +45,32 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             fallback = getattr(engine, "fp32_fallback", None)
             ctx.metrics.tensorrt_graphs[label] = {"file": name, "ort_cpu_fp32_fallback_ops": fallback}
             log.info("build_engine: %s through ONNX Runtime; ops ORT CPU runs in FP32 for lack of FP16 kernels: %s", name, fallback)
+
+
+def _build_peers(cfg: RunConfig, ctx: RunContext, kind: EngineKind) -> None:
+    """ONNX Runtime's own quantizers on the run's model_fp32.onnx (benchmark.peers), into peers/."""
+    fp32 = ctx.artifacts.onnx["model_fp32.onnx"]
+    names = [i.name for i in onnx.load(str(fp32), load_external_data=False).graph.input]
+    config = ctx.model.config
+
+    def calibration():  # the run's own calibration examples, as the calibrate stage batches them
+        for b in batches(ctx.tokenizer, ctx.encoded["calib"], cfg.calibration.batch_size, limit=cfg.calibration.num_batches):
+            yield {k: b.inputs[k].numpy().astype(np.int64) for k in names}
+
+    out = ctx.path("peers").resolve()  # absolute: peers are built from a scratch working folder
+    inputs = PeerInputs(
+        fp32_onnx=fp32,
+        out_dir=out,
+        num_heads=getattr(config, "num_attention_heads", 0) or 0,
+        hidden_size=getattr(config, "hidden_size", 0) or 0,
+        # ORT's guidance for x86 without VNNI (7-bit weights) = our quant.weight_range decision.
+        reduce_range=ctx.metrics.quantization.get("weight_range", {}).get("resolved") == "reduced",
+        calibration=calibration,
+    )
+    # Peers run as ONNX Runtime's quantizers wrote them: none of this project's engine rewrites.
+    engine_cfg = dataclasses.replace(cfg.engine, transformer_fusions=False)
+    ctx.peers, ctx.metrics.peers = build_peers(
+        cfg.benchmark.peers, inputs, lambda path, precision: kind.build(path, precision, engine_cfg, out)
+    )
+    for row in ctx.metrics.peers:
+        log.info("build_engine: peer %s %s", row["name"], row["error"] or row.get("kernels"))

@@ -29,17 +29,27 @@ BASELINES = ("fp32", "fp16")
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     """Cached by everything upstream + the evaluate and engine configs + the sha256 of the ONNX and engine
     files measured: numbers are reused only for the very bytes they were measured on."""
-    measured = [*sorted(ctx.run_dir.glob("*.onnx*")), *ctx.artifacts.engine_files.values()]  # every graph + engine file
+    # every graph + engine file, the peers' graphs (benchmark.peers) included
+    measured = [*sorted(ctx.run_dir.glob("*.onnx*")), *sorted(ctx.run_dir.glob("peers/*.onnx")), *ctx.artifacts.engine_files.values()]
     key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine, file_digests(measured))
 
     def save(tmp: Path) -> None:
         (tmp / "evaluate.json").write_text(
-            json.dumps({"accuracy": ctx.metrics.accuracy, "parity": ctx.metrics.parity, "tensorrt_graphs": ctx.metrics.tensorrt_graphs})
+            json.dumps(
+                {
+                    "accuracy": ctx.metrics.accuracy,
+                    "parity": ctx.metrics.parity,
+                    "tensorrt_graphs": ctx.metrics.tensorrt_graphs,
+                    "peers": {r["name"]: r["accuracy"] for r in ctx.metrics.peers},
+                }
+            )
         )
 
     def restore(hit: Path) -> None:
         d = json.loads((hit / "evaluate.json").read_text())
         ctx.metrics.accuracy, ctx.metrics.parity, ctx.metrics.tensorrt_graphs = d["accuracy"], d["parity"], d["tensorrt_graphs"]
+        for row in ctx.metrics.peers:
+            row["accuracy"] = d["peers"].get(row["name"])
 
     hit = cached(ctx.cache, "evaluate", key, compute=lambda: _evaluate(cfg, ctx), save=save, restore=restore)
     return "cached" if hit else None
@@ -73,6 +83,11 @@ def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
         acc[label] = accuracy(logits, ev.labels)
         if fq is not None and label != "trt_graph_fp16":
             ctx.metrics.tensorrt_graphs.setdefault(label, {})["parity_vs_fake_quant"] = parity(logits[:n], fq[:n])
+    # Peers (ONNX Runtime's own quantizers): same split, same batches.
+    for row in ctx.metrics.peers:
+        if row["name"] in ctx.peers:
+            row["accuracy"] = accuracy(engine_logits(ctx.peers[row["name"]], ctx.tokenizer, ev, bs), ev.labels)
+    log.info("evaluate: peers %s", {r["name"]: r["accuracy"] for r in ctx.metrics.peers})
     log.info("evaluate: accuracy %s parity %s", {k: v if v is None else round(v, 4) for k, v in acc.items()}, ctx.metrics.parity)
 
 

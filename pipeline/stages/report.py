@@ -28,6 +28,7 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "engine_precisions": m.engine_precisions,
         "tensorrt_graphs": m.tensorrt_graphs,
         "benchmark": m.benchmark,
+        "peers": m.peers,
         "quantization": m.quantization,
         "training": m.training,
         "stages": {k: dataclasses.asdict(v) for k, v in ctx.stages.items()},
@@ -155,6 +156,8 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
                 f"| {r['batch']} | {r['seq']} | {r['precision']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['throughput_seq_s']:.1f} |"
             )
         lines += ["", "![latency](benchmark.png)", ""]
+    if d.get("peers"):
+        lines += peer_table(d)
     if d["training"]:
         lines += ["## Training", ""]
         for name, t in d["training"].items():
@@ -163,3 +166,46 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {k} | {v['status']} | {v['seconds']:.1f} |" for k, v in d["stages"].items()]
     return "\n".join(lines) + "\n"
+
+
+def peer_table(d: dict) -> list[str]:
+    """Our engines next to ONNX Runtime's own quantizers (benchmark.peers): accuracy, Δ vs the FP32
+    engine, p50 per grid cell, the INT8/FP32 ratio at the headline shape, the real-length pass."""
+    grid = d["benchmark"]["grid"]
+    cells = sorted({(r["batch"], r["seq"]) for r in grid})
+    base = (d.get("engine_precisions") or {}).get("baseline") or "fp32"
+    ours = {p: {(r["batch"], r["seq"]): r["p50"] for r in grid if r["precision"] == p} for p in {r["precision"] for r in grid}}
+    real = d["benchmark"].get("real_length", {})
+    acc = d["accuracy"]
+    rows = [
+        (f"this project {_NAMES.get(p, p)}", acc.get(f"engine_{p}") if p == base else acc.get(p), ours[p], real.get(p), None) for p in ours
+    ]
+    for peer in d["peers"]:
+        cell = {(r["batch"], r["seq"]): r["p50"] for r in peer["grid"]}
+        rows.append((f"`{peer['name']}`", peer["accuracy"], cell, peer.get("real_length"), peer["error"]))
+    ref_acc, ref = acc.get(f"engine_{base}"), ours.get(base, {})
+    head = (d["benchmark"].get("headline_batch"), d["benchmark"].get("headline_seq"))
+    head = head if head in ref else (cells[-1] if cells else None)
+    header = (
+        ["model", "accuracy", "Δ pt"]
+        + [f"p50 b{b}×s{s} ms" for b, s in cells]
+        + [f"ratio vs {_NAMES.get(base, base)} b{head[0]}×s{head[1]}" if head else "ratio"]
+    )
+    header.append("real lengths: ms per pass")
+    out = ["## Peer comparison (ONNX Runtime's own quantizers, same run)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, a, cell, rl, err in rows:
+        if err:
+            out.append(f"| {name} | failed: {err} |" + " |" * (len(header) - 2))
+            continue
+        delta = "—" if a is None or ref_acc is None else f"{100 * (a - ref_acc):+.2f}"
+        ratio = f"{cell[head] / ref[head]:.3f}" if head in cell and head in ref else "—"
+        times = [f"{cell[c]:.2f}" if c in cell else "—" for c in cells]
+        out.append("| " + " | ".join([name, _pct(a), delta, *times, ratio, f"{rl['pass_ms']:.0f}" if rl else "—"]) + " |")
+    fastest = []
+    for c in cells:
+        timed = {name: cell[c] for name, _, cell, _, err in rows if not err and c in cell}
+        if timed:
+            fastest.append(f"b{c[0]}×s{c[1]}: {min(timed, key=timed.get)}")
+    out += ["", f"Fastest per cell: {'; '.join(fastest)}.", ""]
+    out += [f"- `{p['name']}`: {p['description']}" for p in d["peers"]] + [""]
+    return out

@@ -1,0 +1,92 @@
+"""Peers (ONNX Runtime's own quantizers as comparison rows), the real-length benchmark row and the
+optional ONNX Runtime transformer fusions of the INT8 graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import typing
+
+import numpy as np
+import pytest
+
+from pipeline.engines import peers
+from pipeline.schema import BenchmarkConfig, ConfigError, EngineConfig, validate
+from pipeline.stages._common import engine_logits
+from tests.conftest import compose_cfg
+
+ALL = "benchmark.peers=[ort_fp32_fused,ort_dynamic,ort_dynamic_fused,ort_static]"
+
+
+def test_schema_lists_exactly_the_registered_peers():
+    hint = typing.get_type_hints(BenchmarkConfig)["peers"]
+    assert set(typing.get_args(typing.get_args(hint)[0])) == set(peers.PEERS)
+    assert BenchmarkConfig().peers == list(peers.PEERS)  # all on by default
+    assert compose_cfg().benchmark.peers == list(peers.PEERS)
+
+
+def test_unknown_peer_is_named_with_the_valid_values():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["benchmark.peers=[ort_dynamic,ort_qat]"]))
+    assert "benchmark.peers[1]: 'ort_qat' is not valid; valid values: ort_fp32_fused, ort_dynamic, ort_dynamic_fused, ort_static" in str(
+        e.value
+    )
+
+
+def test_every_peer_is_built_evaluated_and_timed_in_the_run(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ONNX Runtime's quantizers must not leave files in the working folder
+    ctx = tiny_run([ALL])
+    m = json.loads((ctx.run_dir / "metrics.json").read_text())
+    ours = {(r["batch"], r["seq"]) for r in m["benchmark"]["grid"]}
+    assert [p["name"] for p in m["peers"]] == list(peers.PEERS)
+    for p in m["peers"]:
+        assert p["error"] is None, p
+        assert 0.0 <= p["accuracy"] <= 1.0
+        assert {(r["batch"], r["seq"]) for r in p["grid"]} == ours and all(r["p50"] > 0 for r in p["grid"])
+        assert p["real_length"]["pass_ms"] > 0 and (ctx.run_dir / p["file"]).exists()
+    kernels = {p["name"]: p["kernels"] for p in m["peers"]}
+    # What each peer really runs: int8 kernels for the quantized ones, fused attention for the fused one.
+    assert kernels["ort_dynamic"].get("DynamicQuantizeMatMul", 0) + kernels["ort_dynamic"].get("MatMulIntegerToFloat", 0) > 0
+    assert kernels["ort_dynamic_fused"].get("QAttention", 0) > 0
+    assert kernels["ort_static"].get("QLinearMatMul", 0) + kernels["ort_static"].get("MatMulIntegerToFloat", 0) > 0
+    assert not any(k.startswith(("Q", "DynamicQuantize", "MatMulInteger")) for k in kernels["ort_fp32_fused"])
+    # The FP32 peer is the same function as our FP32 engine: same decisions on the eval split.
+    assert m["peers"][0]["accuracy"] == m["accuracy"]["engine_fp32"]
+    report = (ctx.run_dir / "report.md").read_text()
+    assert "## Peer comparison" in report and all(f"`{n}`" in report for n in peers.PEERS)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".data")] == []
+    # Real-length row: the eval split's own lengths, dynamically padded batches of the headline size.
+    real = m["benchmark"]["real_length"]
+    assert set(real) == {"fp32", "int8"}
+    lengths = [len(f["input_ids"]) for f in ctx.encoded["eval"].features]
+    assert real["int8"]["examples"] == len(lengths) and real["int8"]["max_len"] == max(lengths)
+    assert real["int8"]["mean_len"] == pytest.approx(float(np.mean(lengths)))
+
+
+def test_a_peer_that_fails_to_build_is_a_row_with_its_error(tiny_run, monkeypatch):
+    def broken(p):
+        raise RuntimeError("unsupported op in this graph")
+
+    monkeypatch.setitem(peers.PEERS, "ort_static", (broken, "int8", "broken on purpose"))
+    ctx = tiny_run(["benchmark.peers=[ort_dynamic,ort_static]"])
+    m = json.loads((ctx.run_dir / "metrics.json").read_text())
+    by = {p["name"]: p for p in m["peers"]}
+    assert by["ort_static"]["error"] == "RuntimeError: unsupported op in this graph" and by["ort_static"]["accuracy"] is None
+    assert by["ort_static"]["grid"] == [] and by["ort_dynamic"]["error"] is None and by["ort_dynamic"]["grid"]
+    assert "failed: RuntimeError: unsupported op in this graph" in (ctx.run_dir / "report.md").read_text()
+
+
+def test_transformer_fusions_change_the_graph_not_the_numbers(tiny_run):
+    ctx = tiny_run(["engine.transformer_fusions=true", "benchmark=none"])
+    fused = ctx.engines["int8"]
+    assert fused.files["fused_graph"].name == "model_int8.fused.onnx"
+    from pipeline.engines.onnxruntime import OrtEngine, count_ops
+
+    ops = count_ops(fused.files["fused_graph"])
+    assert ops.get("SkipLayerNormalization", 0) > 0  # the fusion happened ...
+    assert fused.kernels.get("MatMulIntegerToFloat", 0) + fused.kernels.get("QLinearMatMul", 0) > 0  # ... and GEMMs stay int8
+    plain_cfg = EngineConfig(name="onnxruntime", transformer_fusions=False, save_optimized=False)
+    plain = OrtEngine(ctx.artifacts.onnx["model_int8.onnx"], "int8", plain_cfg, ctx.run_dir)
+    ev = ctx.encoded["eval"]
+    a, b = engine_logits(fused, ctx.tokenizer, ev, 16), engine_logits(plain, ctx.tokenizer, ev, 16)
+    np.testing.assert_allclose(a, b, atol=1e-4)
