@@ -38,6 +38,7 @@ COLUMNS = [
     "cached_stages",
     "seconds",
     "error",
+    "peers",
 ]
 
 
@@ -81,7 +82,18 @@ def _job_row(job: Path) -> dict | None:
         )
         if row["acc_quantized"] is not None and row["acc_fp32"] is not None:
             row["delta_quantized_fp32"] = row["acc_quantized"] - row["acc_fp32"]
+        # ONNX Runtime's own quantizers in this job (benchmark.peers): name=accuracy@p50 at the headline shape.
+        head = (m.get("benchmark", {}).get("headline_batch"), m.get("benchmark", {}).get("headline_seq"))
+        row["peers"] = " ".join(_peer_cell(p, head) for p in m.get("peers", [])) or None
     return row
+
+
+def _peer_cell(peer: dict, head: tuple) -> str:
+    if peer.get("error"):
+        return f"{peer['name']}=failed"
+    p50 = next((r["p50"] for r in peer.get("grid", []) if (r["batch"], r["seq"]) == head), None)
+    acc = "—" if peer.get("accuracy") is None else f"{100 * peer['accuracy']:.2f}%"
+    return f"{peer['name']}={acc}@{'—' if p50 is None else f'{p50:.2f}ms'}"
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -149,6 +161,10 @@ def write_report(sweep_dir: Path) -> list[dict]:
             f"| {r['job']}{star} | {r['status']} | `{own}` | {_fmt(r['acc_fp32'], True)} | {_fmt(r['acc_fake_quant'], True)} | "
             f"{_fmt(r['acc_quantized'], True)} ({r['quantized']}) | {delta} | {_fmt(r['p50_baseline_ms'])} ({r['baseline']}) | {_fmt(r['p50_quantized_ms'])} | {_fmt(r['speedup'])} | {r['cached_stages'] or '—'} |"
         )
+    with_peers = [r for r in rows if r["peers"]]
+    if with_peers:
+        lines += ["", "## Peers (ONNX Runtime's own quantizers in each job: accuracy @ p50 at the headline shape)", ""]
+        lines += [f"- {r['job']}: {r['peers']}" for r in with_peers]
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         lines += ["", "## Failed jobs", ""] + [f"- job {r['job']} (`{r['overrides']}`): {r['error']}" for r in failed]

@@ -90,3 +90,30 @@ def test_transformer_fusions_change_the_graph_not_the_numbers(tiny_run):
     ev = ctx.encoded["eval"]
     a, b = engine_logits(fused, ctx.tokenizer, ev, 16), engine_logits(plain, ctx.tokenizer, ev, 16)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_sweep_report_shows_each_jobs_peers(tmp_path):
+    from pipeline.sweep_report import write_report
+
+    job = tmp_path / "0"
+    job.mkdir()
+    (job / "manifest.json").write_text(json.dumps({"status": "done", "stages": {}}))
+    grid = [{"batch": 8, "seq": 128, "precision": "int8", "p50": 1.0}]
+    peers_rows = [
+        {
+            "name": "ort_dynamic",
+            "accuracy": 0.8375,
+            "error": None,
+            "grid": [{"batch": 8, "seq": 128, "p50": 2.5}, {"batch": 1, "seq": 32, "p50": 0.1}],
+        },
+        {"name": "ort_static", "accuracy": None, "error": "RuntimeError: x", "grid": []},
+    ]
+    metrics = {
+        "accuracy": {"fp32": 0.84, "int8": 0.84},
+        "latency_ms": {},
+        "benchmark": {"grid": grid, "headline_batch": 8, "headline_seq": 128},
+    }
+    (job / "metrics.json").write_text(json.dumps({**metrics, "peers": peers_rows}))
+    rows = write_report(tmp_path)
+    assert rows[0]["peers"] == "ort_dynamic=83.75%@2.50ms ort_static=failed"
+    assert "- 0: ort_dynamic=83.75%@2.50ms ort_static=failed" in (tmp_path / "sweep_report.md").read_text()
