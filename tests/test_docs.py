@@ -150,3 +150,13 @@ def test_calibration_png_in_real_runs_cached_and_max(tmp_path):
     mx = run_tiny(tmp_path, [*light, "calibration=max"], name="max")
     assert not (mx.run_dir / cp.HISTOGRAMS).exists()
     assert "collects no histograms" in (mx.run_dir / "report.md").read_text()
+
+
+def test_readme_links_into_docs_resolve():
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", text)
+    assert len(links) >= 10
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing
+    for section in ("## Two commands", "## What runs where", "## Peer comparison (ONNX Runtime's own quantizers)", "## Scaling out"):
+        assert section in text
