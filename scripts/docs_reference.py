@@ -288,7 +288,8 @@ def _options_table(folder: str) -> list[str]:
     rows = ["| option | what it is for | values it sets |", "|---|---|---|"]
     for path in sorted((ROOT / "conf" / folder).glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
-        sets = ", ".join(f"`{k}={_yaml(v)}`" for k, v in _flat(data) if k != "defaults")
+        chosen = [f"`{k}: {_yaml(v)}`" for d in data.get("defaults") or [] if isinstance(d, dict) for k, v in d.items()]
+        sets = ", ".join(chosen + [f"`{k}={_yaml(v)}`" for k, v in _flat(data) if k != "defaults"])
         rows.append(f"| `{folder}={path.stem}` | {_cell(_header(path))} | {_cell(sets)} |")
     return rows
 
