@@ -301,10 +301,10 @@ def calibration(run: Run) -> None:
     h = max(hists, key=lambda x: x.disagreement)
     for method in cp.METHODS:
         fig, ax = plt.subplots(figsize=(7.5, 3.2))
-        cp.draw_histogram(ax, h, method, methods=(method,))
+        cp.draw_histogram(ax, h, method, methods=(method,), say_chosen=False)
         for other in cp.METHODS:
             if other != method:
-                ax.axvline(h.amax[other], color=cp.COLORS[other], linewidth=0.6, alpha=0.35, linestyle=":")
+                ax.axvline(h.amax[other], color=cp.COLORS[other], linewidth=0.8, alpha=0.55, linestyle=":")
         e = h.error(h.amax[method])
         ax.set_title(
             f"{method}: amax {h.amax[method]:.3g} on {cp.short(h.name)} — clips {100 * e['clipped']:.3g} %, SQNR {e['sqnr_db']:.1f} dB",

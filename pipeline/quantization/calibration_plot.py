@@ -153,7 +153,7 @@ def short(name: str) -> str:
     return name.replace("_quantizer", "")
 
 
-def draw_histogram(ax, h: Histogram, chosen: str | None, methods: tuple[str, ...] = METHODS) -> None:
+def draw_histogram(ax, h: Histogram, chosen: str | None, methods: tuple[str, ...] = METHODS, *, say_chosen: bool = True) -> None:
     """Log-scale histogram of |x| with each method's amax (the chosen one thick) on one matplotlib axis."""
     ax.fill_between(h.centers, h.counts, step="mid", color="0.6", linewidth=0)
     ax.set_yscale("log")
@@ -167,7 +167,7 @@ def draw_histogram(ax, h: Histogram, chosen: str | None, methods: tuple[str, ...
             color=COLORS[m],
             linewidth=2.6 if is_chosen else 1.1,
             linestyle="-" if is_chosen else "--",
-            label=f"{m}{' (chosen)' if is_chosen else ''}: {a:.3g}, clips {100 * e['clipped']:.3g} %, SQNR {e['sqnr_db']:.1f} dB",
+            label=f"{m}{' (chosen)' if is_chosen and say_chosen else ''}: {a:.3g}, clips {100 * e['clipped']:.3g} %, SQNR {e['sqnr_db']:.1f} dB",
         )
     ax.set_xlabel("|x|")
     ax.set_ylabel("count (log)")
