@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"docs_figures: {path} has no metrics.json (not a finished run)")
     run = Run(path)
     print(f"docs_figures: from {run.path} ({run.command})")
+    # The metrics the tables were rendered from, kept beside them (tests/test_docs.py checks they agree).
+    write("source_metrics.json", json.dumps({"run": run.caption, "metrics": run.metrics}, indent=1))
     numbers(run)
     quant_map_numbers(run)
     graph_counts(run)

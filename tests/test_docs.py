@@ -160,3 +160,20 @@ def test_readme_links_into_docs_resolve():
     assert not missing, missing
     for section in ("## Two commands", "## What runs where", "## Peer comparison (ONNX Runtime's own quantizers)", "## Scaling out"):
         assert section in text
+
+
+def test_docs_numbers_are_the_source_runs():
+    """The number tables in docs/snippets are rendered from the metrics.json kept beside them."""
+    snip = ROOT / "docs" / "snippets"
+    src = json.loads((snip / "source_metrics.json").read_text())
+    m = src["metrics"]
+    headline = (snip / "headline.md").read_text()
+    for key, value in m["accuracy"].items():
+        if value is not None:
+            assert f"{100 * value:.2f} %" in headline, key
+    if m["parity"].get("argmax_agreement") is not None:
+        assert f"cosine {m['parity']['cosine']:.5f}" in headline
+    grid = (snip / "benchmark_grid.md").read_text()
+    for row in m["benchmark"]["grid"]:
+        assert f"{row['p50']:.2f}" in grid, row
+    assert src["run"] in headline and src["run"] in (snip / "run.md").read_text()
