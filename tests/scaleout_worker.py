@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_writes: list[str] = []
+_writes: list[tuple[str, str]] = []  # (event, absolute path)
 _recording = True
 
 
@@ -26,11 +26,11 @@ def _audit(event: str, args: tuple) -> None:
         return
     try:
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and isinstance(args[2], int) and args[2] & _WRITE_FLAGS:
-            _writes.append(os.path.abspath(os.fsdecode(args[0])))
+            _writes.append((event, os.path.abspath(os.fsdecode(args[0]))))
         elif event in ("os.mkdir", "os.symlink", "os.link"):
-            _writes.append(os.path.abspath(os.fsdecode(args[1] if event != "os.mkdir" else args[0])))
+            _writes.append((event, os.path.abspath(os.fsdecode(args[1] if event != "os.mkdir" else args[0]))))
         elif event == "os.rename":
-            _writes.append(os.path.abspath(os.fsdecode(args[1])))
+            _writes.append((event, os.path.abspath(os.fsdecode(args[1]))))
     except (TypeError, IndexError, ValueError):
         pass
 
@@ -64,7 +64,7 @@ def main() -> None:
         probe.mkdir(parents=True, exist_ok=True)
         info = {"rank": int(rank), "run_dir": str(ctx.run_dir) if ctx else None, "writes": _writes}
         if ctx is not None:
-            tensors = {f"amax/{n}": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
+            tensors = {f"amax/{n}": q.amax.detach().cpu().clone() for n, q in ctx.quantizers.items() if q.amax is not None}
             tensors.update({f"weight/{k}": v for k, v in state_for_safetensors(ctx.model).items()})
             save_file(tensors, str(probe / f"rank{rank}.safetensors"))
             info["training"] = ctx.metrics.training
