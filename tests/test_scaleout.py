@@ -127,6 +127,23 @@ def test_optuna_latency_search_runs_every_trial_and_reports_failed_ones(tmp_path
 # Launchers: submitit (local executor) and Ray (a local instance the launcher starts)
 
 
+def test_cluster_launcher_configs_compose_with_the_keys_users_edit():
+    """conf/hydra/launcher/slurm.yaml and ray_cluster.yaml cannot run here (no SLURM, no cluster): they
+    must still compose to the plugins' launchers with the documented keys."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    slurm = compose_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True).hydra.launcher
+    local = compose_cfg(["hydra/launcher=submitit_local"], return_hydra_config=True).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and local._target_.endswith("LocalLauncher")
+    assert (slurm.partition, slurm.gpus_per_node, slurm.timeout_min, slurm.array_parallelism) == ("gpu", 1, 120, 16)
+    assert slurm.submitit_folder == local.submitit_folder  # same launcher, executor swapped
+    cluster = compose_cfg(["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=10.0.0.5:6379"], return_hydra_config=True)
+    ray = cluster.hydra.launcher.ray
+    assert ray.init.address == "10.0.0.5:6379" and (ray.remote.num_cpus, ray.remote.num_gpus) == (8, 1)
+    local_ray = compose_cfg(["hydra/launcher=ray_local"], return_hydra_config=True).hydra.launcher.ray
+    assert local_ray.init.address is None and local_ray.remote.num_cpus == 1
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep_in_its_own_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
