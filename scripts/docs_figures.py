@@ -548,7 +548,7 @@ def draw_layer(path: Path, out: str, title: str) -> tuple[Counter, int]:
     depth = max(y for _, y in pos.values()) + 1
     width = max(abs(x) for x, _ in pos.values()) * 2 + 1
     fig, ax = plt.subplots(figsize=(max(7.0, 1.9 * width), 0.52 * depth + 0.8))
-    for a, b in edges:
+    for a, b in sorted(edges):  # sorted: the same run gives the same bytes
         (x0, y0), (x1, y1) = pos[a], pos[b]
         long = y1 - y0 > 1  # skips rows (residual paths, weights): curved and dashed, so it does not run behind the column
         style = {"arrowstyle": "->", "color": "0.45" if long else "0.55", "lw": 0.7}
