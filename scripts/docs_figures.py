@@ -205,6 +205,47 @@ def numbers(run: Run) -> None:
     write("run.md", run.caption)
 
 
+def peers(run: Run) -> None:
+    """ONNX Runtime's own quantizers measured in the same run (metrics.json -> peers), next to ours."""
+    m = run.metrics
+    rows = m.get("peers") or []
+    if not rows:
+        write("peers.md", f"This run measured no peers (`benchmark.peers`). *{run.caption}*")
+        return
+    prec = m.get("engine_precisions") or {}
+    base, quant = prec.get("baseline") or "fp32", prec.get("quantized") or "int8"
+    grid = m.get("benchmark", {}).get("grid", [])
+    cells = sorted({(r["batch"], r["seq"]) for r in grid})
+    ours = {p: {(r["batch"], r["seq"]): r["p50"] for r in grid if r["precision"] == p} for p in (base, quant)}
+    ref = m["accuracy"].get(f"engine_{base}")
+    header = ["model", "accuracy", f"Δ vs {base.upper()} engine (pt)"] + [f"p50 b{b}×s{s_} ms" for b, s_ in cells]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, acc, cell in (
+        (f"this project, {base.upper()}", ref, ours[base]),
+        (f"this project, {quant.upper()}", m["accuracy"].get(quant), ours[quant]),
+    ):
+        lines.append(
+            "| "
+            + " | ".join(
+                [name, _pct(acc), "—" if acc is None or ref is None else f"{100 * (acc - ref):+.2f}"]
+                + [f"{cell[c]:.2f}" if c in cell else "—" for c in cells]
+            )
+            + " |"
+        )
+    for p in rows:
+        if p.get("error"):
+            lines.append(f"| `{p['name']}` | failed: {p['error']} |" + " |" * (len(header) - 2))
+            continue
+        cell = {(r["batch"], r["seq"]): r["p50"] for r in p.get("grid", [])}
+        acc = p.get("accuracy")
+        delta = "—" if acc is None or ref is None else f"{100 * (acc - ref):+.2f}"
+        lines.append(
+            "| " + " | ".join([f"`{p['name']}`", _pct(acc), delta] + [f"{cell[c]:.2f}" if c in cell else "—" for c in cells]) + " |"
+        )
+    notes = [f"- `{p['name']}`: {p['description']}" for p in rows if p.get("description")]
+    write("peers.md", "\n".join(lines + [""] + notes) + f"\n\n*{run.caption}*")
+
+
 def quant_map_numbers(run: Run) -> None:
     """A worked scale example and a few quant_map.json rows, from the run's own quantizers."""
     path = run.path / "quant_map.json"
@@ -611,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     # The metrics the tables were rendered from, kept beside them (tests/test_docs.py checks they agree).
     write("source_metrics.json", json.dumps({"run": run.caption, "metrics": run.metrics}, indent=1))
     numbers(run)
+    peers(run)
     quant_map_numbers(run)
     graph_counts(run)
     calibration(run)
