@@ -39,6 +39,10 @@ COLUMNS = [
     "seconds",
     "error",
     "peers",
+    # What the run returned to a sweeper (objective.json; pipeline/objective.py): the value Optuna saw,
+    # and for objective.metric=latency whether the accuracy floor was met.
+    "objective",
+    "feasible",
 ]
 
 
@@ -59,6 +63,9 @@ def _job_row(job: Path) -> dict | None:
     stages = man.get("stages", {})
     row["cached_stages"] = " ".join(k for k, v in stages.items() if v.get("status") == "cached")
     row["seconds"] = round(sum(v.get("seconds", 0) for v in stages.values()), 1)
+    if (job / "objective.json").exists():
+        obj = json.loads((job / "objective.json").read_text())
+        row.update(objective=obj.get("value"), feasible=obj.get("feasible"))
     metrics_path = job / "metrics.json"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
@@ -165,6 +172,12 @@ def write_report(sweep_dir: Path) -> list[dict]:
     if with_peers:
         lines += ["", "## Peers (ONNX Runtime's own quantizers in each job: accuracy @ p50 at the headline shape)", ""]
         lines += [f"- {r['job']}: {r['peers']}" for r in with_peers]
+    floor = [r for r in rows if r["feasible"] is False]
+    if floor:  # objective.metric=latency: trials under the accuracy floor (their objective is a penalty)
+        lines += [
+            "",
+            f"Under the accuracy floor (objective.min_accuracy; infeasible in a latency search): jobs {', '.join(r['job'] for r in floor)}.",
+        ]
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         lines += ["", "## Failed jobs", ""] + [f"- job {r['job']} (`{r['overrides']}`): {r['error']}" for r in failed]
