@@ -96,9 +96,10 @@ def test_optuna_latency_search_runs_every_trial_and_reports_failed_ones(tmp_path
         [
             sys.executable, "-m", "pipeline", "-m", "+sweep=optuna_latency", *FAST, f"cache.dir={tmp_path}/cache",
             "objective.min_accuracy=0.9",  # random weights reach ~0.5: every trial is under the floor
-            "hydra.sweeper.n_trials=4", "~hydra.sweeper.custom_search_space", "~hydra.sweeper.params.qat",
-            "hydra.sweeper.params.quant=linear", "hydra.sweeper.params.calibration=choice(max,mse)",
-            "+hydra.sweeper.params.calibration.num_bins=choice(2048,8)",  # 8 < 16: refused by validation
+            "hydra.sweeper.n_trials=4", "hydra.sweeper.custom_search_space=null",
+            # command-line sweep overrides join (and override) hydra.sweeper.params
+            "quant=linear", "qat=none", "calibration=choice(percentile,mse)",
+            "calibration.num_bins=choice(2048,8)",  # 8 < 16: refused by validation
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
