@@ -361,7 +361,9 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
                 f"batch_sizes={c.benchmark.batch_sizes} x seq_lens={c.benchmark.seq_lens}"
             )
     if c.objective.metric == "latency" and not c.benchmark.enabled:
-        errors.append("objective.metric=latency: needs the benchmark; benchmark=none cannot be combined with it (choose objective.metric=accuracy)")
+        errors.append(
+            "objective.metric=latency: needs the benchmark; benchmark=none cannot be combined with it (choose objective.metric=accuracy)"
+        )
     if c.resume is not None and not (Path(c.resume).expanduser() / "manifest.json").exists():
         errors.append(f"resume: {c.resume} is not a run folder (no manifest.json)")
     if c.engine.name == "tensorrt":
