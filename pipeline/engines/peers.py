@@ -120,10 +120,11 @@ def ort_static(p: PeerInputs) -> Path:
         weight_type=QuantType.QInt8,
         per_channel=True,
         reduce_range=p.reduce_range,
+        # MinMax's augmented graph returns one ReduceMin / ReduceMax per tensor and batch, so memory stays
+        # small without CalibMaxIntermediateOutputs, which must not be set: in onnxruntime 1.32 it discards
+        # every full group of collected batches without merging their ranges (MinMaxCalibrater.collect_data),
+        # and raises "No data is collected." when the batch count is a multiple of it.
         calibrate_method=CalibrationMethod.MinMax,
-        # ORT keeps every intermediate tensor of every calibration batch until ranges are computed;
-        # folding them into running ranges every 4 batches bounds memory on any calibration size.
-        extra_options={"CalibMaxIntermediateOutputs": 4},
     )
     pre.unlink(missing_ok=True)
     return out
