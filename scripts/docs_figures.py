@@ -168,7 +168,7 @@ def numbers(run: Run) -> None:
     wr = (m.get("quantization") or {}).get("weight_range")
     if wr:
         rows.append(("quant.weight_range", f"{wr.get('asked')} → **{wr.get('resolved')}** ({wr.get('why')})"))
-    table = ["| | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    table = ["| | value |", "|---|---|"] + [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in rows]
     write("headline.md", "\n".join(table) + f"\n\n*{run.caption}*")
 
     grid = m.get("benchmark", {}).get("grid", [])
