@@ -107,7 +107,7 @@ def main() -> None:
                 "attention_mask": np.ones((b, s), dtype=np.int64),
                 "token_type_ids": np.zeros((b, s), dtype=np.int64),
             }
-            prof = {k: profile(paths[k], feed, tmp) for k in ("fp32", "int8", "int8_fused") if k in paths}
+            prof = {k: profile(p, feed, tmp) for k, p in paths.items() if k in engines and not k.endswith("_fused")}
             ops = sorted({op for p in prof.values() for op in p}, key=lambda op: -max(p.get(op, 0) for p in prof.values()))
             print(f"\nORT profiler, b{b}×s{s}, ms per call by op type (kernel time, 2 threads):")
             print("| op | " + " | ".join(prof) + " |\n|---|" + "---|" * len(prof))
