@@ -191,7 +191,13 @@ def plot(grid: list[dict], path):
     for seq in sorted({r["seq"] for r in grid}):
         for p in sorted({r["precision"] for r in grid}):
             rows = sorted((r for r in grid if r["seq"] == seq and r["precision"] == p), key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rows], [r["p50"] for r in rows], linestyle=styles.get(p, (0, (1, 1))), marker="o", label=f"{p} seq {seq}")
+            ax.plot(
+                [r["batch"] for r in rows],
+                [r["p50"] for r in rows],
+                linestyle=styles.get(p, (0, (1, 1))),
+                marker="o",
+                label=f"{p} seq {seq}",
+            )
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)", title="Engine latency (same run)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
