@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.engines.onnxruntime import OrtEngine
-from pipeline.engines.peers import transformer_fusions
+from pipeline.engines.onnxruntime import OrtEngine, transformer_fusions
 from pipeline.schema import EngineConfig
 from pipeline.stages.benchmark import interleaved
 

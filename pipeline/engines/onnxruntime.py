@@ -57,8 +57,6 @@ class OrtEngine:
             # Between the int8 GEMMs an encoder layer runs bias adds, residual adds, LayerNorms and GELU
             # as separate passes over the activations; fused, they are two kernels per layer
             # (SkipLayerNormalization, BiasGelu). Q/DQ pairs and the int8 GEMMs are left as they are.
-            from pipeline.engines.peers import transformer_fusions
-
             try:
                 onnx_path = transformer_fusions(Path(onnx_path), run_dir / f"{Path(onnx_path).stem}.fused.onnx")
                 self.files["fused_graph"] = onnx_path
@@ -179,6 +177,25 @@ def fp32_fallback_ops(onnx_path: Path) -> dict[str, int]:
         rewritten = input_types(onnx.load(so.optimized_model_filepath))
     fallback = Counter(op[n] for n, t in rewritten.items() if n in fp16_nodes and t == onnx.TensorProto.FLOAT)
     return dict(sorted(fallback.items()))
+
+
+def transformer_fusions(src: Path, out: Path, num_heads: int = 0, hidden_size: int = 0) -> Path:
+    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNormalization, BiasGelu, ... fusions).
+
+    model_type "bert" is ORT's encoder fusion set (it also serves RoBERTa, DistilBERT, ...); fusions that
+    do not match an architecture are simply not applied. QOrdered* fusions are off: those contrib ops
+    exist for CUDA only, and a CPU session would refuse the graph.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_qordered_matmul = False
+    model = optimize_model(
+        str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options, use_gpu=False
+    )
+    model.save_model_to_file(str(out))
+    return out
 
 
 def build(onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path) -> OrtEngine:

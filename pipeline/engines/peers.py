@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engines.onnxruntime import transformer_fusions
+
 log = logging.getLogger(__name__)
 
 
@@ -42,25 +44,6 @@ class PeerInputs:
     hidden_size: int
     reduce_range: bool
     calibration: Callable[[], Iterable[dict[str, np.ndarray]]]  # fresh iterator of feeds per call
-
-
-def transformer_fusions(src: Path, out: Path, num_heads: int = 0, hidden_size: int = 0) -> Path:
-    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNormalization, BiasGelu, ... fusions).
-
-    model_type "bert" is ORT's encoder fusion set (it also serves RoBERTa, DistilBERT, ...); fusions that
-    do not match an architecture are simply not applied. QOrdered* fusions are off: those contrib ops
-    exist for CUDA only, and a CPU session would refuse the graph.
-    """
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_qordered_matmul = False
-    model = optimize_model(
-        str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options, use_gpu=False
-    )
-    model.save_model_to_file(str(out))
-    return out
 
 
 def _fused_fp32(p: PeerInputs) -> Path:

@@ -70,7 +70,7 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
         "headline_seq": b.headline_seq,
     }
     if b.real_length_examples:
-        real = real_length(ctx, {e.precision: e for e in engines.values()} | ctx.peers, b)
+        real = real_length(ctx, engines | ctx.peers, b)
         ctx.metrics.benchmark["real_length"] = {k: v for k, v in real.items() if k not in ctx.peers}
         for name in ctx.peers:
             peers[name]["real_length"] = real[name]
