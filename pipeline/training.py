@@ -47,6 +47,58 @@ class TrainResult:
     epoch_eval: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_step: int = 0
+    # Best-state selection (cfg.keep_best / cfg.eval_every): every evaluation on the tuning split, and
+    # {start, best, best_step, end, restored} (see _Selector).
+    evals: list[dict] = field(default_factory=list)
+    selection: dict | None = None
+
+
+class _Selector:
+    """Evaluates the model during training and keeps the best state (accuracy, ties: lower loss).
+
+    With keep_best the model ends in the best state seen, the start included: training cannot end below
+    where it started (on the selection split). The state copy lives on the CPU (one model's weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, eval_fn: Callable[[], dict], keep_best: bool, result: TrainResult, desc: str):
+        self.model, self.eval_fn, self.keep_best, self.result, self.desc = model, eval_fn, keep_best, result, desc
+        self.best: dict | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_step: int | None = None
+
+    def __call__(self, step: int) -> dict:
+        if self.last_step == step:  # already evaluated at this step (e.g. epoch end == end)
+            return self.result.evals[-1]
+        was_training = self.model.training
+        self.model.eval()
+        r = {"step": step, **self.eval_fn()}
+        self.model.train(was_training)
+        self.result.evals.append(r)
+        self.last_step = step
+        log.info("%s step %d: %s", self.desc, step, {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()})
+        if self.keep_best and (self.best is None or _score(r) > _score(self.best)):
+            self.best = r
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return r
+
+    def finish(self, step: int) -> None:
+        end = self(step)
+        restored = False
+        if self.keep_best and self.best is not None and self.best["step"] != step:
+            self.model.load_state_dict(self.best_state)
+            restored = True
+            log.info("%s: restored the best state (step %d: %s) over the end (%s)", self.desc, self.best["step"], self.best, end)
+        self.result.selection = {
+            "start": self.result.evals[0],
+            "best": self.best if self.keep_best else None,
+            "end": end,
+            "restored": restored,
+        }
+        self.best_state = None
+
+
+def _score(r: dict) -> tuple[float, float]:
+    return (r.get("accuracy", float("-inf")), -r.get("loss", 0.0))
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +124,16 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     return alpha * F.cross_entropy(student, labels) + (1 - alpha) * t * t * soft
 
 
+def classification_objective(net, inputs: dict, labels: torch.Tensor, teacher: torch.nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on the logits; with cfg.distill and a teacher, kd_loss against the teacher's logits."""
+    logits = net(**inputs).logits
+    if cfg.distill and teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits
+        return kd_loss(logits, t_logits, labels, cfg.kd_alpha, cfg.kd_temperature)
+    return F.cross_entropy(logits, labels)
+
+
 def train(
     model: torch.nn.Module,
     tokenizer,
@@ -86,15 +148,20 @@ def train(
     eval_fn: Callable[[], dict] | None = None,
     resume: Path | None = None,
     stop_after: int | None = None,
+    objective: Callable[..., torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` in place.
 
     Args:
         checkpoint_dir: where checkpoints go (`<run>/checkpoints/<stage>/step-<N>/`).
         teacher: frozen FP32 model for distillation (cfg.distill).
-        eval_fn: called after each epoch when cfg.eval_each_epoch (returns a metrics dict).
+        eval_fn: evaluation on a held-out split (returns {"accuracy", "loss"}): after each epoch when
+            cfg.eval_each_epoch; at the start, every cfg.eval_every steps and at the end when
+            cfg.eval_every or cfg.keep_best (keep_best: the model ends in the best state seen).
         resume: a checkpoint folder (`.../step-<N>/`, see latest_checkpoint) to continue from.
         stop_after: stop (with a checkpoint) after this many steps — simulates an interruption in tests.
+        objective: (net, inputs, labels, teacher, cfg) -> loss of one batch (the task's, pipeline/tasks/);
+            None = classification_objective.
     """
     # Under torchrun (pipeline/distributed.py) every rank reads the same global batches and trains on its
     # slice of each (rows rank, rank + world, ...) through DistributedDataParallel, which averages the
@@ -113,6 +180,9 @@ def train(
         log.info("%s: resumed from %s at step %d", desc, resume, result.steps)
     if teacher is not None:
         teacher.eval()
+    selector = _Selector(model, eval_fn, cfg.keep_best, result, desc) if eval_fn is not None and (cfg.keep_best or cfg.eval_every) else None
+    if selector is not None and resume is None:
+        selector(0)  # the start (after PTQ for QAT): the state to beat
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(
@@ -141,13 +211,7 @@ def train(
                         "choose a batch_size / number of examples that leaves every rank at least one per batch"
                     )
                 inputs, labels = {k: v[rank::world] for k, v in inputs.items()}, labels[rank::world]
-            logits = net(**inputs).logits
-            if cfg.distill and teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(**inputs).logits
-                loss = kd_loss(logits, t_logits, labels, cfg.kd_alpha, cfg.kd_temperature)
-            else:
-                loss = F.cross_entropy(logits, labels)
+            loss = (objective or classification_objective)(net, inputs, labels, teacher, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -170,12 +234,16 @@ def train(
                 bar.close()
                 result.seconds += time.perf_counter() - t0
                 return result
+            if selector is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                selector(step)
         if cfg.eval_each_epoch and eval_fn is not None:
-            model.eval()
-            result.epoch_eval.append({"epoch": epoch + 1, "step": step, **eval_fn()})
+            r = selector(step) if selector is not None else _plain_eval(model, eval_fn)
+            result.epoch_eval.append({"epoch": epoch + 1, "step": step, **{k: v for k, v in r.items() if k != "step"}})
             log.info("%s epoch %d: %s", desc, epoch + 1, result.epoch_eval[-1])
             model.train()
     bar.close()
+    if selector is not None:
+        selector.finish(step)  # the end; keep_best restores the best state before the final checkpoint
     model.eval()
     result.steps = step
     result.seconds += time.perf_counter() - t0
@@ -183,6 +251,13 @@ def train(
         _save_checkpoint(checkpoint_dir, model, opt, sched, result)
     distributed.barrier()  # no rank moves on before the checkpoint exists
     return result
+
+
+def _plain_eval(model: torch.nn.Module, eval_fn: Callable[[], dict]) -> dict:
+    model.eval()
+    r = eval_fn()
+    model.train()
+    return r
 
 
 def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
