@@ -58,6 +58,10 @@ class DataConfig:
     num_train: int | None = field(default=None, metadata=_range(1))
     num_calib: int = field(default=512, metadata=_range(1))
     num_eval: int | None = field(default=None, metadata=_range(1))
+    # Held-out tuning split (accuracy-budget search, QAT best-state selection): disjoint from train,
+    # calibration and eval, so no decision ever reads the eval split. null = auto: 400 examples, at most a
+    # tenth of the training data; 0 = no tuning split.
+    num_tune: int | None = field(default=None, metadata=_range(0))
     split_seed: int = 0
     train_path: str | None = None
     eval_path: str | None = None

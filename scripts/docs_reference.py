@@ -46,6 +46,7 @@ NOTES = {
     "data.num_train": "Cap on training examples (null = all).",
     "data.num_calib": "Calibration examples, drawn from the training data (never from eval).",
     "data.num_eval": "Cap on eval examples (null = all).",
+    "data.num_tune": "Held-out tuning examples (tune stage, QAT best state), disjoint from train, calibration and eval (null = 400, at most a tenth of the training data; 0 = none).",
     "data.split_seed": "Seed of the train / calibration / eval split.",
     "data.train_path": "Training file for data.source=csv (CSV, TSV, JSONL or JSON).",
     "data.eval_path": "Eval file for data.source=csv.",

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pipeline.data import SOURCES, load_splits
 from pipeline.data.labels import LabelColumn, assign_label_ids
+from pipeline.data.sources import movie_snippets_path
 from pipeline.data.splits import DataError
 from pipeline.schema import ConfigError, DataConfig
 
@@ -41,6 +43,33 @@ def test_movie_snippets_split_is_disjoint_and_seeded():
     # num_train never changes the eval set
     c = load_splits(DataConfig(name="m", source="movie_snippets", num_train=50, num_calib=50, num_eval=100))
     assert c.eval.texts == a.eval.texts
+
+
+def _ids(split) -> set[tuple]:
+    return set(zip(split.texts, split.labels, split.pairs or [None] * len(split)))
+
+
+def test_tuning_split_is_disjoint_from_train_calib_and_eval(tmp_path):
+    """Decisions (tune stage, QAT best state) read the tuning split only: it never shares an example with
+    the other splits, and carving it out changes neither the eval set nor the default training set."""
+    cfg = DataConfig(name="m", source="movie_snippets", num_train=6000, num_calib=512, num_eval=2000)
+    s = load_splits(cfg)
+    assert len(s.tune) == 400  # auto: 400 (a tenth of the 8,093-snippet remainder is more)
+    # The snippet file repeats some texts: a text in two splits must occur that often in the file.
+    counts = Counter(row.split("\t", 2)[2].strip() for row in movie_snippets_path().read_text().splitlines()[1:] if row.count("\t") >= 2)
+    for other in (s.train, s.calib, s.eval):
+        assert all(counts[t] >= 2 for t in set(s.tune.texts) & set(other.texts))
+    without = load_splits(DataConfig(name="m", source="movie_snippets", num_train=6000, num_calib=512, num_eval=2000, num_tune=0))
+    assert without.tune is None and without.train.texts == s.train.texts and without.eval.texts == s.eval.texts
+    # Files: held out of the training file before calibration and training examples are drawn.
+    _write_csv(tmp_path / "train.csv", ["text", "label"], [[f"t{i}", str(i % 2)] for i in range(50)])
+    _write_csv(tmp_path / "eval.csv", ["text", "label"], [[f"e{i}", str(i % 2)] for i in range(10)])
+    f = load_splits(_csv_cfg(tmp_path, num_calib=20))
+    assert len(f.tune) == 5 and len(f.train) == 45  # auto: a tenth of 50 rows
+    assert not {t for t in f.tune.texts} & ({*f.train.texts} | {*f.calib.texts} | {*f.eval.texts})
+    assert load_splits(_csv_cfg(tmp_path, num_tune=0)).tune is None
+    with pytest.raises(DataError, match="data.num_tune: 50 tuning examples leave no training data"):
+        load_splits(_csv_cfg(tmp_path, num_tune=50))
 
 
 def test_csv_string_labels_sorted_and_pairs(tmp_path):

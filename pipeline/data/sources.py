@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.data.files import Records, encoding_problem, read_records
 from pipeline.data.labels import LabelColumn, assign_label_ids
-from pipeline.data.splits import DataError, DataSplits, Split, seeded_order, take
+from pipeline.data.splits import DataError, DataSplits, Split, seeded_order, take, tune_size
 from pipeline.schema import DataConfig
 
 MOVIE_SNIPPETS = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -32,7 +32,9 @@ def load_movie_snippets(cfg: DataConfig) -> DataSplits:
     """Binary sentiment (mean rating > 0) on VADER's 10,605 movie-review snippets.
 
     One seeded shuffle (data.split_seed) cuts disjoint eval / calibration / train parts, in that
-    order, so changing num_train never changes the eval set.
+    order, so changing num_train never changes the eval set. The tuning split comes from the end of
+    the shuffled remainder: disjoint from all three, and the default train set (the first 6,000 of the
+    remainder) is the same with or without it.
     """
     if cfg.labels is not None:
         raise DataError("data.labels: not used by data=movie_snippets (its classes are fixed: negative, positive)")
@@ -60,10 +62,15 @@ def load_movie_snippets(cfg: DataConfig) -> DataSplits:
     eval_idx = order[:n_eval]
     calib_idx = order[n_eval : n_eval + n_calib]
     rest = order[n_eval + n_calib :]
+    n_tune = tune_size(cfg.num_tune, len(rest))
+    tune_idx, rest = (rest[len(rest) - n_tune :], rest[: len(rest) - n_tune]) if n_tune else ([], rest)
     train_idx = rest if cfg.num_train is None else rest[: cfg.num_train]
-    if n_eval + n_calib >= len(full) or not train_idx:
-        raise DataError(f"data.num_eval + data.num_calib = {n_eval + n_calib} leaves no training data ({len(full)} snippets)")
-    return DataSplits(full.subset(train_idx), full.subset(calib_idx), full.subset(eval_idx), assigned.names)
+    if n_eval + n_calib + n_tune >= len(full) or not train_idx:
+        raise DataError(
+            f"data.num_eval + data.num_calib + data.num_tune = {n_eval + n_calib + n_tune} leaves no training data ({len(full)} snippets)"
+        )
+    tune = full.subset(tune_idx) if tune_idx else None
+    return DataSplits(full.subset(train_idx), full.subset(calib_idx), full.subset(eval_idx), assigned.names, tune)
 
 
 @dataclass
@@ -129,9 +136,20 @@ def _splits_from_tables(
     ev_split = Split(ev.texts, assigned.ids["eval"], ev.pairs)
     if cfg.num_eval is not None:
         ev_split = take(ev_split, cfg.num_eval, cfg.split_seed)
+    # The tuning split is held out of the training file first (its own seeded draw), so calibration and
+    # training never see it; with no tuning split the pool is the whole file, drawn as before.
+    n_tune = tune_size(cfg.num_tune, len(train_all))
+    tune = None
+    if n_tune:
+        if n_tune >= len(train_all):
+            raise DataError(f"data.num_tune: {n_tune} tuning examples leave no training data ({len(train_all)} rows in data.train_path)")
+        order = seeded_order(len(train_all), cfg.split_seed + 2)
+        held = set(order[:n_tune])
+        tune = train_all.subset(sorted(held))
+        train_all = train_all.subset([i for i in range(len(train_all)) if i not in held])
     calib = take(train_all, cfg.num_calib, cfg.split_seed + 1)
     train = take(train_all, cfg.num_train, cfg.split_seed)
-    return DataSplits(train, calib, ev_split, assigned.names)
+    return DataSplits(train, calib, ev_split, assigned.names, tune)
 
 
 def load_table(cfg: DataConfig) -> DataSplits:

@@ -53,6 +53,8 @@ class DataSplits:
     calib: Split
     eval: Split
     label_names: list[str]
+    # Held-out examples for decisions (tune stage, QAT best state); disjoint from train, calib and eval.
+    tune: Split | None = None
 
     @property
     def num_labels(self) -> int:
@@ -63,6 +65,14 @@ def seeded_order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
+
+
+# data.num_tune=null: this many tuning examples, at most a tenth of the training data.
+AUTO_TUNE, AUTO_TUNE_FRACTION = 400, 10
+
+
+def tune_size(requested: int | None, available: int) -> int:
+    return min(AUTO_TUNE, available // AUTO_TUNE_FRACTION) if requested is None else requested
 
 
 def take(split: Split, n: int | None, seed: int) -> Split:

@@ -18,9 +18,10 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     loaded = load_model(cfg.model, ctx.splits.num_labels, ctx.device)
     ctx.model, ctx.tokenizer, ctx.head_trained, ctx.model_load = loaded.model, loaded.tokenizer, loaded.head_trained, loaded.report
     ctx.chain_key("load", cfg.model, cfg.data, ctx.seed)
-    ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in ("train", "calib", "eval")}
+    names = ("train", "calib", "eval") + (("tune",) if ctx.splits.tune is not None else ())
+    ctx.encoded = {name: encode(ctx.tokenizer, getattr(ctx.splits, name), cfg.model.max_length) for name in names}
     log.info(
-        "load: %s (%s, %.1fM params) | %s: train %d, calib %d, eval %d, labels %s",
+        "load: %s (%s, %.1fM params) | %s: train %d, calib %d, eval %d, tune %d, labels %s",
         cfg.model.name,
         type(ctx.model).__name__,
         sum(p.numel() for p in ctx.model.parameters()) / 1e6,
@@ -28,6 +29,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         len(ctx.splits.train),
         len(ctx.splits.calib),
         len(ctx.splits.eval),
+        len(ctx.splits.tune or []),
         ctx.splits.label_names,
     )
     if not ctx.head_trained and not cfg.finetune.enabled:
