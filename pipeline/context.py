@@ -60,6 +60,8 @@ class Metrics:
     # ONNX Runtime's own quantizers as comparison rows: {name, description, precision, file, accuracy,
     # error, grid: [{batch, seq, p50}], real_length} (pipeline/engines/peers.py).
     peers: list[dict[str, Any]] = field(default_factory=list)
+    # Accuracy budget (stage tune): {met, max_drop, calibrator, groups_in_float, evaluations, seconds, ...}.
+    tune: dict[str, Any] | None = None
 
 
 @dataclass

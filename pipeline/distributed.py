@@ -29,8 +29,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Stages every rank runs (collectives inside); the rest run on rank 0 only.
-COLLECTIVE_STAGES = ("load", "finetune", "calibrate", "qat")
+# Stages every rank runs (collectives inside); the rest run on rank 0 only. tune runs on every rank
+# (each computes the same plan, latency not timed there) so that QAT after it trains one model.
+COLLECTIVE_STAGES = ("load", "finetune", "calibrate", "tune", "qat")
 
 
 def world_size() -> int:

@@ -25,7 +25,7 @@ from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits, load_splits
 from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig, validate
-from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report
+from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report, tune
 from pipeline.training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
     ("load", load.run, lambda c: True),
     ("finetune", finetune.run, lambda c: c.finetune.enabled),
     ("calibrate", calibrate.run, lambda c: c.calibration.method != "none"),
+    ("tune", tune.run, lambda c: c.tune.enabled),
     ("qat", qat.run, lambda c: c.qat.enabled),
     ("export", export.run, lambda c: c.export.enabled),
     ("build_engine", build_engine.run, lambda c: c.engine.name != "none"),

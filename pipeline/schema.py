@@ -232,6 +232,50 @@ class ObjectiveConfig:
     min_accuracy: float | None = field(default=None, metadata=_range(0.0, 1.0))
 
 
+# Calibrators the accuracy-budget search can choose from (pipeline/tune/calibrators.py): every
+# histogram method computed from the one calibration pass's histograms.
+TuneCalibrator = Literal["max", "percentile_99_9", "percentile_99_99", "percentile_99_999", "entropy", "mse"]
+
+
+@dataclass
+class TuneConfig:
+    """Accuracy budget (config group `tune`; stage `tune` between calibrate and qat; pipeline/tune/).
+
+    Every decision is made on the tuning split (data.num_tune); the eval split only reports.
+    """
+
+    method: Literal["none", "accuracy"] = "none"
+    # Allowed accuracy drop of fake-quant vs FP32 on the tuning split: percentage points (absolute) or
+    # percent of the FP32 accuracy (relative).
+    max_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
+    drop_type: Literal["absolute", "relative"] = "absolute"
+    # Calibrators scored on the tuning split (activation amax from the one collection pass); [] = keep
+    # the run's calibration.
+    calibrators: list[TuneCalibrator] = field(
+        default_factory=lambda: ["max", "percentile_99_9", "percentile_99_99", "percentile_99_999", "entropy", "mse"]
+    )
+    # Return the most sensitive fusion groups to float until the budget is met (false = calibrator choice only).
+    fallback: bool = True
+    # Once the budget is met, try re-quantizing each group returned to float (fewer float groups = faster).
+    refine: bool = True
+    # Full evaluations of the tuning split the fallback search may spend, and its wall-clock limit.
+    max_trials: int = field(default=30, metadata=_range(0))
+    timeout_s: float = field(default=1800.0, metadata=_range(1.0))
+    # Sensitivity proxy: KL(FP32 || quantized) on this many hardest tuning examples per group.
+    proxy_examples: int = field(default=128, metadata=_range(1))
+    # After each accepted step: re-export, rebuild the run's engine, time INT8 vs baseline interleaved
+    # at the benchmark's headline shape.
+    latency: bool = True
+    latency_warmup: int = field(default=2, metadata=_range(0))
+    latency_iters: int = field(default=10, metadata=_range(1))
+    # A tuned_quant.yaml from an earlier run: apply its calibrator and float groups, no search.
+    plan: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" or self.plan is not None
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -251,6 +295,7 @@ class RunConfig:
     threads: int = field(default=0, metadata=_range(0))
     resume: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,3 +441,31 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")
+    _check_tune(c, errors)
+
+
+def _check_tune(c: RunConfig, errors: list[str]) -> None:
+    t = c.tune
+    if not t.enabled:
+        return
+    which = f"tune={t.method}" if t.plan is None else "tune.plan"
+    if c.calibration.method == "none":
+        errors.append(
+            f"{which}: needs calibrated quantizers; calibration=none cannot be combined with it (choose tune=none or a calibration method)"
+        )
+        return
+    num_tune = getattr(c.data, "num_tune", None)
+    if num_tune is not None and num_tune == 0:
+        errors.append(f"{which}: decides on the tuning split; data.num_tune=0 cannot be combined with it (set data.num_tune >= 1)")
+    histogram = [m for m in t.calibrators if m != "max"]
+    if c.calibration.method == "max" and t.method != "none" and histogram:
+        errors.append(
+            f"tune.calibrators: {histogram} need activation histograms; calibration=max collects none "
+            "(valid with calibration=max: [max]; or choose calibration=percentile|entropy|mse)"
+        )
+    if t.method != "none" and not t.calibrators and not t.fallback:
+        errors.append("tune: nothing to tune: tune.calibrators is [] and tune.fallback=false (choose tune=none, or give either)")
+    if t.plan is not None:
+        from pipeline.tune.plan import plan_errors  # lazy: pipeline.tune imports this module
+
+        errors += plan_errors(t.plan, c.calibration.method)

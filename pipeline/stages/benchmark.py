@@ -45,11 +45,7 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     peers = {row["name"]: row for row in ctx.metrics.peers}  # each peer's own grid (metrics.peers)
     for batch in b.batch_sizes:
         for seq in b.seq_lens:
-            inputs = {
-                "input_ids": rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64),
-                "attention_mask": np.ones((batch, seq), dtype=np.int64),
-                "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
-            }
+            inputs = synthetic_inputs(rng, vocab, batch, seq)
             # label -> timed call; labels are the engines' precisions (fp32 / fp16 / int8), then peer names
             calls = {e.precision: e.bind(inputs) for e in engines.values()}
             if b.include_torch:
@@ -81,6 +77,15 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     if base in head and quant in head:
         ctx.metrics.speedup = head[base]["p50"] / head[quant]["p50"]
     ctx.artifacts.plots["benchmark"] = plot(grid + [r for p in ctx.metrics.peers for r in p["grid"]], ctx.path("benchmark.png"))
+
+
+def synthetic_inputs(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Random token ids, no padding: a (batch, seq) grid cell's inputs."""
+    return {
+        "input_ids": rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64),
+        "attention_mask": np.ones((batch, seq), dtype=np.int64),
+        "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
+    }
 
 
 def interleaved(calls: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:

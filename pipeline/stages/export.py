@@ -63,14 +63,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
 def _export(cfg: RunConfig, ctx: RunContext) -> None:
     # Example: two eval sentences of different lengths, so the traced graph carries a real padding mask.
     example = next(batches(ctx.tokenizer, ctx.encoded["eval"], 2)).inputs
-    fp32 = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
-    attn = fp32.config._attn_implementation
-    # Eager attention for the FP32 graph: SDPA exports with IsNaN/Where guards that cost ~10 % of the
-    # FP32 engine's time on ORT CPU; the baseline should be the fastest honest FP32 graph.
-    fp32.set_attn_implementation("eager")
-    export(fp32.cpu(), example, ctx.path("model_fp32.onnx"), cfg.export.opset)
-    fp32.set_attn_implementation(attn)
-    fp32.to(ctx.device)
+    export_fp32(cfg, ctx, example, ctx.path("model_fp32.onnx"))
     trt: dict[str, dict] = {}
     if tensorrt_graphs_wanted(cfg):
         trt["model_fp16.onnx"] = trt_graphs.fp16_graph(ctx.path("model_fp32.onnx"), ctx.path("model_fp16.onnx"))
@@ -79,19 +72,56 @@ def _export(cfg: RunConfig, ctx: RunContext) -> None:
             qdq = export(ctx.model.cpu(), example, Path(tmp) / "model_qdq.onnx", cfg.export.opset)
             ctx.model.to(ctx.device)
             if cfg.quant.format == "fp8":
-                trt["model_fp8.onnx"] = trt_graphs.quantized_graph(qdq, ctx.path("model_fp8.onnx"), "fp8")
+                trt["model_fp8.onnx"] = convert_quantized(cfg, qdq, "model_fp8.onnx", ctx.path("model_fp8.onnx"))
             else:
                 if tensorrt_graphs_wanted(cfg):
-                    trt["model_int8_trt.onnx"] = trt_graphs.quantized_graph(qdq, ctx.path("model_int8_trt.onnx"), "int8")
-                _ort_int8(cfg, ctx, qdq)
+                    trt["model_int8_trt.onnx"] = convert_quantized(cfg, qdq, "model_int8_trt.onnx", ctx.path("model_int8_trt.onnx"))
+                ctx.metrics.quantization["onnx_int8"] = convert_quantized(cfg, qdq, "model_int8.onnx", ctx.path("model_int8.onnx"))
+                log.info("export: model_int8.onnx %s", ctx.metrics.quantization["onnx_int8"])
     if trt:
         ctx.metrics.quantization["onnx_tensorrt"] = trt
 
 
-def _ort_int8(cfg: RunConfig, ctx: RunContext, qdq: Path) -> None:
+def export_fp32(cfg: RunConfig, ctx: RunContext, example: dict, dest: Path) -> Path:
+    """The FP32 baseline graph of the run's FP32 model."""
+    fp32 = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
+    attn = fp32.config._attn_implementation
+    # Eager attention for the FP32 graph: SDPA exports with IsNaN/Where guards that cost ~10 % of the
+    # FP32 engine's time on ORT CPU; the baseline should be the fastest honest FP32 graph.
+    fp32.set_attn_implementation("eager")
+    export(fp32.cpu(), example, dest, cfg.export.opset)
+    fp32.set_attn_implementation(attn)
+    fp32.to(ctx.device)
+    return dest
+
+
+def baseline_graph(cfg: RunConfig, ctx: RunContext, example: dict, name: str, dest_dir: Path) -> Path:
+    """The baseline graph `name` (model_fp32.onnx, or model_fp16.onnx for TensorRT) into dest_dir."""
+    fp32 = export_fp32(cfg, ctx, example, dest_dir / "model_fp32.onnx")
+    if name == "model_fp16.onnx":
+        trt_graphs.fp16_graph(fp32, dest_dir / name)
+    return dest_dir / name
+
+
+def quantized_graph(cfg: RunConfig, ctx: RunContext, example: dict, name: str, dest: Path) -> dict:
+    """One quantized graph (`name`: model_int8.onnx | model_int8_trt.onnx | model_fp8.onnx) of the model
+    as it is now, into `dest`: the same export and conversion as this stage (the tune stage re-times
+    the engine after each fallback step with it)."""
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".export_") as tmp:
+        qdq = export(ctx.model.cpu(), example, Path(tmp) / "model_qdq.onnx", cfg.export.opset)
+        ctx.model.to(ctx.device)
+        return convert_quantized(cfg, qdq, name, dest)
+
+
+def convert_quantized(cfg: RunConfig, qdq: Path, name: str, dest: Path) -> dict:
+    """The Q/DQ export of the fake-quant model -> the graph `name` an engine builds from."""
+    if name == "model_int8.onnx":
+        return _ort_int8(cfg, qdq, dest)
+    return trt_graphs.quantized_graph(qdq, dest, "fp8" if name == "model_fp8.onnx" else "int8")
+
+
+def _ort_int8(cfg: RunConfig, qdq: Path, int8: Path) -> dict:
     """model_int8.onnx for ONNX Runtime: folded int8 weights (export.fold_weights), dedicated pairs."""
-    int8 = ctx.path("model_int8.onnx")
     shutil.copyfile(qdq, int8)
     folded, dedicated = rewrite(int8, fold_weight_quantization if cfg.export.fold_weights else (lambda m: 0), dedicate_qdq)
-    ctx.metrics.quantization["onnx_int8"] = {**count_qdq(int8), "folded_weights": folded, "dedicated_qdq_pairs": dedicated}
-    log.info("export: model_int8.onnx %s", ctx.metrics.quantization["onnx_int8"])
+    return {**count_qdq(int8), "folded_weights": folded, "dedicated_qdq_pairs": dedicated}

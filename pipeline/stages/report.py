@@ -11,6 +11,7 @@ from pipeline.context import RunContext
 from pipeline.outputs import write_json, write_text
 from pipeline.quantization import calibration_plot
 from pipeline.schema import RunConfig
+from pipeline.tune import report as tune_report
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "tensorrt_graphs": m.tensorrt_graphs,
         "benchmark": m.benchmark,
         "peers": m.peers,
+        "tune": m.tune,
         "quantization": m.quantization,
         "training": m.training,
         "stages": {k: dataclasses.asdict(v) for k, v in ctx.stages.items()},
@@ -156,6 +158,8 @@ def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
                 f"| {r['batch']} | {r['seq']} | {r['precision']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | {r['throughput_seq_s']:.1f} |"
             )
         lines += ["", "![latency](benchmark.png)", ""]
+    if d.get("tune"):
+        lines += tune_report.report_lines(d)
     if d.get("peers"):
         lines += peer_table(d)
     if d["training"]:

@@ -1,0 +1,245 @@
+"""tune: accuracy budget — choose the calibrator, then return the most sensitive fusion groups to float
+until fake-quant accuracy on the tuning split is within tune.max_drop of FP32 (pipeline/tune/).
+
+Runs after calibrate (reads its histograms: one collection pass) and before qat (QAT trains the tuned
+plan). Every decision reads ctx.encoded["tune"] only; the eval split is measured later by evaluate.
+With tune.plan=<tuned_quant.yaml> it applies that plan instead of searching.
+
+Writes sensitivity.csv/png, tune_trace.csv/png, tuned_quant.yaml, and quantizers.safetensors /
+quant_map.json again (the plan: amax and which quantizers are on). Not cached itself: its cache key
+(for the stages after it) is the plan it chose, so downstream entries are shared exactly when two
+runs end with the same tuned model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.context import RunContext
+from pipeline.outputs import write_text
+from pipeline.schema import ConfigError, RunConfig
+from pipeline.stages._common import accuracy, torch_logits
+from pipeline.stages.calibrate import save_quantizer_state
+from pipeline.tune import plan as plan_file
+from pipeline.tune import plots
+from pipeline.tune.calibrators import apply_amax, candidate_amax, load_histograms, own_candidate
+from pipeline.tune.groups import FusionGroup, active_groups, fusion_groups, set_float
+from pipeline.tune.latency import LatencyProbe
+from pipeline.tune.search import Budget, SearchResult, TraceRow, search
+from pipeline.tune.sensitivity import Sensitivity, hardest, kl_per_example, rank_groups
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    t = cfg.tune
+    t0 = time.perf_counter()
+    data = ctx.encoded.get("tune")
+    if data is None or not len(data):
+        raise ConfigError(["tune: the run has no tuning split (data.num_tune resolved to 0 for this data); set data.num_tune >= 1"])
+    bs = cfg.evaluate.batch_size
+
+    def logits(model, split=data) -> np.ndarray:
+        return torch_logits(model, ctx.tokenizer, split, bs, ctx.device)
+
+    fp32_logits = logits(ctx.fp32_model)
+    evaluations = 1
+    budget = Budget(accuracy(fp32_logits, data.labels), t.max_drop, t.drop_type)
+    hists = load_histograms(ctx.run_dir)
+    start_cal = own_candidate(cfg.calibration) or cfg.calibration.method
+    info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
+
+    if t.plan is not None:
+        calibrator, groups = _apply_plan(cfg, ctx, hists)
+        acc = accuracy(logits(ctx.model), data.labels)
+        evaluations += 1
+        chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), acc, budget.drop(acc), budget.met(acc), True)
+        info.update(plan=str(t.plan), trace_steps=0)
+    else:
+        calibrator, scores, q_logits = _choose_calibrator(cfg, ctx, hists, fp32_logits, logits)
+        evaluations += len(scores)
+        if q_logits is None:
+            q_logits = logits(ctx.model)
+            evaluations += 1
+        acc = accuracy(q_logits, data.labels)
+        ranked: list[Sensitivity] = []
+        groups_all = active_groups(ctx.quantizers)
+        if t.fallback:
+            subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples)
+            ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref)
+            info.update(proxy_examples=len(subset), proxy_forwards=len(groups_all) + 1, proxy_kl_all_quantized=base_kl)
+            log.info(
+                "tune: %d fusion groups ranked on %d hardest tuning examples; top %s",
+                len(ranked),
+                len(subset),
+                [s.group.name for s in ranked[:5]],
+            )
+        probe = LatencyProbe(cfg, ctx, ctx.path(".tune_work"))
+        try:
+            result = search(
+                [s.group for s in ranked],
+                budget=budget,
+                evaluate=lambda: accuracy(logits(ctx.model), data.labels),
+                set_float=lambda g, f: set_float(ctx.quantizers, g, f),
+                latency=probe,
+                start_accuracy=acc,
+                fallback=t.fallback,
+                refine=t.refine,
+                max_trials=t.max_trials,
+                timeout_s=max(0.0, t.timeout_s - (time.perf_counter() - t0)),
+            )
+        finally:
+            probe.close()
+        evaluations += result.evaluations
+        for s in ranked:
+            if s.group.name in result.effects:
+                s.accuracy_effect = result.effects[s.group.name]
+        chosen = result.chosen
+        by_name = {g.name: g for g in groups_all}
+        groups = [by_name[n] for n in chosen.groups_in_float]
+        _write_outputs(ctx, ranked, result, budget)
+        start = result.trace[0]
+        info.update(
+            calibrator_scores=scores,
+            start={"accuracy": start.accuracy, "drop": start.drop, "latency_ratio": start.latency_ratio},
+            stopped=result.stopped,
+            trace_steps=len(result.trace) - 1,
+            latency_note=probe.note,
+            latency_seconds=round(probe.seconds, 1),
+            fusion_groups=len(groups_all),
+        )
+    met = budget.met(chosen.accuracy)
+    ctx.metrics.tune = {
+        "met": met,
+        "max_drop": t.max_drop,
+        "drop_type": t.drop_type,
+        "calibrator": calibrator,
+        "groups_in_float": [g.name for g in groups],
+        "evaluations": evaluations,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tune_accuracy": chosen.accuracy,
+        "drop": chosen.drop,
+        "latency_ratio": chosen.latency_ratio,
+        "quantizers_in_float": sum(len(g.quantizers) for g in groups),
+        **info,
+    }
+    plan_file.write(
+        ctx.path("tuned_quant.yaml"),
+        calibrator=calibrator,
+        groups=groups,
+        budget={"max_drop": t.max_drop, "drop_type": t.drop_type, "met": met, "tune_drop": round(chosen.drop, 4)},
+        tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    )
+    save_quantizer_state(ctx)
+    ctx.chain_key("tune", calibrator, sorted(q for g in groups for q in g.quantizers))
+    say = "met" if met else "NOT met (best plan found)"
+    log.info(
+        "tune: budget %s %s: drop %.2f (%s) with calibrator %s and %d fusion groups in float, %d evaluations",
+        t.max_drop,
+        say,
+        chosen.drop,
+        t.drop_type,
+        calibrator,
+        len(groups),
+        evaluations,
+    )
+    if not met:
+        log.warning(
+            "tune: the budget (max_drop %s %s) was not met; kept the most accurate plan found (drop %.2f)",
+            t.max_drop,
+            t.drop_type,
+            chosen.drop,
+        )
+
+
+def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, fp32_logits: np.ndarray, logits) -> tuple[str, dict, np.ndarray | None]:
+    """Score every tune.calibrators candidate on the tuning split; keep the best (accuracy, then the mean
+    KL to FP32). Returns (name, {name: {accuracy, kl}}, logits of the chosen one)."""
+    own = own_candidate(cfg.calibration) or cfg.calibration.method
+    names = cfg.tune.calibrators
+    if not names:
+        return own, {}, None
+    labels = ctx.encoded["tune"].labels
+    scores, kept = {}, {}
+    for name in names:
+        amax = candidate_amax(name, hists, ctx.quantizers, cfg.calibration) if name != "max" or hists else {}
+        apply_amax(ctx.quantizers, amax, ctx.device)
+        out = logits(ctx.model)
+        scores[name] = {"accuracy": accuracy(out, labels), "kl": float(kl_per_example(fp32_logits, out).mean())}
+        kept[name] = (amax, out)
+        log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, scores[name]["accuracy"], scores[name]["kl"])
+    best = max(names, key=lambda n: (scores[n]["accuracy"], -scores[n]["kl"]))
+    apply_amax(ctx.quantizers, kept[best][0], ctx.device)
+    return best, scores, kept[best][1]
+
+
+def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list[FusionGroup]]:
+    plan = plan_file.read(cfg.tune.plan)
+    calibrator = plan.get("calibrator") or own_candidate(cfg.calibration) or cfg.calibration.method
+    if plan.get("calibrator"):
+        apply_amax(ctx.quantizers, candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration), ctx.device)
+    exclude = list(plan.get("exclude", []))
+    unknown = [n for n in exclude if n not in ctx.quantizers]
+    if unknown:
+        some = ", ".join(list(ctx.quantizers)[:3])
+        raise ConfigError(
+            [f"tune.plan: {cfg.tune.plan}: {len(unknown)} quantizers not in this model, e.g. {unknown[:3]}; names look like {some}, ..."]
+        )
+    groups = fusion_groups({n: ctx.quantizers[n].role for n in exclude})
+    for g in groups:
+        set_float(ctx.quantizers, g, True)
+    log.info("tune: plan %s applied: calibrator %s, %d quantizers in float", cfg.tune.plan, calibrator, len(exclude))
+    return calibrator, groups
+
+
+def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchResult, budget: Budget) -> None:
+    rows = [["rank", "group", "kind", "quantizers", "proxy_score", "kl_group_in_float", "accuracy_effect_pt"]]
+    for i, s in enumerate(ranked, 1):
+        effect = "" if s.accuracy_effect is None else f"{s.accuracy_effect:.4f}"
+        rows.append([i, s.group.name, s.group.kind, len(s.group.quantizers), f"{s.score:.6g}", f"{s.kl:.6g}", effect])
+    write_text(ctx.path("sensitivity.csv"), _csv(rows))
+    if ranked:
+        plots.sensitivity_png(ranked, ctx.path("sensitivity.png"))
+    rows = [
+        [
+            "step",
+            "action",
+            "group",
+            "accepted",
+            "groups_in_float",
+            "n_groups_in_float",
+            "tune_accuracy",
+            "drop",
+            "met",
+            "latency_ratio",
+            "seconds",
+        ]
+    ]
+    for r in result.trace:
+        ratio = "" if r.latency_ratio is None else f"{r.latency_ratio:.4f}"
+        rows.append(
+            [r.step, r.action, r.group or "", int(r.accepted), ";".join(r.groups_in_float), len(r.groups_in_float), f"{r.accuracy:.6f}",
+             f"{r.drop:.4f}", int(r.met), ratio, f"{r.seconds:.1f}"]
+        )  # fmt: skip
+    write_text(ctx.path("tune_trace.csv"), _csv(rows))
+    floor = (
+        budget.fp32_accuracy - budget.max_drop / 100
+        if budget.drop_type == "absolute"
+        else budget.fp32_accuracy * (1 - budget.max_drop / 100)
+    )
+    plots.trace_png(result.trace, result.chosen, floor, budget.fp32_accuracy, ctx.path("tune_trace.png"))
+    ctx.artifacts.plots.update({"sensitivity": ctx.path("sensitivity.png"), "tune_trace": ctx.path("tune_trace.png")})
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()

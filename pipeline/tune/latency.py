@@ -1,0 +1,102 @@
+"""The latency step of the search: the run's own engine, rebuilt from the model as it is now.
+
+The baseline engine (FP32 on ONNX Runtime, FP16 on TensorRT: engines.GRAPHS) is built once; each
+call re-exports the quantized graph with the export stage's functions, builds it with the run's
+engine kind (the same build as build_engine), and times both interleaved at the benchmark's headline
+shape with the benchmark stage's helpers: a same-run INT8 / baseline p50 ratio per accepted step.
+Where the engine cannot be built or timed here (engine=none, TensorRT absent, FP8 emulated on ORT
+CPU) the search still runs and the trace says why latency is missing (`note`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.context import RunContext
+from pipeline.data import batches
+from pipeline.engines import ENGINES, GRAPHS
+from pipeline.schema import RunConfig
+from pipeline.stages import export as export_stage
+from pipeline.stages.benchmark import interleaved, synthetic_inputs
+
+log = logging.getLogger(__name__)
+
+
+class LatencyProbe:
+    def __init__(self, cfg: RunConfig, ctx: RunContext, workdir: Path):
+        self.cfg, self.ctx, self.workdir = cfg, ctx, workdir
+        self.note: str | None = None
+        self.calls = 0
+        self.seconds = 0.0
+        self._baseline = None
+        if not cfg.tune.latency:
+            self.note = "latency not measured (tune.latency=false)"
+            return
+        if distributed.is_distributed():
+            self.note = "latency not measured under torchrun: every rank must choose the same plan (fewest float groups)"
+            return
+        if cfg.engine.name == "none":
+            self.note = "latency not measured: engine=none"
+            return
+        if not cfg.export.enabled:
+            self.note = "latency not measured: export=none"
+            return
+        (self.base_label, base_name), (self.quant_label, self.quant_name) = list(GRAPHS[cfg.engine.name][cfg.quant.format].items())
+        workdir.mkdir(parents=True, exist_ok=True)
+        # Graph example from the tuning split (shapes and a real padding mask; no data decision).
+        self.example = next(batches(ctx.tokenizer, ctx.encoded["tune"], 2)).inputs
+        b = cfg.benchmark
+        self.inputs = synthetic_inputs(np.random.default_rng(ctx.seed), len(ctx.tokenizer), b.headline_batch, b.headline_seq)
+        self.shape = f"batch {b.headline_batch} x seq {b.headline_seq}"
+        try:
+            self.kind = ENGINES[cfg.engine.name]()
+            path = export_stage.baseline_graph(cfg, ctx, self.example, base_name, workdir)
+            self._baseline = self.kind.build(path, self.base_label, cfg.engine, workdir)
+        except Exception as exc:  # e.g. TensorRT not installed on this machine
+            self.note = f"latency not measured: engine={cfg.engine.name} could not build here ({type(exc).__name__}: {exc})"
+            log.warning("tune: %s", self.note)
+            return
+        if getattr(self._baseline, "emulated", False):
+            self.note = f"latency not measured: {cfg.engine.name} emulates {self.base_label} here (no kernels to time)"
+            self._baseline = None
+
+    def __call__(self) -> float | None:
+        """quantized p50 / baseline p50 for the model as it is now (None where not measured)."""
+        if self._baseline is None:
+            return None
+        t0 = time.perf_counter()
+        step = self.workdir / f"step{self.calls}"
+        step.mkdir()
+        self.calls += 1
+        try:
+            dest = step / self.quant_name
+            export_stage.quantized_graph(self.cfg, self.ctx, self.example, self.quant_name, dest)
+            engine = self.kind.build(dest, self.quant_label, self.cfg.engine, step)
+            if getattr(engine, "emulated", False):
+                self.note = f"latency not measured: {self.cfg.engine.name} emulates {self.quant_label} here (no kernels to time)"
+                self._baseline = None
+                return None
+            # As in the benchmark stage: torch idle at one thread while the engines' pools are timed.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                calls = {"base": self._baseline.bind(self.inputs), "quant": engine.bind(self.inputs)}
+                times = interleaved(calls, self.cfg.tune.latency_warmup, self.cfg.tune.latency_iters)
+            finally:
+                torch.set_num_threads(threads)
+            del engine
+            return float(np.median(times["quant"]) / np.median(times["base"]))
+        finally:
+            shutil.rmtree(step, ignore_errors=True)
+            self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._baseline = None
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""tuned_quant.yaml: the tuned plan as a config file a later run takes with one override.
+
+    qdq-pipeline <the tuning run's overrides> tune.plan=<run>/tuned_quant.yaml
+
+The file holds the chosen calibrator and the quantizers returned to float (by fusion group). Applied by
+the tune stage in place of the search: activation amax from the calibrator on this run's calibration
+histograms (the same one collection pass, so the same numbers), then the listed quantizers off. Same
+model, data and quant/calibration settings -> the tuned model bit for bit (tests/test_tune.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.outputs import write_text
+from pipeline.tune.calibrators import CANDIDATES
+
+KEYS = ("calibrator", "groups_in_float", "exclude", "budget", "tuned_under")
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).expanduser().read_text()) or {}
+
+
+def plan_errors(path: str, calibration_method: str) -> list[str]:
+    """Problems with a tune.plan file, each naming the key and what is valid (start-up validation)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return [f"tune.plan: {path} not found (a tuned_quant.yaml written by a tune=accuracy run)"]
+    try:
+        plan = read(p)
+    except yaml.YAMLError as exc:
+        return [f"tune.plan: {path} is not valid YAML ({exc})"]
+    if not isinstance(plan, dict):
+        return [f"tune.plan: {path} must hold a mapping with keys {', '.join(KEYS)}"]
+    errors = [f"tune.plan: {path}: unknown key {k!r}; valid keys: {', '.join(KEYS)}" for k in plan if k not in KEYS]
+    cal = plan.get("calibrator")
+    if cal is not None and cal not in CANDIDATES:
+        errors.append(f"tune.plan: {path}: calibrator {cal!r} is not valid; valid values: {', '.join(CANDIDATES)} or null")
+    elif cal not in (None, "max") and calibration_method == "max":
+        errors.append(f"tune.plan: {path}: calibrator {cal} needs activation histograms; calibration=max collects none")
+    exclude = plan.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        errors.append(f"tune.plan: {path}: exclude must be a list of quantizer names (quant_map.json 'name')")
+    return errors
+
+
+def write(path: Path, *, calibrator: str | None, groups: list, budget: dict, tuned_under: dict, command: str) -> Path:
+    body = {
+        "calibrator": calibrator,
+        "groups_in_float": [g.name for g in groups],
+        "exclude": [q for g in groups for q in g.quantizers],
+        "budget": budget,
+        "tuned_under": tuned_under,
+    }
+    head = (
+        "# Tuned quantization plan (accuracy budget), written by the tune stage.\n"
+        "# calibrator: activation amax method (from the run's calibration histograms); exclude: quantizers\n"
+        "# returned to float, whole fusion groups (groups_in_float). Reproduce the tuned model bit for bit:\n"
+        f"#   {command} tune.plan={path}\n"
+    )
+    write_text(path, head + yaml.safe_dump(body, sort_keys=False, width=200))
+    return path

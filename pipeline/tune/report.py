@@ -1,0 +1,62 @@
+"""report.md section of the accuracy budget: the plan chosen, the budget, the tuning-split and eval results."""
+
+from __future__ import annotations
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f} %"
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def report_lines(d: dict) -> list[str]:
+    t = d["tune"]
+    unit = "pt" if t["drop_type"] == "absolute" else "% of FP32"
+    acc = d["accuracy"]
+    base = (d.get("engine_precisions") or {}).get("baseline") or "fp32"
+    lines = ["## Accuracy budget (tune)", ""]
+    if t.get("plan"):
+        lines.append(f"- plan applied from `{t['plan']}` (no search)")
+    lines += [
+        f"- budget: drop ≤ {t['max_drop']} {unit} on the tuning split ({t['tune_examples']} examples): "
+        f"**{'met' if t['met'] else 'NOT met — the most accurate plan found is kept'}**",
+        f"- calibrator: {t['calibrator']} (run's own: {t.get('start_calibrator')})",
+        f"- fusion groups in float: {len(t['groups_in_float'])}"
+        + (f" of {t['fusion_groups']}" if t.get("fusion_groups") else "")
+        + (
+            f" ({t['quantizers_in_float']} quantizers): " + ", ".join(f"`{g}`" for g in t["groups_in_float"])
+            if t["groups_in_float"]
+            else ""
+        ),
+        f"- tuning split: FP32 {_pct(t['fp32_tune_accuracy'])}, tuned fake-quant {_pct(t['tune_accuracy'])} (drop {t['drop']:.2f} {unit})"
+        + (f"; before tuning {_pct(t['start']['accuracy'])} (drop {t['start']['drop']:.2f} {unit})" if t.get("start") else ""),
+        f"- {t['evaluations']} full tuning-split evaluations, {t['seconds']} s"
+        + (f"; stopped: {t['stopped']}" if t.get("stopped") else ""),
+    ]
+    if t.get("start"):
+        note = f" ({t['latency_note']})" if t.get("latency_note") else ""
+        lines.append(
+            f"- INT8/{base.upper()} latency ratio during the search (same run, interleaved): before {_ratio(t['start']['latency_ratio'])}, "
+            f"chosen plan {_ratio(t['latency_ratio'])}{note}"
+        )
+    if acc.get("fp32") is not None:
+        q = acc.get("int8") if acc.get("int8") is not None else acc.get("fake_quant")
+        which = "INT8 engine" if acc.get("int8") is not None else "fake quant"
+        drop = "" if q is None else f", drop {100 * (acc['fp32'] - q):.2f} pt"
+        lines.append(f"- eval split (reported only, never used to decide): FP32 {_pct(acc['fp32'])}, {which} {_pct(q)}{drop}")
+    scores = t.get("calibrator_scores") or {}
+    if scores:
+        lines += ["", "| calibrator | tuning accuracy | KL to FP32 |", "|---|---|---|"]
+        lines += [
+            f"| {n}{' (chosen)' if n == t['calibrator'] else ''} | {_pct(s['accuracy'])} | {s['kl']:.5f} |" for n, s in scores.items()
+        ]
+    lines.append("")
+    figs = [f for f in ("sensitivity.png", "tune_trace.png") if t.get("start")]
+    lines += [f"![{f[:-4]}]({f})" for f in figs] + ([""] if figs else [])
+    lines += [
+        "Files: `tune_trace.csv`, `sensitivity.csv`, `tuned_quant.yaml` (reuse: the same command + `tune.plan=<this run>/tuned_quant.yaml`).",
+        "",
+    ]
+    return lines

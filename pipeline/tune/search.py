@@ -1,0 +1,172 @@
+"""Greedy, latency-aware fallback: return the most sensitive fusion groups to float until the
+tuning-split accuracy is within budget, then try to quantize them again (fewest float groups).
+
+Every candidate step is verified by a full evaluation of the tuning split; a step that does not raise
+accuracy is stepped back (the group is quantized again). After each accepted step the caller re-exports
+and re-times the engine (`latency`), so every accepted state on the trace carries a measured INT8 /
+baseline latency ratio. The plan chosen is the fastest accepted state that meets the budget (fewest
+float groups on a tie or where latency is not measured); if none does, the most accurate one
+(`met` false). Pure logic over callbacks: the stage supplies the model, tests supply fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.tune.groups import FusionGroup
+
+
+@dataclass(frozen=True)
+class Budget:
+    fp32_accuracy: float  # on the tuning split, fraction
+    max_drop: float  # percentage points (absolute) or percent of fp32_accuracy (relative)
+    drop_type: str = "absolute"
+
+    def drop(self, accuracy: float) -> float:
+        """Drop in the budget's unit (points, or % of FP32); negative = better than FP32."""
+        points = 100 * (self.fp32_accuracy - accuracy)
+        return points if self.drop_type == "absolute" else 100 * points / (100 * self.fp32_accuracy or 1.0)
+
+    def met(self, accuracy: float) -> bool:
+        return self.drop(accuracy) <= self.max_drop + 1e-9
+
+
+@dataclass
+class TraceRow:
+    step: int
+    action: str  # start | float | quantize (refine) ; rejected steps are recorded with accepted=False
+    group: str | None
+    groups_in_float: tuple[str, ...]  # the state after the step (before it, for a rejected step)
+    accuracy: float  # tuning split, fraction
+    drop: float  # budget unit
+    met: bool
+    accepted: bool
+    latency_ratio: float | None = None  # quantized / baseline p50, headline shape; accepted states only
+    seconds: float = 0.0  # since the search started
+
+
+@dataclass
+class SearchResult:
+    trace: list[TraceRow]
+    chosen: TraceRow
+    evaluations: int  # full tuning-split evaluations spent by the search
+    stopped: str  # met | exhausted | max_trials | timeout | no_fallback
+    effects: dict[str, float] = field(default_factory=dict)  # group -> accuracy change when tried (points)
+
+    @property
+    def met(self) -> bool:
+        return self.chosen.met
+
+
+def search(
+    ranked: list[FusionGroup],
+    *,
+    budget: Budget,
+    evaluate: Callable[[], float],
+    set_float: Callable[[FusionGroup, bool], None],
+    latency: Callable[[], float | None],
+    start_accuracy: float | None = None,
+    fallback: bool = True,
+    refine: bool = True,
+    max_trials: int = 30,
+    timeout_s: float = float("inf"),
+) -> SearchResult:
+    """Run the search from the current state (every group in `ranked` quantized); leaves the model in
+    the chosen state. `evaluate()` = tuning accuracy of the model as it is now; `latency()` = its
+    quantized/baseline latency ratio (None where not measured)."""
+    t0 = time.perf_counter()
+    evaluations = 0
+    if start_accuracy is None:
+        start_accuracy, evaluations = evaluate(), 1
+    in_float: list[FusionGroup] = []
+    acc = start_accuracy
+    trace = [TraceRow(0, "start", None, (), acc, budget.drop(acc), budget.met(acc), True, latency(), time.perf_counter() - t0)]
+    effects: dict[str, float] = {}
+
+    def record(action: str, g: FusionGroup, new_acc: float, accepted: bool) -> None:
+        names = tuple(x.name for x in in_float)
+        ratio = latency() if accepted else None
+        trace.append(
+            TraceRow(
+                len(trace),
+                action,
+                g.name,
+                names,
+                new_acc,
+                budget.drop(new_acc),
+                budget.met(new_acc),
+                accepted,
+                ratio,
+                time.perf_counter() - t0,
+            )
+        )
+
+    def out_of_budget() -> str | None:
+        if trials >= max_trials:
+            return "max_trials"
+        if time.perf_counter() - t0 > timeout_s:
+            return "timeout"
+        return None
+
+    trials = 0
+    stopped = "met" if budget.met(acc) else ("no_fallback" if not fallback else "exhausted")
+    if fallback and not budget.met(acc):
+        for g in ranked:
+            why = out_of_budget()
+            if why:
+                stopped = why
+                break
+            set_float(g, True)
+            new = evaluate()
+            evaluations += 1
+            trials += 1
+            effects[g.name] = 100 * (new - acc)
+            if new > acc:  # accept: the group back in float helps on the tuning split
+                in_float.append(g)
+                acc = new
+                record("float", g, new, True)
+                if budget.met(acc):
+                    stopped = "met"
+                    break
+            else:  # step back
+                set_float(g, False)
+                record("float", g, new, False)
+        if refine and budget.met(acc) and len(in_float) > 1:
+            # Quantize each float group again while the budget still holds, latest-accepted (least
+            # sensitive) first; the last one accepted is the step that met the budget, so it stays.
+            for g in list(reversed(in_float[:-1])):
+                if out_of_budget():
+                    break
+                set_float(g, False)
+                new = evaluate()
+                evaluations += 1
+                trials += 1
+                if budget.met(new):
+                    in_float.remove(g)
+                    acc = new
+                    record("quantize", g, new, True)
+                else:
+                    set_float(g, True)
+                    record("quantize", g, new, False)
+    chosen = choose(trace)
+    by_name = {g.name: g for g in ranked}
+    final = set(chosen.groups_in_float)
+    now = {x.name for x in in_float}
+    for name in now - final:
+        set_float(by_name[name], False)
+    for name in final - now:
+        set_float(by_name[name], True)
+    return SearchResult(trace, chosen, evaluations, stopped, effects)
+
+
+def choose(trace: list[TraceRow]) -> TraceRow:
+    """Fastest accepted state meeting the budget; else the most accurate accepted state."""
+    states = [r for r in trace if r.accepted]
+    meeting = [r for r in states if r.met]
+    if meeting:
+        return min(
+            meeting, key=lambda r: (r.latency_ratio if r.latency_ratio is not None else float("inf"), len(r.groups_in_float), r.step)
+        )
+    return max(states, key=lambda r: (r.accuracy, -len(r.groups_in_float), -r.step))

@@ -1,0 +1,275 @@
+"""Accuracy budget (tune=): fusion groups, calibrator candidates from one pass, the search's rules, config
+errors, and one end-to-end run whose tuned_quant.yaml reproduces the tuned model bit for bit."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from pipeline.context import RunContext
+from pipeline.engines import ENGINES
+from pipeline.models import load_model
+from pipeline.quantization import calibration_plot
+from pipeline.quantization.calibrate import calibrate
+from pipeline.quantization.modules import QuantLinear
+from pipeline.quantization.placement import insert_quantizers
+from pipeline.schema import ConfigError, validate
+from pipeline.stages import export as export_stage
+from pipeline.testing import TINY, compose_cfg
+from pipeline.tune.calibrators import candidate_amax
+from pipeline.tune.groups import FusionGroup, fusion_groups, set_float
+from pipeline.tune.search import Budget, search
+
+# ---------------------------------------------------------------------------------------------
+# A tiny calibrated model with every quantizer kind (Linear, attention, residual), shared by the tests.
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    cfg = validate(compose_cfg(TINY + ["quant=gemm_residual", "quant.weight_range=full"]))
+    loaded = load_model(cfg.model, 2, torch.device("cpu"))
+    tok = loaded.tokenizer
+    texts = ["a quiet, moving film", "the plot never lands and the actors look bored", "great", "not good at all, sadly"] * 4
+    batches = [dict(tok(texts[i : i + 4], padding=True, return_tensors="pt")) for i in range(0, len(texts), 4)]
+    qs = insert_quantizers(loaded.model, cfg.quant, cfg.calibration, batches[0])
+    hists: dict = {}
+    calibrate(loaded.model, qs, batches, cfg.calibration, on_collected=lambda a: hists.update(calibration_plot.histograms(a)))
+    run_dir = tmp_path_factory.mktemp("calibrated")
+    ctx = RunContext(run_dir=run_dir, device=torch.device("cpu"), seed=0, config_hash="test", model=loaded.model, quantizers=qs)
+    return cfg, ctx, batches[0], hists
+
+
+def test_fusion_groups_pair_the_two_inputs_of_every_gemm(calibrated):
+    _, ctx, _, _ = calibrated
+    qs = ctx.quantizers
+    groups = fusion_groups({n: q.role for n, q in qs.items()})
+    assert sorted(n for g in groups for n in g.quantizers) == sorted(qs)  # a partition
+    kinds = {g.kind for g in groups}
+    assert kinds == {"linear", "attn_qk", "attn_pv", "residual"}
+    linears = [n for n, m in ctx.model.named_modules() if isinstance(m, QuantLinear)]
+    for g in groups:
+        roles = sorted(qs[n].role for n in g.quantizers)
+        expected = {
+            "linear": ["linear_input", "linear_weight"],
+            "attn_qk": ["attn_k", "attn_q"],
+            "attn_pv": ["attn_probs", "attn_v"],
+            "residual": ["residual"],
+        }[g.kind]
+        assert roles == expected, g
+        # Both inputs of one GEMM: the same owning module.
+        assert len({n.rsplit(".", 2 if g.kind.startswith("attn") else 1)[0] for n in g.quantizers}) == 1, g
+    assert sum(g.kind == "linear" for g in groups) == len(linears)
+
+
+def _lone_qdq_gemms(path) -> int:
+    """GEMMs in the exported INT8 graph with exactly one input through Q/DQ: a pair left alone, which
+    no engine fuses (the GEMM runs in float with the other input's Q/DQ as pure overhead)."""
+    g = onnx.load(str(path)).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in g.node if n.op_type in ("MatMul", "Gemm") and sum(i in dq_out for i in n.input[:2]) == 1)
+
+
+def _int8_engine(cfg, ctx, example, name):
+    dest = ctx.run_dir / name
+    dest.mkdir()
+    export_stage.quantized_graph(cfg, ctx, example, "model_int8.onnx", dest / "model_int8.onnx")
+    engine = ENGINES["onnxruntime"]().build(dest / "model_int8.onnx", "int8", cfg.engine, dest)
+    return sum(v for k, v in engine.kernels.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul")), dest / "model_int8.onnx"
+
+
+def test_a_group_in_float_removes_exactly_one_int8_gemm_and_leaves_no_lone_qdq(calibrated):
+    """What grouping is for: ORT fuses a GEMM into INT8 only with both inputs through Q/DQ. A whole
+    group in float costs that one GEMM and leaves no lone Q/DQ; half a group costs the same GEMM and
+    leaves the other input's Q/DQ behind."""
+    cfg, ctx, example, _ = calibrated
+    qs = ctx.quantizers
+    groups = {g.kind: g for g in fusion_groups({n: q.role for n, q in qs.items()})}
+    all_int8, graph = _int8_engine(cfg, ctx, example, "all")
+    assert all_int8 > 0 and _lone_qdq_gemms(graph) == 0
+    for kind in ("linear", "attn_qk"):
+        set_float(qs, groups[kind], True)
+        try:
+            n, graph = _int8_engine(cfg, ctx, example, kind)
+        finally:
+            set_float(qs, groups[kind], False)
+        assert n == all_int8 - 1, kind
+        assert _lone_qdq_gemms(graph) == 0, kind
+    # Contrast: half a Linear group (its input only) costs the same GEMM and leaves the weight's DQ.
+    half = groups["linear"].quantizers[0]
+    qs[half].enabled = False
+    try:
+        n, graph = _int8_engine(cfg, ctx, example, "half")
+    finally:
+        qs[half].enabled = True
+    assert n == all_int8 - 1 and _lone_qdq_gemms(graph) == 1
+
+
+def test_candidates_come_from_the_one_calibration_pass(calibrated):
+    """The run's own method recomputed from the saved histograms gives its amax bit for bit; others differ."""
+    cfg, ctx, _, hists = calibrated
+    assert cfg.calibration.method == "percentile" and cfg.calibration.percentile == 99.99
+    pairs = {k[: -len(".hist")]: (v, hists[k[: -len(".hist")] + ".edges"]) for k, v in hists.items() if k.endswith(".hist")}
+    assert pairs
+    own = candidate_amax("percentile_99_99", pairs, ctx.quantizers, cfg.calibration)
+    assert set(own) == set(pairs)
+    for name, amax in own.items():
+        assert torch.equal(amax.float().reshape(()), ctx.quantizers[name].amax), name
+    mx = candidate_amax("max", pairs, ctx.quantizers, cfg.calibration)
+    assert all(mx[n] >= own[n] for n in own) and any(mx[n] > own[n] for n in own)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search's rules, on fakes (every rule can fail: a fake accuracy per set of float groups).
+
+
+def _groups(n):
+    return [FusionGroup(f"g{i}", "linear", (f"g{i}.input_quantizer", f"g{i}.weight_quantizer")) for i in range(n)]
+
+
+class FakeModel:
+    """Tuning accuracy = base + the gain of each group in float (gains may be 0 or negative)."""
+
+    def __init__(self, base, gains, ratio_per_group=0.1):
+        self.base, self.gains, self.ratio_per_group = base, gains, ratio_per_group
+        self.float: set[str] = set()
+        self.evaluations = 0
+
+    def set_float(self, g, f):
+        (self.float.add if f else self.float.discard)(g.name)
+
+    def evaluate(self):
+        self.evaluations += 1
+        return self.base + sum(self.gains[g] for g in self.float)
+
+    def latency(self):
+        return 0.5 + self.ratio_per_group * len(self.float)
+
+
+def _search(m: FakeModel, groups, budget, **kw):
+    return search(groups, budget=budget, evaluate=m.evaluate, set_float=m.set_float, latency=m.latency, **kw)
+
+
+def test_budget_already_met_makes_no_fallback():
+    m = FakeModel(0.849, {f"g{i}": 0.01 for i in range(4)})
+    r = _search(m, _groups(4), Budget(0.85, 0.3))
+    assert r.met and r.stopped == "met" and r.chosen.groups_in_float == () and len(r.trace) == 1
+    assert m.evaluations == 1 and m.float == set()
+
+
+def test_unmeetable_budget_ends_with_the_most_accurate_plan_and_met_false():
+    gains = {"g0": 0.004, "g1": -0.002, "g2": 0.003, "g3": 0.0}
+    m = FakeModel(0.80, gains)
+    r = _search(m, _groups(4), Budget(0.85, 0.3), max_trials=3)
+    assert not r.met and r.stopped == "max_trials" and r.evaluations == 4  # start + 3 trials
+    assert r.chosen.groups_in_float == ("g0", "g2")  # g1 stepped back (it hurt)
+    assert m.float == {"g0", "g2"}  # the model is left in the chosen state
+    assert [x.accepted for x in r.trace] == [True, True, False, True]
+    assert r.effects["g1"] == pytest.approx(-0.2)
+
+
+def test_fallback_stops_at_the_budget_and_refine_requantizes_what_is_not_needed():
+    gains = {"g0": 0.002, "g1": 0.004, "g2": 0.001}
+    m = FakeModel(0.844, gains)
+    # Ranked g0, g1, g2: g0 alone does not meet (0.846: drop 0.4 > 0.3), g0+g1 does (0.850); refine
+    # then finds g1 alone still meets (0.848): g0 goes back to INT8 and the faster plan is chosen.
+    r = _search(m, _groups(3), Budget(0.85, 0.3))
+    assert r.met and r.chosen.groups_in_float == ("g1",) and m.float == {"g1"}
+    assert r.chosen.latency_ratio == pytest.approx(0.6)
+    r2 = _search(FakeModel(0.844, gains), _groups(3), Budget(0.85, 0.3), refine=False)
+    assert r2.chosen.groups_in_float == ("g0", "g1")
+
+
+def test_relative_budget_is_percent_of_fp32_accuracy():
+    b = Budget(0.80, 1.0, "relative")
+    assert b.drop(0.792) == pytest.approx(1.0) and b.met(0.792) and not b.met(0.791)
+    assert Budget(0.80, 0.5).drop(0.795) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors name the key and the valid values, before any work.
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["tune=accuracy", "calibration=none", "qat=none"],
+            "tune=accuracy: needs calibrated quantizers; calibration=none cannot be combined",
+        ),
+        (["tune=accuracy", "tune.drop_type=percent"], "tune.drop_type: 'percent' is not valid; valid values: absolute, relative"),
+        (["tune=accuracy", "tune.max_drop=-1"], "tune.max_drop: -1.0 out of range; must be in [0.0, 100.0]"),
+        (["tune=accuracy", "tune.calibrators=[entropy,kl]"], "tune.calibrators[1]: 'kl' is not valid; valid values: max, percentile_99_9"),
+        (
+            ["tune=accuracy", "calibration=max"],
+            "tune.calibrators: ['percentile_99_9', 'percentile_99_99', 'percentile_99_999', 'entropy', 'mse'] need",
+        ),
+        (["tune=accuracy", "++data.num_tune=0"], "tune=accuracy: decides on the tuning split; data.num_tune=0 cannot be combined"),
+        (["tune.plan=/nonexistent/tuned_quant.yaml"], "tune.plan: /nonexistent/tuned_quant.yaml not found"),
+    ],
+)
+def test_config_errors_name_key_and_valid_values(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(overrides))
+    assert expected in str(err.value)
+
+
+def test_plan_file_errors(tmp_path):
+    bad = tmp_path / "tuned_quant.yaml"
+    bad.write_text(yaml.safe_dump({"calibrator": "kl", "exclude": "x", "groups": []}))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([f"tune.plan={bad}"]))
+    msg = str(err.value)
+    assert "unknown key 'groups'; valid keys: calibrator, groups_in_float, exclude, budget, tuned_under" in msg
+    assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
+    assert "exclude must be a list of quantizer names" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a search that falls back, then its tuned_quant.yaml in a new run.
+
+# Large random weights make the tiny model's logits sensitive to quantization (the default init's are
+# nearly constant); the engine stages are off: the tuned model is compared in torch, bit for bit.
+E2E = [
+    "qat=none",
+    "++data.num_tune=64",
+    "+model.tiny.initializer_range=0.5",
+    "export=none",
+    "engine=none",
+    "benchmark=none",
+    "evaluate.enabled=false",
+]
+
+
+def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
+    a = tiny_run(E2E + ["tune=accuracy", "tune.calibrators=[max,entropy]", "tune.max_drop=0", "tune.max_trials=2"], name="a")
+    t = json.loads((a.run_dir / "metrics.json").read_text())["tune"]
+    assert set(t) >= {"met", "max_drop", "calibrator", "groups_in_float", "evaluations", "seconds"}
+    for f in ("sensitivity.csv", "sensitivity.png", "tune_trace.csv", "tune_trace.png", "tuned_quant.yaml"):
+        assert (a.run_dir / f).is_file(), f
+    # The run's own percentile 99.99 was not a candidate: the tuned amax come from max or entropy.
+    assert t["calibrator"] in ("max", "entropy") and set(t["calibrator_scores"]) == {"max", "entropy"}
+    trace = list(csv.DictReader(io.StringIO((a.run_dir / "tune_trace.csv").read_text())))
+    # One full evaluation per candidate, per search trial, plus the FP32 reference.
+    assert t["evaluations"] == 1 + 2 + len(trace) - 1 and len(trace) - 1 <= 2
+    assert t["met"] == (t["drop"] <= 0) and (t["met"] or t["stopped"] == "max_trials")
+    assert (len(trace) == 1) == (t["start"]["drop"] <= 0)  # no fallback when the budget holds at the start
+    qmap = {r["name"]: r for r in json.loads((a.run_dir / "quant_map.json").read_text())}
+    plan = yaml.safe_load((a.run_dir / "tuned_quant.yaml").read_text())
+    assert plan["groups_in_float"] == t["groups_in_float"] and plan["calibrator"] == t["calibrator"]
+    assert all(not qmap[n]["enabled"] for n in plan["exclude"])
+
+    b = tiny_run(E2E + [f"tune.plan={a.run_dir / 'tuned_quant.yaml'}"], name="b")
+    assert (a.run_dir / "quantizers.safetensors").read_bytes() == (b.run_dir / "quantizers.safetensors").read_bytes()
+    assert json.loads((a.run_dir / "quant_map.json").read_text()) == json.loads((b.run_dir / "quant_map.json").read_text())
+    from pipeline.stages._common import torch_logits
+
+    la, lb = (torch_logits(c.model, c.tokenizer, c.encoded["tune"], 16, c.device) for c in (a, b))
+    assert np.array_equal(la, lb)
+    assert json.loads((b.run_dir / "metrics.json").read_text())["tune"]["plan"].endswith("tuned_quant.yaml")
