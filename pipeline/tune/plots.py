@@ -42,9 +42,9 @@ def sensitivity_png(ranked: list[Sensitivity], path: Path, top: int = 30) -> Pat
             ax.annotate(
                 f"{s.accuracy_effect:+.2f} pt", (max(s.score, 0), yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
             )
-    for kind, color in KIND_COLORS.items():
-        if any(s.group.kind == kind for s in rows):
-            ax.barh([], [], color=color, label=kind)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items() if any(s.group.kind == k for s in rows)]
     ax.axvline(0, color="black", lw=0.6)
     n = len(ranked)
     ax.set(
@@ -52,7 +52,7 @@ def sensitivity_png(ranked: list[Sensitivity], path: Path, top: int = 30) -> Pat
         title=f"Fusion-group sensitivity (top {len(rows)} of {n}; labels: tuning accuracy effect where tried)",
     )
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
