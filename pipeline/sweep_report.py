@@ -43,6 +43,8 @@ COLUMNS = [
     # and for objective.metric=latency whether the accuracy floor was met.
     "objective",
     "feasible",
+    # Accuracy budget (tune=accuracy): "met|not met, drop <unit>, <calibrator>, <n> groups in float".
+    "tune",
 ]
 
 
@@ -92,6 +94,13 @@ def _job_row(job: Path) -> dict | None:
         # ONNX Runtime's own quantizers in this job (benchmark.peers): name=accuracy@p50 at the headline shape.
         head = (m.get("benchmark", {}).get("headline_batch"), m.get("benchmark", {}).get("headline_seq"))
         row["peers"] = " ".join(_peer_cell(p, head) for p in m.get("peers", [])) or None
+        t = m.get("tune")
+        if t:
+            unit = "pt" if t.get("drop_type") == "absolute" else "%"
+            row["tune"] = (
+                f"{'met' if t['met'] else 'not met'} (max {t['max_drop']} {unit}), drop {t.get('drop', 0):.2f} {unit}, "
+                f"{t['calibrator']}, {len(t['groups_in_float'])} groups in float"
+            )
     return row
 
 
@@ -172,6 +181,10 @@ def write_report(sweep_dir: Path) -> list[dict]:
     if with_peers:
         lines += ["", "## Peers (ONNX Runtime's own quantizers in each job: accuracy @ p50 at the headline shape)", ""]
         lines += [f"- {r['job']}: {r['peers']}" for r in with_peers]
+    tuned = [r for r in rows if r["tune"]]
+    if tuned:
+        lines += ["", "## Accuracy budget (tune): drop on the tuning split, chosen calibrator, fusion groups in float", ""]
+        lines += [f"- {r['job']}: {r['tune']}" for r in tuned]
     floor = [r for r in rows if r["feasible"] is False]
     if floor:  # objective.metric=latency: trials under the accuracy floor (their objective is a penalty)
         lines += [

@@ -273,3 +273,25 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     la, lb = (torch_logits(c.model, c.tokenizer, c.encoded["tune"], 16, c.device) for c in (a, b))
     assert np.array_equal(la, lb)
     assert json.loads((b.run_dir / "metrics.json").read_text())["tune"]["plan"].endswith("tuned_quant.yaml")
+
+
+def test_sweep_report_shows_each_jobs_budget_result(tmp_path):
+    from pipeline.sweep_report import write_report
+
+    for i, met in enumerate((True, False)):
+        job = tmp_path / str(i)
+        job.mkdir()
+        (job / "manifest.json").write_text(json.dumps({"status": "done", "stages": {}}))
+        tune = {
+            "met": met,
+            "max_drop": 0.3,
+            "drop_type": "absolute",
+            "drop": 0.25 if met else 0.9,
+            "calibrator": "mse",
+            "groups_in_float": ["a"] * i,
+        }
+        (job / "metrics.json").write_text(json.dumps({"accuracy": {}, "parity": {}, "latency_ms": {}, "tune": tune}))
+    rows = {r["job"]: r for r in write_report(tmp_path)}
+    assert rows["0"]["tune"] == "met (max 0.3 pt), drop 0.25 pt, mse, 0 groups in float"
+    assert rows["1"]["tune"] == "not met (max 0.3 pt), drop 0.90 pt, mse, 1 groups in float"
+    assert "- 1: not met (max 0.3 pt)" in (tmp_path / "sweep_report.md").read_text()
