@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pipeline.engines import Engine
     from pipeline.models import LoadReport
     from pipeline.quantization.tensor_quantizer import TensorQuantizer
+    from pipeline.tasks import Task
 
 StageStatus = Literal["done", "skipped", "cached", "failed"]
 
@@ -60,6 +61,8 @@ class Metrics:
     # ONNX Runtime's own quantizers as comparison rows: {name, description, precision, file, accuracy,
     # error, grid: [{batch, seq, p50}], real_length} (pipeline/engines/peers.py).
     peers: list[dict[str, Any]] = field(default_factory=list)
+    # The task's own metrics (metrics.json under the task's name, e.g. "embedding"); {} for the default task.
+    task: dict[str, Any] = field(default_factory=dict)
     # Accuracy budget (stage tune): {met, max_drop, calibrator, groups_in_float, evaluations, seconds, ...}.
     tune: dict[str, Any] | None = None
 
@@ -88,6 +91,7 @@ class RunContext:
     model_load: LoadReport | None = None  # what the checkpoint did not provide (manifest.json "model_load")
     resume_from: Path | None = None
     cache: StageCache | None = None
+    task: Task | None = None  # what the model is for (pipeline/tasks/): stages ask it, never its name
     # Cache keys: `key` is the running chain (each stage that changes the model extends it).
     key: str = ""
     keys: dict[str, str] = field(default_factory=dict)

@@ -37,6 +37,12 @@ class _Logits(torch.nn.Module):
         return self.model(**dict(zip(self.names, args))).logits
 
 
+def graph_output(model: torch.nn.Module) -> tuple[str, dict[int, str]]:
+    """(name, dynamic axes) of the exported graph's one output: the model's `graph_output` when it
+    declares one (task wrappers), else classification logits."""
+    return getattr(model, "graph_output", ("logits", {0: "batch"}))
+
+
 @contextlib.contextmanager
 def constant_scales(model: torch.nn.Module):
     """During export, quantizer scales are traced as constants (not Div/Clip over the amax buffer),
@@ -56,7 +62,10 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
     names = [n for n in INPUT_ORDER if n in example]
     args = tuple(example[n].cpu() for n in names)
     wrapper = _Logits(model, names).eval()
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    # The task's output (pipeline/tasks/): a model may declare its graph output's name and dynamic axes,
+    # e.g. ("sentence_embedding", {0: "batch"}); classifiers output `logits` (batch, num_labels).
+    output, output_axes = graph_output(model)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {output: output_axes}
 
     def write(tmp: Path) -> None:
         # Record the exporter's warnings (not hide them): each is logged once per run folder, with a count.
@@ -69,7 +78,7 @@ def export(model: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
                 dynamo=False,
                 opset_version=opset,
                 input_names=names,
-                output_names=["logits"],
+                output_names=[output],
                 dynamic_axes=axes,
                 do_constant_folding=True,
             )

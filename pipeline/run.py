@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import __version__, distributed
 from pipeline.cache import StageCache
 from pipeline.context import RunContext, StageRecord
-from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits, load_splits
+from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits
 from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig, validate
 from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report, tune
+from pipeline.tasks import make_task
 from pipeline.training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def preflight(cfg: RunConfig) -> DataSplits | None:
     splits = None
     if cfg.data.source in PREFLIGHT_SOURCES:
         try:
-            splits = load_splits(cfg.data)
+            splits = make_task(cfg).load_splits(cfg.data)
         except DataError as exc:
             errors += exc.errors
     src = cfg.model.name_or_path
@@ -88,7 +89,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
     device = distributed.device_for_rank(resolve_device(cfg.device))
-    ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from)
+    ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from, task=make_task(cfg))
     _resolve_weight_range(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     # Off under torchrun: a hit on one rank and a miss on another would hang the collectives.

@@ -219,6 +219,21 @@ class CacheConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the model is for (conf/task/, pipeline/tasks/). Each task's YAML sets only its own keys."""
+
+    name: Literal["sequence_classification", "embedding", "token_classification", "question_answering"] = "sequence_classification"
+    # embedding: pooling inside the exported graph. auto = the checkpoint's sentence-transformers config
+    # (modules.json + 1_Pooling/config.json), else mean; normalize null = the checkpoint's Normalize module, else off.
+    pooling: Literal["auto", "mean", "cls", "max"] = "auto"
+    normalize: bool | None = None
+    # embedding: QAT loss against the FP32 embeddings (no labels).
+    distill_loss: Literal["cosine", "mse"] = "cosine"
+    recall_k: int = field(default=10, metadata=_range(1))
+    knn_k: int = field(default=10, metadata=_range(1))
+
+
+@dataclass
 class ObjectiveConfig:
     """What a run returns to a sweeper such as Optuna (pipeline/objective.py; conf/sweep/optuna*.yaml).
 
@@ -295,6 +310,7 @@ class RunConfig:
     threads: int = field(default=0, metadata=_range(0))
     resume: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
@@ -441,6 +457,9 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")
+    from pipeline.tasks import combination_errors  # each task's rules live with the task (pipeline/tasks/)
+
+    errors += combination_errors(c)
     _check_tune(c, errors)
 
 

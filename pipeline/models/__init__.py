@@ -54,8 +54,8 @@ class Loaded:
     report: LoadReport
 
 
-def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loaded:
-    """Load `cfg.name_or_path` (hub id or folder) for sequence classification with num_labels.
+def load_model(cfg: ModelConfig, num_labels: int, device: torch.device, auto_class=AutoModelForSequenceClassification) -> Loaded:
+    """Load `cfg.name_or_path` (hub id or folder) as `auto_class` (the task's head) with num_labels.
 
     model.random_init=true builds the architecture of `cfg.model_type` with tiny dimensions
     (`cfg.tiny`) and random weights, using the embedded BERT tokenizer: no download, for tests and
@@ -75,7 +75,7 @@ def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loade
         for name, value in ids.items():
             if getattr(config, f"{name}_token_id", None) is not None:
                 setattr(config, f"{name}_token_id", value)
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto_class.from_config(config)
         return Loaded(model.to(device).eval(), tokenizer, head_trained=False, report=LoadReport(cfg.model_type, random_init=True))
     source = cfg.name_or_path
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
@@ -87,7 +87,7 @@ def load_model(cfg: ModelConfig, num_labels: int, device: torch.device) -> Loade
     try:
         # ignore_mismatched_sizes: mis-shaped weights are reported in `info` (judged below) instead of
         # raising transformers' own error, which only covers shapes, not missing keys.
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto_class.from_pretrained(
             source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
     finally:

@@ -16,31 +16,32 @@ from pipeline.data import batches
 from pipeline.data.batching import Encoded
 from pipeline.outputs import atomic_write
 from pipeline.schema import RunConfig, TrainConfig
+from pipeline.tasks import Outputs, collect
 from pipeline.training import latest_checkpoint, state_for_safetensors, train
 
 log = logging.getLogger(__name__)
 
 
-def _ordered_logits(tokenizer, data: Encoded, batch_size: int, limit: int | None, forward) -> np.ndarray:
-    """forward(batch) -> logits over length-sorted batches (less padding), returned in split order."""
-    out: dict[int, np.ndarray] = {}
-    for b in batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit):
-        out.update(zip(b.index, forward(b)))
-    return np.stack([out[i] for i in sorted(out)])
+def _ordered_logits(tokenizer, data: Encoded, batch_size: int, limit: int | None, forward, token_level: bool = False) -> Outputs:
+    """forward(batch) -> outputs over length-sorted batches (less padding), returned in split order
+    (token-level outputs: one array per example, cut to its length; see pipeline.tasks.collect)."""
+    return collect(forward, batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit), data, token_level)
 
 
 @torch.no_grad()
 def torch_logits(
-    model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None
-) -> np.ndarray:
-    """Logits (N, num_labels) of a torch model, in the split's order."""
+    model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None, token_level: bool = False
+) -> Outputs:
+    """The graph output of a torch model (logits (N, num_labels); the task's output), in the split's order."""
     model.eval()
-    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: model(**b.to(device).inputs).logits.float().cpu().numpy())
+    return _ordered_logits(
+        tokenizer, data, batch_size, limit, lambda b: model(**b.to(device).inputs).logits.float().cpu().numpy(), token_level
+    )
 
 
-def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None) -> np.ndarray:
-    """Logits (N, num_labels) of an engine, in the split's order."""
-    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}))
+def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None, token_level: bool = False) -> Outputs:
+    """The output of an engine (logits (N, num_labels); the task's output), in the split's order."""
+    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}), token_level)
 
 
 def accuracy(logits: np.ndarray, labels: list[int]) -> float:
@@ -70,6 +71,7 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
         teacher=teacher,
         eval_fn=eval_fn,
         resume=resume,
+        objective=ctx.task.objective if ctx.task is not None else None,
     )
     ctx.metrics.training[name] = {
         "steps": result.steps,

@@ -1,4 +1,4 @@
-"""evaluate: task accuracy of FP32 torch, fake-quant torch, the baseline engine (engine_fp32 on ONNX
+"""evaluate: the task's score (accuracy.*: accuracy, k-NN accuracy for embeddings, ...; pipeline/tasks/) of FP32 torch, fake-quant torch, the baseline engine (engine_fp32 on ONNX
 Runtime, engine_fp16 on TensorRT) and the quantized engine (int8 / fp8) on the eval split, parity of the
 quantized engine against fake-quant torch (argmax agreement, mean cosine of logits), and, on ONNX
 Runtime, the accuracy of TensorRT's own graphs (accuracy.trt_graph_fp16 / trt_graph_int8) with the
@@ -6,6 +6,8 @@ INT8 graph's parity: the numerics TensorRT would receive, measured on any machin
 
 Parity is not judged at 1e-5: near-tie roundings flip between torch and the engine's int8 kernels and
 cascade through layers, so agreement of decisions and the cosine of logit vectors are what matter.
+Each task measures parity in its own terms (Task.parity) and adds its own metrics (Task.task_metrics,
+metrics.json under the task's name) from the same outputs.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.cache import cached, file_digests
 from pipeline.context import RunContext
 from pipeline.data.batching import Encoded
 from pipeline.schema import RunConfig
-from pipeline.stages._common import accuracy, engine_logits, torch_logits
+from pipeline.stages._common import engine_logits, torch_logits
+from pipeline.tasks.sequence_classification import logits_parity
 
 log = logging.getLogger(__name__)
 BASELINES = ("fp32", "fp16")
@@ -41,6 +42,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
                     "parity": ctx.metrics.parity,
                     "tensorrt_graphs": ctx.metrics.tensorrt_graphs,
                     "peers": {r["name"]: r["accuracy"] for r in ctx.metrics.peers},
+                    "task": ctx.metrics.task,
                 }
             )
         )
@@ -48,6 +50,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     def restore(hit: Path) -> None:
         d = json.loads((hit / "evaluate.json").read_text())
         ctx.metrics.accuracy, ctx.metrics.parity, ctx.metrics.tensorrt_graphs = d["accuracy"], d["parity"], d["tensorrt_graphs"]
+        ctx.metrics.task = d.get("task", {})
         for row in ctx.metrics.peers:
             row["accuracy"] = d["peers"].get(row["name"])
 
@@ -61,37 +64,41 @@ def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
         ev = Encoded(ev.features[: cfg.evaluate.max_examples], ev.labels[: cfg.evaluate.max_examples])
     bs = cfg.evaluate.batch_size
     acc = ctx.metrics.accuracy
+    task = ctx.task
+    tl = task.token_level
+    outputs = {}  # every output by its accuracy label, for the task's own metrics
     fp32_model = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
-    acc["fp32"] = accuracy(torch_logits(fp32_model, ctx.tokenizer, ev, bs, ctx.device), ev.labels)
+    outputs["fp32"] = torch_logits(fp32_model, ctx.tokenizer, ev, bs, ctx.device, token_level=tl)
+    acc["fp32"] = task.score(outputs["fp32"], ev)
     fq = None
     if ctx.quantized:
-        fq = torch_logits(ctx.model, ctx.tokenizer, ev, bs, ctx.device)
-        acc["fake_quant"] = accuracy(fq, ev.labels)
+        fq = outputs["fake_quant"] = torch_logits(ctx.model, ctx.tokenizer, ev, bs, ctx.device, token_level=tl)
+        acc["fake_quant"] = task.score(fq, ev)
     n = min(len(ev), cfg.evaluate.parity_batches * bs)
     # Baselines are reported as engine_<precision> (engine_fp32 on ONNX Runtime, engine_fp16 on
     # TensorRT); quantized engines under their precision (int8 / fp8), with parity against fake quant.
     for precision, engine in ctx.engines.items():
-        logits = engine_logits(engine, ctx.tokenizer, ev, bs)
-        if precision in BASELINES:
-            acc[f"engine_{precision}"] = accuracy(logits, ev.labels)
-        else:
-            acc[precision] = accuracy(logits, ev.labels)
-            ctx.metrics.parity = parity(logits[:n], fq[:n])
+        logits = engine_logits(engine, ctx.tokenizer, ev, bs, token_level=tl)
+        label = f"engine_{precision}" if precision in BASELINES else precision
+        outputs[label] = logits
+        acc[label] = task.score(logits, ev)
+        if precision not in BASELINES:
+            ctx.metrics.parity = task.parity(logits[:n], fq[:n])
     # TensorRT's own graphs through ONNX Runtime: the numerics TensorRT would receive, measured here.
     for label, engine in ctx.check_engines.items():
-        logits = engine_logits(engine, ctx.tokenizer, ev, bs)
-        acc[label] = accuracy(logits, ev.labels)
+        logits = outputs[label] = engine_logits(engine, ctx.tokenizer, ev, bs, token_level=tl)
+        acc[label] = task.score(logits, ev)
         if fq is not None and label != "trt_graph_fp16":
-            ctx.metrics.tensorrt_graphs.setdefault(label, {})["parity_vs_fake_quant"] = parity(logits[:n], fq[:n])
+            ctx.metrics.tensorrt_graphs.setdefault(label, {})["parity_vs_fake_quant"] = task.parity(logits[:n], fq[:n])
     # Peers (ONNX Runtime's own quantizers): same split, same batches.
     for row in ctx.metrics.peers:
         if row["name"] in ctx.peers:
-            row["accuracy"] = accuracy(engine_logits(ctx.peers[row["name"]], ctx.tokenizer, ev, bs), ev.labels)
+            outputs[row["name"]] = engine_logits(ctx.peers[row["name"]], ctx.tokenizer, ev, bs, token_level=tl)
+            row["accuracy"] = task.score(outputs[row["name"]], ev)
+    ctx.metrics.task = task.task_metrics(outputs, ev)
     log.info("evaluate: peers %s", {r["name"]: r["accuracy"] for r in ctx.metrics.peers})
     log.info("evaluate: accuracy %s parity %s", {k: v if v is None else round(v, 4) for k, v in acc.items()}, ctx.metrics.parity)
 
 
-def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Argmax agreement and mean cosine similarity of two logit arrays (N, C)."""
-    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-    return {"argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()), "cosine": float(cos.mean()), "n": int(len(a))}
+# Sequence classification's parity (argmax agreement, mean logit cosine), kept under its old name.
+parity = logits_parity

@@ -19,7 +19,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
             # Weight amax follows the calibrated per-channel max; learnable amax trains every range.
             q.set_learnable(cfg.qat.learn_amax and q.amax is not None)
         ctx.model.to(ctx.device)
-        teacher = ctx.fp32_model if cfg.qat.distill else None
+        # The task may learn from the FP32 model alone (embedding: distillation, no labels).
+        teacher = ctx.fp32_model if cfg.qat.distill or getattr(ctx.task, "distills", False) else None
         try:
             _common.train_stage("qat", cfg.qat, cfg, ctx, teacher=teacher)
         finally:

@@ -21,7 +21,8 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
     return {
         "config_hash": ctx.config_hash,
         "model": cfg.model.name,
-        "task": cfg.data.name,
+        "task": cfg.task.name,
+        "data": cfg.data.name,
         "accuracy": m.accuracy,
         "parity": m.parity,
         "latency_ms": m.latency_ms,
@@ -33,6 +34,7 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "tune": m.tune,
         "quantization": m.quantization,
         "training": m.training,
+        **({cfg.task.name: m.task} if m.task else {}),  # the task's own metrics (e.g. "embedding")
         "stages": {k: dataclasses.asdict(v) for k, v in ctx.stages.items()},
     }
 
@@ -45,7 +47,7 @@ def write_metrics(cfg: RunConfig, ctx: RunContext) -> dict:
 
 def run(cfg: RunConfig, ctx: RunContext) -> None:
     d = write_metrics(cfg, ctx)
-    table = summary_table(d, ctx.run_dir)
+    table = summary_table(d, ctx.run_dir, ctx.task)
     write_text(ctx.path("report.md"), render(d, cfg, ctx, table))
     print("\n" + table + "\n", flush=True)
 
@@ -61,30 +63,32 @@ def _ms(d: dict, p: str) -> str:
 _NAMES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "fp8": "FP8"}
 
 
-def summary_table(d: dict, run_dir: Path) -> str:
+def summary_table(d: dict, run_dir: Path, task=None) -> str:
+    """The headline table; `task` (pipeline/tasks/) words its score, parity and adds its own rows."""
+    from pipeline.tasks.sequence_classification import argmax_cosine_row
+
+    parity_text = task.parity_text if task is not None else argmax_cosine_row
+    score = getattr(task, "score_name", "accuracy")
     acc = d["accuracy"]
     prec = d.get("engine_precisions") or {}
     base, quant = prec.get("baseline") or "fp32", prec.get("quantized") or "int8"
     B, Q = _NAMES[base], _NAMES[quant]
     rows = [
-        ("accuracy FP32 (torch)", _pct(acc["fp32"])),
-        ("accuracy fake-quant (torch)", _pct(acc["fake_quant"])),
-        (f"accuracy engine {B}", _pct(acc.get(f"engine_{base}"))),
-        (f"accuracy engine {Q}", _pct(acc.get(quant))),
-        (
-            f"parity {Q} vs fake-quant",
-            "—"
-            if d["parity"]["argmax_agreement"] is None
-            else f"argmax {100 * d['parity']['argmax_agreement']:.2f} %, cosine {d['parity']['cosine']:.5f}",
-        ),
+        (f"{score} FP32 (torch)", _pct(acc["fp32"])),
+        (f"{score} fake-quant (torch)", _pct(acc["fake_quant"])),
+        (f"{score} engine {B}", _pct(acc.get(f"engine_{base}"))),
+        (f"{score} engine {Q}", _pct(acc.get(quant))),
+        (f"parity {Q} vs fake-quant", parity_text(d["parity"])),
     ]
+    if task is not None:
+        rows += task.report_rows(d)
     # TensorRT's graphs run through ONNX Runtime (CPU): what TensorRT would compute, checked here.
     for label, title in (("trt_graph_fp16", "model_fp16.onnx"), ("trt_graph_int8", "model_int8_trt.onnx")):
         if acc.get(label) is not None:
-            rows.append((f"accuracy TensorRT graph {title} (ORT CPU)", _pct(acc[label])))
+            rows.append((f"{score} TensorRT graph {title} (ORT CPU)", _pct(acc[label])))
     p = d.get("tensorrt_graphs", {}).get("trt_graph_int8", {}).get("parity_vs_fake_quant")
     if p:
-        rows.append(("parity TensorRT INT8 graph vs fake-quant", f"argmax {100 * p['argmax_agreement']:.2f} %, cosine {p['cosine']:.5f}"))
+        rows.append(("parity TensorRT INT8 graph vs fake-quant", parity_text(p)))
     if d["latency_ms"]:
         head = _headline(d)
         rows += [(f"latency p50 {B} ({head})", _ms(d, base)), (f"latency p50 {Q} ({head})", _ms(d, quant))]
@@ -108,7 +112,7 @@ def _headline(d: dict) -> str:
 
 def render(d: dict, cfg: RunConfig, ctx: RunContext, table: str) -> str:
     lines = [
-        f"# qdq-pipeline report: {cfg.model.name} on {cfg.data.name}",
+        f"# qdq-pipeline report: {cfg.model.name} on {cfg.data.name} (task {cfg.task.name})",
         "",
         f"config hash `{d['config_hash'][:16]}`, seed {ctx.seed}",
         "",

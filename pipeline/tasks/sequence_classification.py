@@ -1,0 +1,68 @@
+"""sequence_classification: one label per sentence (or sentence pair); the default task.
+
+Graph output `logits` (batch, num_labels); loss cross-entropy (KD from the FP32 model with
+qat.distill); score accuracy; parity argmax agreement and the mean cosine of logit vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from pipeline.data import DataSplits, Split, encode, load_splits
+from pipeline.data.batching import Encoded
+from pipeline.schema import DataConfig, ModelConfig
+from pipeline.training import classification_objective
+
+
+def logits_parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Argmax agreement and mean cosine similarity of two logit arrays (N, C)."""
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    return {"argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()), "cosine": float(cos.mean()), "n": int(len(a))}
+
+
+def argmax_cosine_row(p: dict) -> str:
+    if not p or p.get("argmax_agreement") is None:
+        return "—"
+    return f"argmax {100 * p['argmax_agreement']:.2f} %, cosine {p['cosine']:.5f}"
+
+
+class SequenceClassification:
+    name = "sequence_classification"
+    output_name = "logits"
+    output_axes = {0: "batch"}
+    token_level = False
+    score_name = "accuracy"
+    distills = False
+    objective = staticmethod(classification_objective)
+
+    def load_splits(self, cfg: DataConfig) -> DataSplits:
+        return load_splits(cfg)
+
+    def load_model(self, cfg: ModelConfig, num_labels: int, device: torch.device):
+        from pipeline.models import load_model
+
+        return load_model(cfg, num_labels, device, AutoModelForSequenceClassification)
+
+    def encode(self, tokenizer, split: Split, max_length: int) -> Encoded:
+        return encode(tokenizer, split, max_length)
+
+    def cache_parts(self) -> tuple:
+        return ()  # the default task: cache keys as before tasks existed (earlier runs' caches stay valid)
+
+    def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
+        return float((outputs.argmax(-1) == np.asarray(data.labels[: len(outputs)])).mean())
+
+    def parity(self, quantized: np.ndarray, fake_quant: np.ndarray) -> dict[str, Any]:
+        return logits_parity(quantized, fake_quant)
+
+    def task_metrics(self, outputs: dict, data: Encoded) -> dict:
+        return {}
+
+    def report_rows(self, d: dict) -> list[tuple[str, str]]:
+        return []
+
+    parity_text = staticmethod(argmax_cosine_row)

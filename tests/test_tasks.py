@@ -1,0 +1,133 @@
+"""Tasks (pipeline/tasks/, conf/task/): pooling, neighbour metrics, config rules, one tiny end-to-end run per task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline import _embedded_model_path
+from pipeline.schema import ConfigError, validate
+from pipeline.tasks.embedding import knn_accuracy, neighbours, pool, read_sentence_transformers_pooling, recall_at_k
+from pipeline.testing import CONF, compose_cfg, run_tiny
+
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+
+# ---------------------------------------------------------------------------------------------
+# embedding: pooling as sentence-transformers defines it (models/Pooling.py, models/Normalize.py)
+
+# Two sentences, 3 positions, hidden 2; the second sentence has one padding position.
+HIDDEN = torch.tensor([[[1.0, 2.0], [3.0, -4.0], [5.0, 0.0]], [[2.0, 2.0], [-6.0, 1.0], [100.0, 100.0]]])
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+def test_mean_pooling_averages_only_real_tokens():
+    # sentence 1: ((1+3+5)/3, (2-4+0)/3) = (3, -2/3); sentence 2: ((2-6)/2, (2+1)/2) = (-2, 1.5): the padded 100s ignored
+    expected = torch.tensor([[3.0, -2.0 / 3.0], [-2.0, 1.5]])
+    assert torch.allclose(pool(HIDDEN, MASK, "mean", normalize=False), expected)
+
+
+def test_cls_and_max_pooling():
+    assert torch.equal(pool(HIDDEN, MASK, "cls", normalize=False), torch.tensor([[1.0, 2.0], [2.0, 2.0]]))
+    # max over real tokens only: sentence 2's padding (100, 100) must not win
+    assert torch.equal(pool(HIDDEN, MASK, "max", normalize=False), torch.tensor([[5.0, 2.0], [2.0, 2.0]]))
+
+
+def test_normalize_divides_by_the_l2_norm():
+    # mean of sentence 2 = (-2, 1.5): norm 2.5 -> (-0.8, 0.6)
+    out = pool(HIDDEN, MASK, "mean", normalize=True)
+    assert torch.allclose(out[1], torch.tensor([-0.8, 0.6]))
+    assert torch.allclose(out.norm(dim=1), torch.ones(2))
+
+
+def test_pooling_is_read_from_the_checkpoint_folder(tmp_path):
+    embedded = read_sentence_transformers_pooling(_embedded_model_path())  # all-MiniLM-L6-v2: mean + Normalize
+    assert (embedded.mode, embedded.normalize) == ("mean", True)
+    assert read_sentence_transformers_pooling(tmp_path) is None  # a plain checkpoint: no modules.json
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}, {"path": "1_Pooling", "type": "x.Pooling"}]))
+    (tmp_path / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert (read_sentence_transformers_pooling(tmp_path).mode, read_sentence_transformers_pooling(tmp_path).normalize) == ("cls", False)
+    (tmp_path / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True}))
+    with pytest.raises(ValueError, match=r"pooling \['cls', 'mean'\] is not supported"):
+        read_sentence_transformers_pooling(tmp_path)
+
+
+def test_neighbour_metrics_on_a_hand_made_corpus():
+    # Four points on a circle: 0 and 1 close together, 2 and 3 close together, the pairs far apart.
+    e = np.array([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.05], [-0.98, -0.2]])
+    assert neighbours(e, 1)[:, 0].tolist() == [1, 0, 3, 2]
+    assert knn_accuracy(e, [0, 0, 1, 1], k=1) == 1.0
+    assert knn_accuracy(e, [0, 1, 0, 1], k=1) == 0.0
+    swapped = e[[0, 1, 3, 2]]  # rows 2 and 3 exchanged: their nearest neighbours are each other still
+    assert recall_at_k(e, swapped, 1) == 1.0
+    moved = e.copy()
+    moved[1] = [-1.0, 0.0]  # point 1 now sits with 2 and 3: nearest neighbours 3, 2, 1, 1 instead of 1, 0, 3, 2
+    assert neighbours(moved, 1)[:, 0].tolist() == [3, 2, 1, 1] and recall_at_k(e, moved, 1) == 0.0
+    assert recall_at_k(e, moved, 3) == 1.0  # k = every other point: always the same set
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: every task composes with every calibration / QAT / engine option; the task's own rules
+
+
+def _option_overrides():
+    for group in ("calibration", "qat", "engine"):
+        for f in sorted((CONF / group).glob("*.yaml")):
+            extra = {("calibration", "none"): ["qat=none"], ("engine", "none"): ["benchmark=none"]}.get((group, f.stem), [])
+            yield [f"{group}={f.stem}", *extra]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_composes_with_every_calibration_qat_and_engine_option(task):
+    for overrides in _option_overrides():
+        cfg = validate(compose_cfg([f"task={task}", *overrides]))
+        assert cfg.task.name == task
+
+
+def test_embedding_defaults_to_no_finetune_and_refuses_one():
+    assert validate(compose_cfg(["task=embedding"])).finetune.enabled is False
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["task=embedding", "finetune=default"]))
+    assert e.value.errors == [
+        "finetune: task=embedding uses the checkpoint's own embedding and has no labelled training objective; "
+        "finetune=default cannot be combined with it (choose finetune=none, the task's default)"
+    ]
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["task=embedding", "task.pooling=avg"]))
+    assert e.value.errors == ["task.pooling: 'avg' is not valid; valid values: auto, mean, cls, max"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on tiny random weights (one run per task, trimmed: 2 QAT steps, no benchmark grid)
+
+FAST = ["benchmark=none", "qat.max_steps=2", "export.tensorrt_graphs=false", "finetune.max_steps=2"]
+
+
+def test_embedding_end_to_end_pools_inside_the_graph(tmp_path):
+    ctx = run_tiny(tmp_path, ["task=embedding", "task.normalize=true", *FAST[:3]])
+    run = tmp_path / "run"
+    g = onnx.load(str(run / "model_int8.onnx")).graph
+    out = g.output[0]
+    assert out.name == "sentence_embedding"
+    assert out.type.tensor_type.shape.dim[0].dim_param == "batch" and len(out.type.tensor_type.shape.dim) == 2
+    # The engines return the pooled, normalized embedding, and the FP32 engine matches torch.
+    feed = ctx.tokenizer(["a fine film .", "dull"], return_tensors="np", padding=True)
+    e32 = ctx.engines["fp32"].run({k: feed[k].astype(np.int64) for k in ctx.engines["fp32"].input_names})
+    with torch.no_grad():
+        ref = ctx.fp32_model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    assert e32.shape == (2, 64)  # (batch, tiny hidden size)
+    assert np.allclose(np.linalg.norm(e32, axis=1), 1.0, atol=1e-5) and np.abs(e32 - ref).max() < 1e-4
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["task"] == "embedding" and m["stages"]["finetune"]["status"] == "skipped"
+    emb = m["embedding"]
+    assert set(emb["int8"]) == {"cosine_mean", "cosine_p1", "recall_at_10", "knn_accuracy"} and emb["fp32"]["knn_accuracy"] is not None
+    assert 0.9 < emb["int8"]["cosine_mean"] <= 1.0 + 1e-6 and emb["int8"]["cosine_p1"] <= emb["int8"]["cosine_mean"]
+    assert m["accuracy"]["int8"] == emb["int8"]["knn_accuracy"]
+    assert m["parity"]["cosine"] > 0.9 and m["parity"]["recall_at_10"] is not None
+    # QAT distilled the FP32 embeddings (1 - cosine: small and finite, no labels involved).
+    assert 0.0 <= m["training"]["qat"]["final_loss"] < 0.1
+    assert "embedding int8 vs FP32" in (run / "report.md").read_text()
