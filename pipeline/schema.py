@@ -269,6 +269,8 @@ class TuneConfig:
     calibrators: list[TuneCalibrator] = field(
         default_factory=lambda: ["max", "percentile_99_9", "percentile_99_99", "percentile_99_999", "entropy", "mse"]
     )
+    # Then try each other calibrator per quantizer role (one evaluation each), keeping what improves.
+    per_role: bool = False
     # Return the most sensitive fusion groups to float until the budget is met (false = calibrator choice only).
     fallback: bool = True
     # Once the budget is met, try re-quantizing each group returned to float (fewer float groups = faster).

@@ -23,7 +23,7 @@ from pipeline.quantization.placement import insert_quantizers
 from pipeline.schema import ConfigError, validate
 from pipeline.stages import export as export_stage
 from pipeline.testing import TINY, compose_cfg
-from pipeline.tune.calibrators import candidate_amax
+from pipeline.tune.calibrators import candidate_amax, choose_per_role
 from pipeline.tune.groups import FusionGroup, fusion_groups, set_float
 from pipeline.tune.search import Budget, search
 
@@ -123,6 +123,22 @@ def test_candidates_come_from_the_one_calibration_pass(calibrated):
         assert torch.equal(amax.float().reshape(()), ctx.quantizers[name].amax), name
     mx = candidate_amax("max", pairs, ctx.quantizers, cfg.calibration)
     assert all(mx[n] >= own[n] for n in own) and any(mx[n] > own[n] for n in own)
+
+
+def test_per_role_choice_keeps_only_what_improves_the_tuning_score():
+    """Roles a (quantizers a1, a2) and b (b1); candidates x (global best) and y. y helps role a only."""
+    cands = {c: {n: torch.tensor(float(i)) for n in ("a1", "a2", "b1")} for i, c in enumerate(("x", "y"))}
+    state = {n: "x" for n in ("a1", "a2", "b1")}
+
+    def apply(amax):
+        for n, v in amax.items():
+            state[n] = "xy"[int(v)]
+
+    def score():
+        return (0.80 + 0.01 * (state["a1"] == state["a2"] == "y") - 0.02 * (state["b1"] == "y"), 0.0)
+
+    chosen, spent = choose_per_role({"a": ["a1", "a2"], "b": ["b1"]}, cands, "x", score, apply)
+    assert chosen == {"a": "y"} and spent == 3 and state == {"a1": "y", "a2": "y", "b1": "x"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +242,7 @@ def test_plan_file_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([f"tune.plan={bad}"]))
     msg = str(err.value)
-    assert "unknown key 'groups'; valid keys: calibrator, groups_in_float, exclude, budget, tuned_under" in msg
+    assert "unknown key 'groups'; valid keys: calibrator, role_calibrators, groups_in_float, exclude, budget, tuned_under" in msg
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
     assert "exclude must be a list of quantizer names" in msg
 

@@ -29,7 +29,7 @@ from pipeline.stages._common import accuracy, torch_logits
 from pipeline.stages.calibrate import save_quantizer_state
 from pipeline.tune import plan as plan_file
 from pipeline.tune import plots
-from pipeline.tune.calibrators import apply_amax, candidate_amax, load_histograms, own_candidate
+from pipeline.tune.calibrators import apply_amax, candidate_amax, choose_per_role, load_histograms, own_candidate
 from pipeline.tune.groups import FusionGroup, active_groups, fusion_groups, set_float
 from pipeline.tune.latency import LatencyProbe
 from pipeline.tune.search import Budget, SearchResult, TraceRow, search
@@ -57,14 +57,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
 
     if t.plan is not None:
-        calibrator, groups = _apply_plan(cfg, ctx, hists)
+        calibrator, by_role, groups = _apply_plan(cfg, ctx, hists)
         acc = accuracy(logits(ctx.model), data.labels)
         evaluations += 1
         chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), acc, budget.drop(acc), budget.met(acc), True)
         info.update(plan=str(t.plan), trace_steps=0)
     else:
-        calibrator, scores, q_logits = _choose_calibrator(cfg, ctx, hists, fp32_logits, logits)
-        evaluations += len(scores)
+        calibrator, scores, q_logits, by_role, spent = _choose_calibrator(cfg, ctx, hists, fp32_logits, logits)
+        evaluations += len(scores) + spent
         if q_logits is None:
             q_logits = logits(ctx.model)
             evaluations += 1
@@ -121,6 +121,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "max_drop": t.max_drop,
         "drop_type": t.drop_type,
         "calibrator": calibrator,
+        "role_calibrators": by_role,
         "groups_in_float": [g.name for g in groups],
         "evaluations": evaluations,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -133,6 +134,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     plan_file.write(
         ctx.path("tuned_quant.yaml"),
         calibrator=calibrator,
+        role_calibrators=by_role,
         groups=groups,
         budget={"max_drop": t.max_drop, "drop_type": t.drop_type, "met": met, "tune_drop": round(chosen.drop, 4)},
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
@@ -160,13 +162,16 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
-def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, fp32_logits: np.ndarray, logits) -> tuple[str, dict, np.ndarray | None]:
+def _choose_calibrator(
+    cfg: RunConfig, ctx: RunContext, hists, fp32_logits: np.ndarray, logits
+) -> tuple[str, dict, np.ndarray | None, dict, int]:
     """Score every tune.calibrators candidate on the tuning split; keep the best (accuracy, then the mean
-    KL to FP32). Returns (name, {name: {accuracy, kl}}, logits of the chosen one)."""
+    KL to FP32); with tune.per_role, then the best per role. Returns (name, {name: {accuracy, kl}},
+    logits of the chosen state, {role: candidate} where a role differs, evaluations spent)."""
     own = own_candidate(cfg.calibration) or cfg.calibration.method
     names = cfg.tune.calibrators
     if not names:
-        return own, {}, None
+        return own, {}, None, {}, 0
     labels = ctx.encoded["tune"].labels
     scores, kept = {}, {}
     for name in names:
@@ -178,14 +183,34 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, fp32_logits: np.n
         log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, scores[name]["accuracy"], scores[name]["kl"])
     best = max(names, key=lambda n: (scores[n]["accuracy"], -scores[n]["kl"]))
     apply_amax(ctx.quantizers, kept[best][0], ctx.device)
-    return best, scores, kept[best][1]
+    if not cfg.tune.per_role or len(names) < 2:
+        return best, scores, kept[best][1], {}, 0
+    roles: dict[str, list[str]] = {}
+    for n in hists:
+        if n in ctx.quantizers:
+            roles.setdefault(ctx.quantizers[n].role, []).append(n)
+    last: dict = {}
+
+    def score() -> tuple[float, float]:
+        last["out"] = out = logits(ctx.model)
+        return accuracy(out, labels), -float(kl_per_example(fp32_logits, out).mean())
+
+    by_role, spent = choose_per_role(
+        roles, {n: kept[n][0] for n in names}, best, score, lambda a: apply_amax(ctx.quantizers, a, ctx.device)
+    )
+    log.info("tune: per-role calibrators %s (global %s), %d evaluations", by_role or "none better", best, spent)
+    return best, scores, None, by_role, spent  # the refined state's logits: evaluated by the caller
 
 
-def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list[FusionGroup]]:
+def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, dict, list[FusionGroup]]:
     plan = plan_file.read(cfg.tune.plan)
     calibrator = plan.get("calibrator") or own_candidate(cfg.calibration) or cfg.calibration.method
     if plan.get("calibrator"):
         apply_amax(ctx.quantizers, candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration), ctx.device)
+    by_role = dict(plan.get("role_calibrators") or {})
+    for role, cand in by_role.items():
+        amax = candidate_amax(cand, hists, ctx.quantizers, cfg.calibration)
+        apply_amax(ctx.quantizers, {n: a for n, a in amax.items() if ctx.quantizers[n].role == role}, ctx.device)
     exclude = list(plan.get("exclude", []))
     unknown = [n for n in exclude if n not in ctx.quantizers]
     if unknown:
@@ -197,7 +222,7 @@ def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list[Fusio
     for g in groups:
         set_float(ctx.quantizers, g, True)
     log.info("tune: plan %s applied: calibrator %s, %d quantizers in float", cfg.tune.plan, calibrator, len(exclude))
-    return calibrator, groups
+    return calibrator, by_role, groups
 
 
 def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchResult, budget: Budget) -> None:

@@ -13,6 +13,7 @@ Weights are per-channel max in every mode (unchanged here). Activation quantizer
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,3 +89,32 @@ def apply_amax(quantizers: dict, amax: dict[str, torch.Tensor], device: torch.de
     for name, a in amax.items():
         quantizers[name].load_amax(a)
         quantizers[name].amax = quantizers[name].amax.to(device)
+
+
+def choose_per_role(
+    roles: dict[str, list[str]],
+    candidates: dict[str, dict[str, torch.Tensor]],
+    best: str,
+    score: Callable[[], tuple[float, float]],
+    apply: Callable[[dict[str, torch.Tensor]], None],
+) -> tuple[dict[str, str], int]:
+    """Per-role refinement of the global choice `best`: for each role (its quantizer names in `roles`),
+    try every other candidate on that role's quantizers alone and keep it when the tuning score
+    (accuracy, -KL) improves. `score()` evaluates the model as it is now. Returns ({role: candidate}
+    for the roles that changed, evaluations spent); the model is left in the refined state."""
+    current = score()
+    chosen: dict[str, str] = {}
+    evaluations = 1
+    for role, names in roles.items():
+        for cand in candidates:
+            if cand == chosen.get(role, best):
+                continue
+            apply({n: candidates[cand][n] for n in names if n in candidates[cand]})
+            s = score()
+            evaluations += 1
+            if s > current:
+                current, chosen[role] = s, cand
+            else:
+                keep = chosen.get(role, best)
+                apply({n: candidates[keep][n] for n in names if n in candidates[keep]})
+    return chosen, evaluations

@@ -18,7 +18,7 @@ import yaml
 from pipeline.outputs import write_text
 from pipeline.tune.calibrators import CANDIDATES
 
-KEYS = ("calibrator", "groups_in_float", "exclude", "budget", "tuned_under")
+KEYS = ("calibrator", "role_calibrators", "groups_in_float", "exclude", "budget", "tuned_under")
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -42,15 +42,21 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
         errors.append(f"tune.plan: {path}: calibrator {cal!r} is not valid; valid values: {', '.join(CANDIDATES)} or null")
     elif cal not in (None, "max") and calibration_method == "max":
         errors.append(f"tune.plan: {path}: calibrator {cal} needs activation histograms; calibration=max collects none")
+    roles = plan.get("role_calibrators") or {}
+    if not isinstance(roles, dict) or any(v not in CANDIDATES for v in roles.values()):
+        errors.append(f"tune.plan: {path}: role_calibrators must map roles to calibrators; valid values: {', '.join(CANDIDATES)}")
     exclude = plan.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         errors.append(f"tune.plan: {path}: exclude must be a list of quantizer names (quant_map.json 'name')")
     return errors
 
 
-def write(path: Path, *, calibrator: str | None, groups: list, budget: dict, tuned_under: dict, command: str) -> Path:
+def write(
+    path: Path, *, calibrator: str | None, role_calibrators: dict, groups: list, budget: dict, tuned_under: dict, command: str
+) -> Path:
     body = {
         "calibrator": calibrator,
+        "role_calibrators": role_calibrators,
         "groups_in_float": [g.name for g in groups],
         "exclude": [q for g in groups for q in g.quantizers],
         "budget": budget,
@@ -58,7 +64,8 @@ def write(path: Path, *, calibrator: str | None, groups: list, budget: dict, tun
     }
     head = (
         "# Tuned quantization plan (accuracy budget), written by the tune stage.\n"
-        "# calibrator: activation amax method (from the run's calibration histograms); exclude: quantizers\n"
+        "# calibrator: activation amax method (from the run's calibration histograms; role_calibrators: roles\n"
+        "# that differ, tune.per_role); exclude: quantizers\n"
         "# returned to float, whole fusion groups (groups_in_float). Reproduce the tuned model bit for bit:\n"
         f"#   {command} tune.plan={path}\n"
     )

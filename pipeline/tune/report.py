@@ -22,7 +22,8 @@ def report_lines(d: dict) -> list[str]:
     lines += [
         f"- budget: drop ≤ {t['max_drop']} {unit} on the tuning split ({t['tune_examples']} examples): "
         f"**{'met' if t['met'] else 'NOT met — the most accurate plan found is kept'}**",
-        f"- calibrator: {t['calibrator']} (run's own: {t.get('start_calibrator')})",
+        f"- calibrator: {t['calibrator']} (run's own: {t.get('start_calibrator')})"
+        + (f"; per role: {', '.join(f'{r} → {c}' for r, c in t['role_calibrators'].items())}" if t.get("role_calibrators") else ""),
         f"- fusion groups in float: {len(t['groups_in_float'])}"
         + (f" of {t['fusion_groups']}" if t.get("fusion_groups") else "")
         + (
