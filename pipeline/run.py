@@ -26,7 +26,7 @@ from pipeline.engines import ENGINES
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig, validate
 from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report, tune
-from pipeline.tasks import make_task
+from pipeline.tasks import Task, make_task
 from pipeline.training import seed_everything
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
 ]
 
 
-def preflight(cfg: RunConfig) -> DataSplits | None:
+def preflight(cfg: RunConfig, task: Task | None = None) -> DataSplits | None:
     """Checks that need the environment (packages, GPU, files): still before any stage runs.
 
     Local data (data=csv, the embedded snippets) is read here and every row checked, so bad data stops
@@ -58,7 +58,7 @@ def preflight(cfg: RunConfig) -> DataSplits | None:
     splits = None
     if cfg.data.source in PREFLIGHT_SOURCES:
         try:
-            splits = make_task(cfg).load_splits(cfg.data)
+            splits = (task or make_task(cfg)).load_splits(cfg.data)
         except DataError as exc:
             errors += exc.errors
     src = cfg.model.name_or_path
@@ -78,7 +78,8 @@ def resolve_device(name: str) -> torch.device:
 def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
     cfg = validate(raw)
-    splits = preflight(cfg)
+    task = make_task(cfg)  # one task object for the run: it may learn from the data (e.g. the tag names)
+    splits = preflight(cfg, task)
     digest = config_hash(raw)
     resume_from = _check_resume(Path(cfg.resume).expanduser(), digest) if cfg.resume else None
     main_rank = distributed.is_main_process()  # under torchrun, other ranks get a scratch run_dir
@@ -89,7 +90,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
     device = distributed.device_for_rank(resolve_device(cfg.device))
-    ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from, task=make_task(cfg))
+    ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from, task=task)
     _resolve_weight_range(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     # Off under torchrun: a hit on one rank and a miss on another would hang the collectives.

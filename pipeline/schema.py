@@ -231,6 +231,9 @@ class TaskConfig:
     distill_loss: Literal["cosine", "mse"] = "cosine"
     recall_k: int = field(default=10, metadata=_range(1))
     knn_k: int = field(default=10, metadata=_range(1))
+    # token_classification: the columns holding each row's word list and tag list (CSV cells / JSON lists / hub).
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"
 
 
 @dataclass

@@ -45,6 +45,10 @@ COLUMNS = [
     "feasible",
     # Accuracy budget (tune=accuracy): "met|not met, drop <unit>, <calibrator>, <n> groups in float".
     "tune",
+    # What the model is for (conf/task/), and the task's own metrics of the quantized engine against FP32
+    # (metrics.json under the task's name, e.g. embedding: cosine_mean=0.99 recall_at_10=0.93 knn_accuracy=0.80).
+    "task",
+    "task_metrics",
 ]
 
 
@@ -94,6 +98,10 @@ def _job_row(job: Path) -> dict | None:
         # ONNX Runtime's own quantizers in this job (benchmark.peers): name=accuracy@p50 at the headline shape.
         head = (m.get("benchmark", {}).get("headline_batch"), m.get("benchmark", {}).get("headline_seq"))
         row["peers"] = " ".join(_peer_cell(p, head) for p in m.get("peers", [])) or None
+        row["task"] = m.get("task")
+        own = m.get(row["task"]) if isinstance(m.get(row["task"]), dict) else {}
+        if isinstance(own.get(quant), dict):
+            row["task_metrics"] = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in own[quant].items())
         t = m.get("tune")
         if t:
             unit = "pt" if t.get("drop_type") == "absolute" else "%"
@@ -181,6 +189,10 @@ def write_report(sweep_dir: Path) -> list[dict]:
     if with_peers:
         lines += ["", "## Peers (ONNX Runtime's own quantizers in each job: accuracy @ p50 at the headline shape)", ""]
         lines += [f"- {r['job']}: {r['peers']}" for r in with_peers]
+    with_task = [r for r in rows if r["task_metrics"]]
+    if with_task:
+        lines += ["", "## Task metrics (quantized engine against FP32 torch, the task's own terms)", ""]
+        lines += [f"- {r['job']} ({r['task']}): {r['task_metrics']}" for r in with_task]
     tuned = [r for r in rows if r["tune"]]
     if tuned:
         lines += ["", "## Accuracy budget (tune): drop on the tuning split, chosen calibrator, fusion groups in float", ""]

@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from pipeline import _embedded_model_path
+from pipeline.data.batching import IGNORE, Encoded
 from pipeline.schema import ConfigError, validate
 from pipeline.tasks.embedding import knn_accuracy, neighbours, pool, read_sentence_transformers_pooling, recall_at_k
+from pipeline.tasks.token_classification import (
+    SYNTH_ENTITIES,
+    SYNTH_TAGS,
+    TokenClassification,
+    align_labels,
+    synthetic_ner,
+    word_predictions,
+)
 from pipeline.testing import CONF, compose_cfg, run_tiny
 
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
@@ -131,3 +140,72 @@ def test_embedding_end_to_end_pools_inside_the_graph(tmp_path):
     # QAT distilled the FP32 embeddings (1 - cosine: small and finite, no labels involved).
     assert 0.0 <= m["training"]["qat"]["final_loss"] < 0.1
     assert "embedding int8 vs FP32" in (run / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# token_classification: alignment, word predictions, seqeval, synthetic data
+
+
+def test_first_sub_token_carries_the_word_label():
+    # "[CLS] new york ##er rocks [SEP]": words 0 (new), 1 (yorker = york ##er), 2 (rocks)
+    word_ids = [None, 0, 1, 1, 2, None]
+    assert align_labels(word_ids, [3, 4, 0]) == [IGNORE, 3, 4, IGNORE, 0, IGNORE]
+    # The word's prediction is read at its first sub-token only: the ##er position's argmax is ignored.
+    logits = np.eye(5)[[0, 3, 4, 1, 0, 0]]
+    assert word_predictions(logits, align_labels(word_ids, [3, 4, 0])) == [3, 4, 0]
+
+
+def test_alignment_with_the_real_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_embedded_model_path())
+    words = ["akira", "tanaka", "unbelievably", "good"]
+    enc = tok(words, is_split_into_words=True)
+    labels = align_labels(enc.word_ids(), [3, 6, 0, 0])
+    firsts = [t for t, lab in zip(tok.convert_ids_to_tokens(enc["input_ids"]), labels) if lab != IGNORE]
+    assert [lab for lab in labels if lab != IGNORE] == [3, 6, 0, 0] and not any(t.startswith("##") for t in firsts)
+    assert len(labels) > len(words) + 2  # some word was split into several sub-tokens, all but the first ignored
+
+
+def test_entity_scores_follow_conll_span_matching():
+    task = TokenClassification(validate(compose_cfg(["task=token_classification"])).task)
+    task.tag_names = ["O", "B-PER", "I-PER", "B-LOC"]
+    # one sentence, 5 words; gold: PER (words 0-1), LOC (word 3). Predicted: PER cut short (word 0 only), LOC right.
+    gold = [1, 2, 0, 3, 0]
+    pred = [1, 0, 0, 3, 0]
+    data = Encoded([{"input_ids": list(range(7))}], [[IGNORE, *gold, IGNORE]])
+    logits = np.eye(4)[[0, *pred, 0]]
+    s = task.entity_scores([logits], data)
+    # entities: gold {PER 0-1, LOC 3}, predicted {PER 0-0, LOC 3}: 1 of 2 right each way
+    assert (s["precision"], s["recall"], s["f1"]) == (0.5, 0.5, 0.5) and s["token_accuracy"] == 4 / 5
+
+
+def test_synthetic_ner_tags_exactly_the_inserted_entities():
+    split = synthetic_ner(["a dull film .", "great fun"], seed=3)
+    for words, tags in zip(split.texts, split.labels):
+        assert len(words) == len(tags)
+        spans, current = [], None
+        for w, t in zip(words, tags):
+            name = SYNTH_TAGS[t]
+            if name.startswith("B-"):
+                current = [name[2:], [w]]
+                spans.append(current)
+            elif name.startswith("I-"):
+                assert current is not None and current[0] == name[2:]
+                current[1].append(w)
+            else:
+                current = None
+        assert spans and all(" ".join(ws) in SYNTH_ENTITIES[kind] for kind, ws in spans)
+
+
+def test_token_classification_end_to_end_on_synthetic_data(tmp_path):
+    ctx = run_tiny(tmp_path, ["task=token_classification", *FAST])
+    run = tmp_path / "run"
+    out = onnx.load(str(run / "model_int8.onnx")).graph.output[0]
+    assert out.name == "logits" and [d.dim_param for d in out.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["task"] == "token_classification" and ctx.splits.label_names == SYNTH_TAGS
+    assert set(m["token_classification"]["int8"]) == {"precision", "recall", "f1", "token_accuracy"}
+    assert m["accuracy"]["int8"] == m["token_classification"]["int8"]["f1"]
+    assert m["parity"]["n"] > len(ctx.encoded["eval"]) and m["parity"]["argmax_agreement"] > 0.9
+    assert "entities int8" in (run / "report.md").read_text()

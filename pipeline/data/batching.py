@@ -23,7 +23,7 @@ class Encoded:
 @dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]  # (batch, seq) int64 each
-    labels: torch.Tensor  # (batch,)
+    labels: torch.Tensor  # (batch,); (batch, seq) for per-token labels
     index: list[int]  # positions in the split (batches may be length-sorted)
 
     def to(self, device: torch.device) -> Batch:
@@ -61,4 +61,17 @@ def batches(
             return
         idx = order[start : start + batch_size]
         padded = tokenizer.pad([data.features[i] for i in idx], return_tensors="pt")
-        yield Batch({k: v.to(torch.long) for k, v in padded.items()}, torch.tensor([data.labels[i] for i in idx]), idx)
+        inputs = {k: v.to(torch.long) for k, v in padded.items()}
+        yield Batch(inputs, _labels([data.labels[i] for i in idx], inputs["input_ids"].shape[1]), idx)
+
+
+# Label of a padding position in per-token labels: ignored by the loss (cross-entropy's ignore_index).
+IGNORE = -100
+
+
+def _labels(labels: list, seq: int) -> torch.Tensor:
+    """(batch,) for one label per example; per-token labels (lists, token classification) padded to the
+    batch's sequence length with IGNORE -> (batch, seq)."""
+    if labels and isinstance(labels[0], list):
+        return torch.tensor([row + [IGNORE] * (seq - len(row)) for row in labels])
+    return torch.tensor(labels)

@@ -11,6 +11,7 @@ than classification logits declares `graph_output = (name, dynamic axes)` (pipel
 
     sequence_classification  logits (batch, num_labels)         accuracy
     embedding                sentence_embedding (batch, hidden)  cosine / recall@k vs FP32, k-NN accuracy
+    token_classification     logits (batch, sequence, num_tags)  entity P/R/F1 (seqeval), token accuracy
 """
 
 from __future__ import annotations
@@ -90,9 +91,16 @@ def _embedding(cfg: RunConfig) -> Task:
     return Embedding(cfg.task, cfg.model)
 
 
+def _token_classification(cfg: RunConfig) -> Task:
+    from pipeline.tasks.token_classification import TokenClassification
+
+    return TokenClassification(cfg.task)
+
+
 TASKS: dict[str, Callable[[RunConfig], Task]] = {
     "sequence_classification": _sequence_classification,
     "embedding": _embedding,
+    "token_classification": _token_classification,
 }
 
 
