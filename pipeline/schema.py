@@ -101,6 +101,25 @@ class TrainConfig:
     learn_amax: bool = False
     # Training seed (null = the run's seed).
     seed: int | None = None
+    # Best-state selection on the tuning split (data.num_tune; never the eval split): evaluate at the start,
+    # every `eval_every` optimizer steps (0 = only at epoch ends), at each epoch end when eval_each_epoch,
+    # and at the end; keep_best restores the best state, so training cannot end below where it started.
+    eval_every: int = field(default=0, metadata=_range(0))
+    keep_best: bool = False
+
+
+@dataclass
+class CalibrationOverride:
+    """A different calibration method for some activation quantizers (per role / per module): e.g. the FFN
+    second Linear's input (after GELU, outlier channels) with mse while the rest use percentile."""
+
+    # fnmatch globs over quantizer names (quant_map.json "name"); [] = any name.
+    match: list[str] = field(default_factory=list)
+    # Roles this rule applies to ([] = any activation role; weights are always per-channel max).
+    roles: list[Literal["linear_input", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]] = field(default_factory=list)
+    method: Literal["max", "percentile", "entropy", "mse"] = "percentile"
+    # percentile method only (null = calibration.percentile).
+    percentile: float | None = field(default=None, metadata=_range(0.0, 100.0))
 
 
 @dataclass
@@ -113,6 +132,23 @@ class CalibrationConfig:
     percentile: float = field(default=99.99, metadata=_range(0.0, 100.0))
     start_bin: int = field(default=128, metadata=_range(1))
     stride: int = field(default=1, metadata=_range(1))
+    # Per-quantizer method overrides, first matching rule wins (pipeline/quantization/calibrate.py).
+    overrides: list[CalibrationOverride] = field(default_factory=list)
+
+
+@dataclass
+class SmoothingConfig:
+    """Outlier migration (SmoothQuant-style) on the inputs of selected Linears (pipeline/quantization/smoothing.py).
+
+    Per input channel j: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha) from the calibration split; the
+    Linear computes (X * (1/s)) @ (W * s)^T: an explicit Mul on its input branch (exported Mul -> Q/DQ ->
+    MatMul) and s folded into the weight. Exact in FP32; every GEMM stays INT8.
+    """
+
+    enabled: bool = False
+    alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    # fnmatch globs over Linear module names (quantized Linears only).
+    modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -316,6 +352,7 @@ class RunConfig:
     resume: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
@@ -465,6 +502,17 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
     from pipeline.tasks import combination_errors  # each task's rules live with the task (pipeline/tasks/)
 
     errors += combination_errors(c)
+    if c.smoothing.enabled and not quantized:
+        errors.append("smoothing: needs calibrated quantizers; calibration=none cannot be combined with it (choose smoothing=none)")
+    if c.smoothing.enabled and not c.smoothing.modules:
+        errors.append("smoothing.modules: empty; list the Linear module globs to smooth (e.g. ['*.layer.*.output.dense'])")
+    for stage in ("finetune", "qat"):
+        t = getattr(c, stage)
+        if t.enabled and t.keep_best and c.data.num_tune == 0:
+            errors.append(
+                f"{stage}.keep_best: selects the best state on the tuning split; data.num_tune=0 cannot be combined with it "
+                f"(set data.num_tune > 0 or {stage}.keep_best=false)"
+            )
     _check_tune(c, errors)
 
 

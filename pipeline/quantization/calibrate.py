@@ -6,6 +6,8 @@ switch inside the loop: each entry maps a filled calibrator to amax.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 from collections.abc import Callable, Iterable
 
 import torch
@@ -17,6 +19,8 @@ from pipeline.schema import CalibrationConfig
 
 
 def _max(c, cfg: CalibrationConfig):
+    if isinstance(c, HistogramCalibrator):  # a max override on a histogram-calibrated quantizer
+        return c.compute_max()
     return c.compute_amax()
 
 
@@ -74,10 +78,10 @@ def calibrate(
         _forward_all(model, acts, batches)
     if on_collected is not None:
         on_collected(acts)
-    compute = METHODS[cfg.method]
     unreached = 0
-    for q in acts.values():
-        amax = compute(q.calibrator, cfg)
+    for name, q in acts.items():
+        qcfg = method_for(name, q.role, cfg)
+        amax = METHODS[qcfg.method](q.calibrator, qcfg)
         q.calibrator.reset()  # free the histograms
         if amax is None:
             unreached += 1
@@ -85,6 +89,24 @@ def calibrate(
             continue
         q.load_amax(amax)
     return {"calibrated": len(quantizers) - unreached, "unreached": unreached}
+
+
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+def needs_histogram(cfg: CalibrationConfig) -> bool:
+    """Activation quantizers collect histograms when the method or any override needs one."""
+    return cfg.method in HISTOGRAM_METHODS or any(o.method in HISTOGRAM_METHODS for o in cfg.overrides)
+
+
+def method_for(name: str, role: str, cfg: CalibrationConfig) -> CalibrationConfig:
+    """The calibration settings of one activation quantizer: the first matching override, else `cfg`."""
+    for o in cfg.overrides:
+        if (not o.match or any(fnmatch.fnmatchcase(name, p) for p in o.match)) and (not o.roles or role in o.roles):
+            return dataclasses.replace(
+                cfg, method=o.method, percentile=cfg.percentile if o.percentile is None else o.percentile, overrides=[]
+            )
+    return cfg
 
 
 def _forward_all(model: torch.nn.Module, acts: dict[str, TensorQuantizer], batches: Iterable[dict[str, torch.Tensor]]) -> None:

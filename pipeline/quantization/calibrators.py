@@ -186,6 +186,16 @@ class HistogramCalibrator(_Calibrator):
             self._calib_hist = hist.clone() if self._calib_hist is None else self._calib_hist + hist
             self._calib_bin_edges = edges
 
+    def compute_max(self) -> torch.Tensor | None:
+        """The largest |x| the histogram holds: upper edge of its last non-empty bin (max calibration on a
+        histogram, for per-quantizer method overrides)."""
+        if self._calib_hist is None:
+            return None
+        nonzero = torch.nonzero(self._calib_hist).flatten()
+        if nonzero.numel() == 0:
+            return torch.tensor(0.0)
+        return torch.tensor(float(self._calib_bin_edges[int(nonzero[-1]) + 1]))
+
     def compute_amax(self, method: str, *, stride: int = 1, start_bin: int = 128, percentile: float = 99.99) -> torch.Tensor | None:
         """amax from the collected histogram.
 

@@ -20,6 +20,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.input_quantizer: TensorQuantizer = input_quantizer
         self.weight_quantizer: TensorQuantizer = weight_quantizer
+        # Per-input-channel multiplier 1/s on the input branch (outlier smoothing, s folded into the
+        # weight; pipeline/quantization/smoothing.py). None = no Mul in the graph.
+        self.register_buffer("smooth", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_quantizer, weight_quantizer) -> QuantLinear:
@@ -28,9 +31,12 @@ class QuantLinear(nn.Linear):
         q.in_features, q.out_features = linear.in_features, linear.out_features
         q.weight, q.bias = linear.weight, linear.bias  # share parameters: no copy, optimizer-safe
         q.input_quantizer, q.weight_quantizer = input_quantizer, weight_quantizer
+        q.register_buffer("smooth", None)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x * self.smooth  # exported Mul(1/s) -> Q/DQ -> MatMul
         x = self.input_quantizer(x)
         if torch.onnx.is_in_onnx_export():
             # Quantize W^T (per channel on axis 1) so the graph is DQ(W^T) -> MatMul with no Transpose

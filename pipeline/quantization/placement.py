@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.quantization import attention, matmul_mode
+from pipeline.quantization.calibrate import needs_histogram
 from pipeline.quantization.modules import AttentionQuantizers, QuantLinear, ResidualQuantizer
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 from pipeline.schema import CalibrationConfig, QuantConfig
@@ -33,7 +34,7 @@ def _selected(name: str, q: QuantConfig) -> bool:
 
 def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[..., TensorQuantizer]:
     """Activations get the calibration method's calibrator; weights are always per-channel max."""
-    histogram = calib.method in ("percentile", "entropy", "mse")
+    histogram = needs_histogram(calib)
 
     def make(role: str, *, unsigned: bool = False, axis: int | None = None) -> TensorQuantizer:
         weight = role == "linear_weight"

@@ -30,7 +30,13 @@ def _ordered_logits(tokenizer, data: Encoded, batch_size: int, limit: int | None
 
 @torch.no_grad()
 def torch_logits(
-    model: torch.nn.Module, tokenizer, data: Encoded, batch_size: int, device: torch.device, limit: int | None = None, token_level: bool = False
+    model: torch.nn.Module,
+    tokenizer,
+    data: Encoded,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+    token_level: bool = False,
 ) -> Outputs:
     """The graph output of a torch model (logits (N, num_labels); the task's output), in the split's order."""
     model.eval()
@@ -41,7 +47,9 @@ def torch_logits(
 
 def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None, token_level: bool = False) -> Outputs:
     """The output of an engine (logits (N, num_labels); the task's output), in the split's order."""
-    return _ordered_logits(tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}), token_level)
+    return _ordered_logits(
+        tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}), token_level
+    )
 
 
 def accuracy(logits: np.ndarray, labels: list[int]) -> float:
@@ -51,11 +59,18 @@ def accuracy(logits: np.ndarray, labels: list[int]) -> float:
 def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, teacher: torch.nn.Module | None) -> None:
     """Run the shared loop for a training stage and record its curve, metrics and checkpoint."""
     eval_fn = None
-    if tcfg.eval_each_epoch:
+    # Evaluations during training (per epoch, every N steps, best-state selection) read the tuning split
+    # only: a state chosen on the eval split would make the reported eval accuracy optimistic.
+    tune = ctx.encoded.get("tune")
+    if (tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best) and tune is None:
+        log.warning("%s: no tuning split (data.num_tune=0): no evaluation during training, no best-state selection", name)
+    elif tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best:
 
         def eval_fn() -> dict:
-            logits = torch_logits(ctx.model, ctx.tokenizer, ctx.encoded["eval"], cfg.evaluate.batch_size, ctx.device)
-            return {"accuracy": accuracy(logits, ctx.encoded["eval"].labels)}
+            logits = torch_logits(ctx.model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
+            labels = torch.as_tensor(tune.labels[: len(logits)])
+            loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels))
+            return {"accuracy": accuracy(logits, tune.labels), "loss": loss}
 
     # The newest complete checkpoint of this stage in the run being resumed (None: start afresh).
     resume = latest_checkpoint(ctx.resume_from / "checkpoints" / name) if ctx.resume_from is not None else None
@@ -79,6 +94,9 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
         "seconds": round(result.seconds, 2),
         "resumed_from_step": result.resumed_from_step,
         "epoch_eval": result.epoch_eval,
+        # On the tuning split: start / best / end of training, and whether the best state was restored.
+        "selection": result.selection,
+        "evals": result.evals,
     }
     if result.losses:
         ctx.artifacts.plots[f"loss_{name}"] = plot_loss(result.losses, ctx.path(f"loss_{name}.png"), name)

@@ -14,8 +14,8 @@ from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.outputs import atomic_write, write_json
-from pipeline.quantization import calibration_plot
-from pipeline.quantization.calibrate import calibrate
+from pipeline.quantization import calibration_plot, smoothing
+from pipeline.quantization.calibrate import calibrate, method_for
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 from pipeline.schema import RunConfig
@@ -30,13 +30,17 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         p.requires_grad_(False)
     calib_batches = [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
     ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
-    key = ctx.chain_key("calibrate", cfg.quant, c)
+    # Smoothing changes weights, so it is part of this stage's key; its scales are cached with the amax.
+    key = ctx.chain_key("calibrate", cfg.quant, c, *([cfg.smoothing] if cfg.smoothing.enabled else []))
+    scales: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     # The calibration pass's own histograms, kept for calibration.png (run folder and cache entry).
     hists: dict[str, torch.Tensor] = {}
     hist_file = calibration_plot.HISTOGRAMS
 
     def compute() -> None:
+        if cfg.smoothing.enabled:  # before any amax: the quantizers must see x/s and W*s
+            scales.update(smoothing.smooth(ctx.model, cfg.smoothing, calib_batches))
         counts.update(
             calibrate(ctx.model, ctx.quantizers, calib_batches, c, on_collected=lambda qs: hists.update(calibration_plot.histograms(qs)))
         )
@@ -46,8 +50,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         (tmp / "counts.json").write_text(json.dumps(counts))
         if hists:
             save_file(hists, str(tmp / hist_file))
+        if scales:
+            save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp / "smoothing.safetensors"))
 
     def restore(hit: Path) -> None:
+        if (hit / "smoothing.safetensors").exists():
+            scales.update(load_file(str(hit / "smoothing.safetensors")))
+            smoothing.restore(ctx.model, scales)
         load_quantizer_state(ctx, load_file(str(hit / "quantizers.safetensors")))
         counts.update(json.loads((hit / "counts.json").read_text()))
         if (hit / hist_file).exists():
@@ -70,6 +79,12 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     ctx.metrics.quantization.update(
         {"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles, "quantized_gemms": gemms, **counts}
     )
+    if c.overrides:
+        ctx.metrics.quantization["calibration_overrides"] = {
+            n: method_for(n, q.role, c).method for n, q in ctx.quantizers.items() if method_for(n, q.role, c) is not c
+        }
+    if cfg.smoothing.enabled:
+        ctx.metrics.quantization["smoothing"] = smoothing.summary(scales, cfg.smoothing.alpha)
     save_quantizer_state(ctx)
     log.info("calibrate: %s on %d batches -> %d quantizers %s", c.method, len(calib_batches), len(ctx.quantizers), roles)
     return "cached" if hit else None

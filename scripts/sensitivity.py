@@ -1,0 +1,238 @@
+"""Where INT8 accuracy goes: per-role and per-layer quantizer sensitivity on a fine-tuned model.
+
+Loads a fine-tuned checkpoint (a run's finetuned/ folder), inserts and calibrates quantizers exactly as the
+pipeline's calibrate stage does (same config composition), then, in fake quant on the tuning split (never the
+eval split), measures the mean KL(FP32 || quantized) of the logits and the accuracy with
+
+- every quantizer on (the PTQ model), every quantizer off except one group ("only"), and every quantizer on
+  except one group ("all but"), for each tensor slot: Linear inputs by position (Q/K/V input = LayerNorm
+  output, attention output projection input, FFN first Linear input = LayerNorm output, FFN second Linear
+  input = GELU output), Linear weights, attention Q/K, P (softmax) and V;
+- the FFN second Linear's input quantized in one layer at a time (the rest in FP32);
+
+and the activation ranges behind it: per-input-channel max |x| of every Linear (calibration batches), summed
+up as the ratio of the largest channel to the median channel (an outlier measure: a per-tensor INT8 scale is
+set by the largest channel). Writes a JSON of every number and a PNG figure.
+
+    python scripts/sensitivity.py --model outputs/base/ft_ptq_percentile/finetuned \\
+        --json outputs/base/sensitivity.json --png docs/figures/base_model_sensitivity.png \\
+        -- model=mpnet_base_local data.num_train=1500 data.num_calib=512 data.num_eval=800 model.max_length=128
+
+Arguments after `--` are pipeline config overrides (the same as the run's); heavy: run under the shared lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.context import RunContext
+from pipeline.outputs import write_json
+from pipeline.quantization import smoothing
+from pipeline.quantization.modules import QuantLinear
+from pipeline.run import run_pipeline
+from pipeline.schema import validate
+from pipeline.stages import _common
+from pipeline.testing import compose_cfg
+
+# Tensor slots by quantizer-name glob (BERT and MPNet module names) or role; first match wins.
+SLOTS: list[tuple[str, list[str], str | None]] = [
+    (
+        "FFN2 input (GELU out)",
+        ["*.layer.[0-9].output.dense.input_quantizer", "*.layer.[0-9][0-9].output.dense.input_quantizer"],
+        "linear_input",
+    ),
+    ("FFN1 input (LN out)", ["*.intermediate.dense.input_quantizer"], "linear_input"),
+    ("attn-out input", ["*.attention.attn.o.input_quantizer", "*.attention.output.dense.input_quantizer"], "linear_input"),
+    (
+        "QKV input (LN out)",
+        ["*.attn.[qkv].input_quantizer", "*.self.query.input_quantizer", "*.self.key.input_quantizer", "*.self.value.input_quantizer"],
+        "linear_input",
+    ),
+    ("Linear weights", ["*"], "linear_weight"),
+    ("attn Q, K", ["*"], "attn_q"),
+    ("attn Q, K", ["*"], "attn_k"),
+    ("attn P (softmax)", ["*"], "attn_probs"),
+    ("attn V", ["*"], "attn_v"),
+]
+
+
+def slot_of(name: str, role: str) -> str:
+    for slot, globs, want in SLOTS:
+        if (want is None or role == want) and any(fnmatch.fnmatchcase(name, g) for g in globs):
+            return slot
+    return f"other ({role})"
+
+
+def layer_of(name: str) -> int | None:
+    m = re.search(r"\.layer\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def kl_fp32_to(fp32: np.ndarray, q: np.ndarray) -> float:
+    """Mean over examples of KL(softmax(fp32) || softmax(q))."""
+    p = torch.log_softmax(torch.from_numpy(fp32).double(), -1)
+    r = torch.log_softmax(torch.from_numpy(q).double(), -1)
+    return float((p.exp() * (p - r)).sum(-1).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, default=None, help="fine-tuned checkpoint folder (a run's finetuned/); default: the config's model"
+    )
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--png", type=Path, required=True)
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    torch.manual_seed(0)
+    model = [f"model.name_or_path={args.model.resolve()}", "finetune=none"] if args.model else []
+    raw = compose_cfg(
+        [*overrides, *model, "qat=none", "benchmark=none", "export=none", "engine=none", "evaluate.enabled=false", "cache=off"]
+    )
+    cfg = validate(raw)
+    # The pipeline itself loads and calibrates (load -> calibrate -> report), exactly as in a run.
+    ctx = run_pipeline(raw, Path(tempfile.mkdtemp(prefix="sensitivity-")) / "run")
+    tune = ctx.encoded["tune"]
+    labels = tune.labels
+    bs = cfg.evaluate.batch_size
+
+    def logits(model) -> np.ndarray:
+        return _common.torch_logits(model, ctx.tokenizer, tune, bs, ctx.device)
+
+    t0 = time.perf_counter()
+    ref = logits(ctx.fp32_model)
+    qs = {n: q for n, q in ctx.quantizers.items() if q.enabled}
+    slots = {n: slot_of(n, q.role) for n, q in qs.items()}
+
+    def measure(on: set[str]) -> dict:
+        for n, q in qs.items():
+            q.enabled = n in on
+        out = logits(ctx.model)
+        for q in qs.values():
+            q.enabled = True
+        return {"kl": kl_fp32_to(ref, out), "accuracy": _common.accuracy(out, labels)}
+
+    result: dict = {
+        "examples": len(labels),
+        "split": "tune",
+        "calibration": cfg.calibration.method,
+        "weight_range": cfg.quant.weight_range,
+        "fp32_accuracy": _common.accuracy(ref, labels),
+        "all": measure(set(qs)),
+        "slots": {},
+        "ffn2_input_by_layer": {},
+    }
+    print(f"fp32 {result['fp32_accuracy']:.4f} | all quantized {result['all']}", flush=True)
+    for slot in dict.fromkeys(slots.values()):
+        members = {n for n, s in slots.items() if s == slot}
+        result["slots"][slot] = {"quantizers": len(members), "only": measure(members), "all_but": measure(set(qs) - members)}
+        print(slot, result["slots"][slot], flush=True)
+    ffn2 = {n for n, s in slots.items() if s.startswith("FFN2")}
+    for n in sorted(ffn2, key=lambda n: layer_of(n) or 0):
+        result["ffn2_input_by_layer"][layer_of(n)] = {"only": measure({n}), "amax": float(qs[n].amax)}
+        print("FFN2 input layer", layer_of(n), result["ffn2_input_by_layer"][layer_of(n)], flush=True)
+
+    # Activation ranges: per-input-channel max |x| of every quantized Linear over the calibration batches.
+    for q in qs.values():
+        q.enabled = False
+    mods = {n: m for n, m in ctx.model.named_modules() if isinstance(m, QuantLinear)}
+    calib = [b.inputs for b in _batches(ctx, cfg)]
+    chan = smoothing.input_channel_max(ctx.model, mods, calib)
+    ranges = {}
+    for n, mx in chan.items():
+        ranges[n] = {
+            "slot": slot_of(n + ".input_quantizer", "linear_input"),
+            "layer": layer_of(n),
+            "max": float(mx.max()),
+            "median": float(mx.median()),
+            "ratio": float(mx.max() / mx.median().clamp(min=1e-8)),
+            "amax": float(ctx.quantizers[n + ".input_quantizer"].amax),
+            "top_channels": [int(i) for i in torch.topk(mx, 5).indices],
+        }
+    result["ranges"] = ranges
+    worst = max((n for n in chan if ranges[n]["slot"].startswith("FFN2")), key=lambda n: ranges[n]["ratio"])
+    result["worst_ffn2"] = {"name": worst, "channel_max": chan[worst].tolist()}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(args.json, result)
+    plot(result, args.png)
+    print(f"wrote {args.json} and {args.png} ({result['seconds']} s)")
+    return 0
+
+
+def _batches(ctx: RunContext, cfg):
+    from pipeline.data import batches
+
+    return batches(ctx.tokenizer, ctx.encoded["calib"], cfg.calibration.batch_size, limit=cfg.calibration.num_batches)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    ax = axes[0, 0]
+    names = list(r["slots"])
+    y = np.arange(len(names))
+    only = [r["slots"][s]["only"]["kl"] for s in names]
+    allbut = [r["slots"][s]["all_but"]["kl"] for s in names]
+    ax.barh(y - 0.2, only, 0.4, label="only this slot INT8 (rest FP32)", color="tab:red")
+    ax.barh(y + 0.2, allbut, 0.4, label="all INT8 but this slot", color="tab:blue")
+    ax.axvline(r["all"]["kl"], color="k", ls="--", lw=1, label=f"all INT8 (KL {r['all']['kl']:.4f})")
+    ax.set_yticks(
+        y,
+        [
+            f"{s}\nonly {r['slots'][s]['only']['accuracy'] * 100:.1f}% / all-but {r['slots'][s]['all_but']['accuracy'] * 100:.1f}%"
+            for s in names
+        ],
+        fontsize=7,
+    )
+    ax.set_xscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("mean KL(FP32 || fake-quant) of logits, tuning split")
+    ax.set_title(
+        f"Sensitivity by tensor slot (FP32 {r['fp32_accuracy'] * 100:.1f}%, all INT8 {r['all']['accuracy'] * 100:.1f}%)", fontsize=9
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    ax = axes[0, 1]
+    layers = sorted(r["ffn2_input_by_layer"], key=int)
+    ax.bar([int(x) for x in layers], [r["ffn2_input_by_layer"][x]["only"]["kl"] for x in layers], color="tab:red")
+    ax.set(
+        xlabel="layer", ylabel="KL, only this layer's FFN2 input INT8", title="FFN second Linear input (after GELU), one layer at a time"
+    )
+    ax.title.set_fontsize(9)
+    ax = axes[1, 0]
+    by_slot: dict[str, list[tuple[int, float]]] = {}
+    for v in r["ranges"].values():
+        by_slot.setdefault(v["slot"], []).append((v["layer"] or 0, v["ratio"]))
+    for slot, pts in sorted(by_slot.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=slot)
+    ax.set_yscale("log")
+    ax.set(xlabel="layer", ylabel="max channel / median channel of max|x|", title="Outlier channels of Linear inputs (calibration split)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    ch = np.asarray(r["worst_ffn2"]["channel_max"])
+    ax.plot(np.sort(ch)[::-1], color="tab:red")
+    ax.set_yscale("log")
+    ax.set(xlabel="input channel (sorted)", ylabel="max |x| over calibration tokens", title=f"{r['worst_ffn2']['name']}: per-channel range")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

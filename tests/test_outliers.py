@@ -1,0 +1,182 @@
+"""Outlier-aware PTQ (smoothing, per-quantizer calibration overrides) and QAT best-state selection.
+
+Tiny random models only: a few seconds in all, plus one short end-to-end run (QAT selection with the eval
+split poisoned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pipeline.run as run_module
+from pipeline.data.batching import Encoded, batches
+from pipeline.models import load_model
+from pipeline.quantization import smoothing
+from pipeline.quantization.calibrate import calibrate, method_for
+from pipeline.quantization.calibrators import HistogramCalibrator
+from pipeline.quantization.modules import QuantLinear
+from pipeline.quantization.placement import insert_quantizers
+from pipeline.schema import ConfigError, TrainConfig, validate
+from pipeline.testing import compose_cfg
+from pipeline.training import train
+
+TEXTS = ["a fine film", "dull and far too long", "the cast is wonderful", "nothing works here", "I laughed a lot", "a mess"] * 3
+
+
+def _tiny(overrides: list[str]):
+    cfg = validate(compose_cfg(["model.random_init=true", *overrides]))
+    loaded = load_model(cfg.model, 2, torch.device("cpu"))
+    enc = loaded.tokenizer(TEXTS, truncation=True, max_length=16)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    data = Encoded([{k: enc[k][i] for k in keys} for i in range(len(TEXTS))], [i % 2 for i in range(len(TEXTS))])
+    return cfg, loaded.model.eval(), loaded.tokenizer, data
+
+
+def test_smoothing_fold_leaves_fp32_outputs_unchanged():
+    cfg, model, tok, data = _tiny(["smoothing=linear", "smoothing.alpha=0.5"])
+    inputs = [b.inputs for b in batches(tok, data, 6)]
+    with torch.no_grad():  # make one input channel an outlier, as after GELU in a real checkpoint
+        model.bert.encoder.layer[0].intermediate.dense.bias[3] += 20.0
+    qs = insert_quantizers(model, cfg.quant, cfg.calibration, inputs[0])
+    assert all(q.amax is None for q in qs.values())  # not calibrated: fake quant passes tensors through
+    with torch.no_grad():
+        before = [model(**x).logits for x in inputs]
+        weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        scales = smoothing.smooth(model, cfg.smoothing, inputs)
+        after = [model(**x).logits for x in inputs]
+    assert set(scales) == set(weights)  # every quantized Linear smoothed
+    ffn2 = "bert.encoder.layer.0.output.dense"
+    # The outlier channel migrated into the weight (s_3 is the largest), the weights really changed ...
+    assert int(scales[ffn2].argmax()) == 3 and float(scales[ffn2][3]) > 2 * float(scales[ffn2].median())
+    assert not torch.allclose(model.get_submodule(ffn2).weight, weights[ffn2])
+    # ... and the FP32 model computes the same function.
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothing_narrows_the_activation_range_the_input_quantizer_sees():
+    cfg, model, tok, data = _tiny(["smoothing=ffn_down", "smoothing.alpha=0.8", "calibration=max"])
+    inputs = [b.inputs for b in batches(tok, data, 6)]
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.bias[5] += 30.0
+    qs = insert_quantizers(model, cfg.quant, cfg.calibration, inputs[0])
+    name = "bert.encoder.layer.1.output.dense"
+    before = smoothing.input_channel_max(model, {name: model.get_submodule(name)}, inputs)[name]
+    smoothing.smooth(model, cfg.smoothing, inputs)
+    calibrate(model, qs, inputs, cfg.calibration)
+    # max calibration: amax of x/s is the largest smoothed channel, far below the raw outlier.
+    assert float(qs[f"{name}.input_quantizer"].amax) < float(before.max()) / 4
+    # Only the FFN second Linears carry a Mul: the ffn_down globs do not catch attention.output.dense.
+    smoothed = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.smooth is not None}
+    assert smoothed == {"bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"}
+
+
+def test_calibration_override_picks_a_method_per_quantizer():
+    cfg = validate(compose_cfg(["model.random_init=true", "calibration=percentile_ffn_mse"]))
+    c = cfg.calibration
+    ffn2 = method_for("bert.encoder.layer.3.output.dense.input_quantizer", "linear_input", c)
+    attn_out = method_for("bert.encoder.layer.3.attention.output.dense.input_quantizer", "linear_input", c)
+    assert (ffn2.method, attn_out.method) == ("mse", "percentile")
+    h = HistogramCalibrator(8)
+    h.collect(torch.tensor([0.5, -3.0, 1.0]))
+    # A max override on a histogram-calibrated quantizer: the top of the last non-empty bin.
+    assert float(h.compute_max()) == pytest.approx(3.0, rel=1e-3)
+    # With a max base method, the override still gets its histogram.
+    mx = validate(compose_cfg(["model.random_init=true", "calibration=max", "+calibration.overrides=[{method: mse}]"]))
+    assert method_for("x", "attn_v", mx.calibration).method == "mse"
+
+
+def test_keep_best_ends_in_the_best_state_seen():
+    _, model, tok, data = _tiny([])
+    snapshots: list[dict[str, torch.Tensor]] = []
+    scores = iter([0.6, 0.5, 0.9, 0.4])  # start, step 1, step 2, end (step 3)
+
+    def eval_fn() -> dict:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scores), "loss": 1.0}
+
+    cfg = dataclasses.replace(TrainConfig(), lr=5e-3, max_steps=3, batch_size=6, keep_best=True, eval_every=1, checkpoint_every=0)
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    assert [e["step"] for e in result.evals] == [0, 1, 2, 3]
+    assert result.selection["best"]["step"] == 2 and result.selection["restored"]
+    assert result.selection["start"]["accuracy"] == 0.6 and result.selection["end"]["accuracy"] == 0.4
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[2][k], rtol=0, atol=0)
+    assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="qdq-keep-best-"))
+
+
+class _Poisoned:
+    """Stands in for the eval split while the training stages run: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a training stage read the eval split ({name})")
+
+    def __len__(self):
+        raise AssertionError("a training stage read the eval split (len)")
+
+
+def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypatch):
+    def poison(fn):
+        def stage(cfg, ctx):
+            real = ctx.encoded["eval"]
+            ctx.encoded["eval"] = _Poisoned()
+            try:
+                return fn(cfg, ctx)
+            finally:
+                ctx.encoded["eval"] = real
+
+        return stage
+
+    stages = [(n, poison(f) if n in ("finetune", "qat") else f, e) for n, f, e in run_module.STAGES]
+    monkeypatch.setattr(run_module, "STAGES", stages)
+    ctx = tiny_run(
+        [
+            "finetune.max_steps=1",
+            "finetune.eval_each_epoch=true",
+            "qat.max_steps=2",
+            "qat.eval_every=1",
+            "qat.eval_each_epoch=true",
+            "qat.keep_best=true",
+            "++data.num_tune=16",
+            "benchmark=none",
+            "export.tensorrt_graphs=false",
+        ]
+    )
+    sel = ctx.metrics.training["qat"]["selection"]
+    assert [e["step"] for e in ctx.metrics.training["qat"]["evals"]] == [0, 1, 2]
+    assert sel["best"]["accuracy"] >= sel["start"]["accuracy"]
+    assert ctx.metrics.accuracy["int8"] is not None  # the evaluate stage (after training) still reads eval
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["smoothing=ffn_down", "smoothing.alpha=1.5"], "smoothing.alpha: 1.5 out of range; must be in [0.0, 1.0]"),
+        (["smoothing=ffn_down", "smoothing.modules=[]"], "smoothing.modules: empty; list the Linear module globs to smooth"),
+        (["smoothing=ffn_down", "calibration=none", "qat=none"], "smoothing: needs calibrated quantizers"),
+        (
+            ["calibration=percentile_ffn_mse", "calibration.overrides.0.method=mes"],
+            "calibration.overrides[0].method: 'mes' is not valid; valid values: max, percentile, entropy, mse",
+        ),
+        (
+            ["calibration=percentile_ffn_mse", "calibration.overrides.0.roles=[linear_weight]"],
+            "calibration.overrides[0].roles[0]: 'linear_weight' is not valid; valid values: linear_input, attn_q",
+        ),
+        (["qat.keep_best=true", "++data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
+        (["qat.eval_every=-1"], "qat.eval_every: -1 out of range; must be >= 0"),
+    ],
+)
+def test_outlier_and_selection_config_errors_name_key_and_valid_values(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(["model.random_init=true", *overrides]))
+    assert message in str(err.value)
