@@ -270,6 +270,14 @@ class TaskConfig:
     # token_classification: the columns holding each row's word list and tag list (CSV cells / JSON lists / hub).
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
+    # question_answering: overlap of consecutive context windows (tokens), longest answer (tokens), top
+    # starts / ends searched per window, and the columns (SQuAD format: answers = {text: [...], answer_start: [...]}).
+    doc_stride: int = field(default=128, metadata=_range(0))
+    max_answer_length: int = field(default=30, metadata=_range(1))
+    n_best: int = field(default=20, metadata=_range(1))
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
 
 
 @dataclass

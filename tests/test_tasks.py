@@ -13,6 +13,7 @@ from pipeline import _embedded_model_path
 from pipeline.data.batching import IGNORE, Encoded
 from pipeline.schema import ConfigError, validate
 from pipeline.tasks.embedding import knn_accuracy, neighbours, pool, read_sentence_transformers_pooling, recall_at_k
+from pipeline.tasks.question_answering import QASplit, QuestionAnswering, answer_tokens, decode, normalize_answer, squad_scores
 from pipeline.tasks.token_classification import (
     SYNTH_ENTITIES,
     SYNTH_TAGS,
@@ -209,3 +210,68 @@ def test_token_classification_end_to_end_on_synthetic_data(tmp_path):
     assert m["accuracy"]["int8"] == m["token_classification"]["int8"]["f1"]
     assert m["parity"]["n"] > len(ctx.encoded["eval"]) and m["parity"]["argmax_agreement"] > 0.9
     assert "entities int8" in (run / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# question_answering: SQuAD metric, answer tokens, windows with a stride, decoding
+
+
+def test_squad_exact_match_and_f1_of_a_known_prediction_set():
+    preds = ["the Eiffel Tower", "in 1889", "Paris France"]
+    refs = [["Eiffel Tower"], ["1889", "in 1889"], ["Paris"]]
+    # EM: articles and case ignored -> 1; "in 1889" is a reference -> 1; "paris france" != "paris" -> 0.
+    # F1: 1; 1; precision 1/2, recall 1 -> 2/3.
+    s = squad_scores(preds, refs)
+    assert s["exact_match"] == pytest.approx(2 / 3) and s["f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+
+
+def test_answer_tokens_inside_and_outside_a_window():
+    # tokens: [CLS] q q [SEP] "great"(0-5) "fun"(6-9) "film"(10-14) [SEP]
+    offs = [None, None, None, None, (0, 5), (6, 9), (10, 14), None]
+    assert answer_tokens(offs, ("fun film", 6)) == (5, 6)
+    assert answer_tokens(offs[:6] + [None], ("fun film", 6)) == (0, 0)  # the window ends inside the answer
+
+
+def test_a_span_crossing_a_window_boundary_is_labelled_and_decoded_in_the_window_holding_it():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_embedded_model_path())
+    words = [f"w{i}" for i in range(40)]
+    context = " ".join(words)
+    answer = "w12 w13 w14"  # window 2 (w5..w13) ends inside it; window 3 (w10..w18) holds it
+    split = QASplit(["which words ?"], [context], [[(answer, context.index(answer))]])
+    task = QuestionAnswering(validate(compose_cfg(["task=question_answering", "task.doc_stride=8"])).task)
+    enc = task.encode(tok, split, max_length=24)
+    assert len(enc.features) > 2 and set(enc.example) == {0}
+    spans = [tuple(o for o in offs if o is not None) for offs in enc.offsets]
+    start, end = context.index(answer), context.index(answer) + len(answer)
+    cut = [i for i, s in enumerate(spans) if s[0][0] <= start < s[-1][1] < end]  # windows ending inside the answer
+    whole = [i for i, s in enumerate(spans) if s[0][0] <= start and end <= s[-1][1]]
+    assert cut and whole, "the example must have a window that cuts the answer and one that holds it"
+    assert all(enc.labels[i] == (0, 0) for i in cut)
+    for i in whole:
+        s, e = enc.labels[i]
+        assert context[enc.offsets[i][s][0] : enc.offsets[i][e][1]] == answer
+    # Decoding over all windows: logits peaked at the holding window's labels give the answer back.
+    windows = []
+    for i in range(len(enc.features)):
+        logits = np.zeros((len(enc.features[i]["input_ids"]), 2))
+        if i == whole[0]:
+            logits[enc.labels[i][0], 0] = logits[enc.labels[i][1], 1] = 10.0
+        windows.append(logits)
+    assert decode(windows, enc.offsets, context, n_best=5, max_answer_length=30) == answer
+    assert decode(windows, enc.offsets, context, n_best=5, max_answer_length=2) != answer  # 3 tokens > max length
+
+
+def test_question_answering_end_to_end_on_synthetic_data(tmp_path):
+    ctx = run_tiny(tmp_path, ["task=question_answering", "model.max_length=64", "task.doc_stride=16", *FAST])
+    run = tmp_path / "run"
+    out = onnx.load(str(run / "model_int8.onnx")).graph.output[0]
+    assert out.name == "span_logits" and [d.dim_param for d in out.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
+    assert out.type.tensor_type.shape.dim[2].dim_value == 2
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(ctx.encoded["eval"]) > len(ctx.splits.eval)  # long synthetic contexts: several windows each
+    assert set(m["question_answering"]["int8"]) == {"exact_match", "f1", "answer_agreement_vs_fp32"}
+    assert m["accuracy"]["int8"] == m["question_answering"]["int8"]["f1"] and m["parity"]["argmax_agreement"] > 0.8
+    assert "SQuAD int8" in (run / "report.md").read_text()

@@ -12,6 +12,7 @@ than classification logits declares `graph_output = (name, dynamic axes)` (pipel
     sequence_classification  logits (batch, num_labels)         accuracy
     embedding                sentence_embedding (batch, hidden)  cosine / recall@k vs FP32, k-NN accuracy
     token_classification     logits (batch, sequence, num_tags)  entity P/R/F1 (seqeval), token accuracy
+    question_answering       span_logits (batch, sequence, 2)    SQuAD exact match / F1 (start, end stacked)
 """
 
 from __future__ import annotations
@@ -97,10 +98,17 @@ def _token_classification(cfg: RunConfig) -> Task:
     return TokenClassification(cfg.task)
 
 
+def _question_answering(cfg: RunConfig) -> Task:
+    from pipeline.tasks.question_answering import QuestionAnswering
+
+    return QuestionAnswering(cfg.task)
+
+
 TASKS: dict[str, Callable[[RunConfig], Task]] = {
     "sequence_classification": _sequence_classification,
     "embedding": _embedding,
     "token_classification": _token_classification,
+    "question_answering": _question_answering,
 }
 
 
