@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", type=Path, default=None, help="fine-tuned checkpoint folder (a run's finetuned/); default: the config's model"
     )
+    parser.add_argument("--per-layer", action="store_true", help="also the FFN2 input quantized one layer at a time")
+    parser.add_argument("--variants", action="store_true", help="also measure FFN2-input calibration methods and smoothing alphas")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--png", type=Path, required=True)
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             q.enabled = True
         return {"kl": kl_fp32_to(ref, out), "accuracy": _common.accuracy(out, labels)}
 
+    measure.ref = ref  # type: ignore[attr-defined]
+
     result: dict = {
         "examples": len(labels),
         "split": "tune",
@@ -138,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         result["slots"][slot] = {"quantizers": len(members), "only": measure(members), "all_but": measure(set(qs) - members)}
         print(slot, result["slots"][slot], flush=True)
     ffn2 = {n for n, s in slots.items() if s.startswith("FFN2")}
-    for n in sorted(ffn2, key=lambda n: layer_of(n) or 0):
+    for n in sorted(ffn2, key=lambda n: layer_of(n) or 0) if args.per_layer else []:
         result["ffn2_input_by_layer"][layer_of(n)] = {"only": measure({n}), "amax": float(qs[n].amax)}
         print("FFN2 input layer", layer_of(n), result["ffn2_input_by_layer"][layer_of(n)], flush=True)
+
+    if args.variants:
+        result["ffn2_variants"] = ffn2_variants(ctx, cfg, qs, ffn2, measure)
 
     # Activation ranges: per-input-channel max |x| of every quantized Linear over the calibration batches.
     for q in qs.values():
@@ -167,6 +174,86 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, args.png)
     print(f"wrote {args.json} and {args.png} ({result['seconds']} s)")
     return 0
+
+
+def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure) -> dict:
+    """The FFN second Linear's input, other ways (everything else as calibrated), on the tuning split:
+    its amax by other methods from its own FP32 histogram, and smoothing (alpha) with the Linear's input and
+    weight re-calibrated. What the pipeline options calibration=percentile_ffn_mse / smoothing=ffn_down do."""
+    import copy
+    import dataclasses
+
+    from pipeline.quantization.calibrate import METHODS, calibrate_weights
+
+    out: dict = {}
+    calib = [b.inputs for b in _batches(ctx, cfg)]
+    saved = {n: qs[n].amax.clone() for n in ffn2}
+
+    def collect(model, names):
+        mq = dict(model.named_modules())
+        for q in qs.values():
+            q.enabled = False
+        for n in names:
+            mq[n].calibrator.reset()
+            mq[n].calibrating = True
+        with torch.no_grad():
+            for x in calib:
+                model(**x)
+        for n in names:
+            mq[n].calibrating = False
+        for q in qs.values():
+            q.enabled = True
+        return mq
+
+    mq = collect(ctx.model, ffn2)
+    for label, method, pct in [
+        ("percentile 99.9", "percentile", 99.9),
+        ("percentile 99.999", "percentile", 99.999),
+        ("mse", "mse", None),
+        ("max", "max", None),
+        ("entropy", "entropy", None),
+    ]:
+        c = dataclasses.replace(cfg.calibration, method=method, percentile=pct or cfg.calibration.percentile, overrides=[])
+        for n in ffn2:
+            mq[n].load_amax(METHODS[method](mq[n].calibrator, c))
+        out[label] = measure(set(qs))
+        print("FFN2 input", label, out[label], flush=True)
+    for n in ffn2:
+        mq[n].calibrator.reset()
+        qs[n].load_amax(saved[n])
+    for alpha in (0.5, 0.8):
+        model = copy.deepcopy(ctx.model)
+        mq2 = dict(model.named_modules())
+        for q in mq2.values():
+            if hasattr(q, "calibrating"):
+                q.enabled = False
+        scfg = dataclasses.replace(
+            cfg.smoothing, enabled=True, alpha=alpha, modules=["*.layer.[0-9].output.dense", "*.layer.[0-9][0-9].output.dense"]
+        )
+        smoothing.smooth(model, scfg, calib)
+        weights = {n.replace(".input_quantizer", ".weight_quantizer") for n in ffn2}
+        calibrate_weights({n: mq2[n] for n in weights}, model)
+        for n in ffn2:
+            mq2[n].calibrator.reset()
+            mq2[n].calibrating = True
+        with torch.no_grad():
+            for x in calib:
+                model(**x)
+        for n in ffn2:
+            mq2[n].calibrating = False
+            mq2[n].load_amax(METHODS[cfg.calibration.method](mq2[n].calibrator, cfg.calibration))
+            mq2[n].calibrator.reset()
+        for q in mq2.values():
+            if hasattr(q, "calibrating"):
+                q.enabled = True
+        logits = _common.torch_logits(model, ctx.tokenizer, ctx.encoded["tune"], cfg.evaluate.batch_size, ctx.device)
+        out[f"smoothing alpha {alpha}"] = {
+            "kl": kl_fp32_to(measure.ref, logits),
+            "accuracy": _common.accuracy(logits, ctx.encoded["tune"].labels),
+        }
+        print("FFN2 input", f"smoothing alpha {alpha}", out[f"smoothing alpha {alpha}"], flush=True)
+        del model
+    return out
 
 
 def _batches(ctx: RunContext, cfg):
@@ -205,11 +292,21 @@ def plot(r: dict, path: Path) -> None:
     )
     ax.legend(fontsize=7, loc="lower right")
     ax = axes[0, 1]
-    layers = sorted(r["ffn2_input_by_layer"], key=int)
-    ax.bar([int(x) for x in layers], [r["ffn2_input_by_layer"][x]["only"]["kl"] for x in layers], color="tab:red")
-    ax.set(
-        xlabel="layer", ylabel="KL, only this layer's FFN2 input INT8", title="FFN second Linear input (after GELU), one layer at a time"
-    )
+    if r["ffn2_input_by_layer"]:
+        layers = sorted(r["ffn2_input_by_layer"], key=int)
+        ax.bar([int(x) for x in layers], [r["ffn2_input_by_layer"][x]["only"]["kl"] for x in layers], color="tab:red")
+        ax.set_xticks([int(x) for x in layers])
+        ax.set(
+            xlabel="layer",
+            ylabel="KL, only this layer's FFN2 input INT8",
+            title="FFN second Linear input (after GELU), one layer at a time",
+        )
+    elif r.get("ffn2_variants"):
+        v = {f"{r['calibration']} (as calibrated)": r["all"], **r["ffn2_variants"]}
+        names = list(v)
+        ax.barh(np.arange(len(names)), [v[n]["kl"] for n in names], color="tab:purple")
+        ax.set_yticks(np.arange(len(names)), [f"{n}\n{v[n]['accuracy'] * 100:.2f}%" for n in names], fontsize=7)
+        ax.set(xlabel="mean KL(FP32 || fake-quant), all GEMMs INT8, tuning split", title="FFN second Linear input: calibration / smoothing")
     ax.title.set_fontsize(9)
     ax = axes[1, 0]
     by_slot: dict[str, list[tuple[int, float]]] = {}
