@@ -32,7 +32,7 @@ def report_lines(d: dict) -> list[str]:
             else ""
         ),
         f"- tuning split: FP32 {_pct(t['fp32_tune_accuracy'])}, tuned fake-quant {_pct(t['tune_accuracy'])} (drop {t['drop']:.2f} {unit})"
-        + (f"; before tuning {_pct(t['start']['accuracy'])} (drop {t['start']['drop']:.2f} {unit})" if t.get("start") else ""),
+        + (f"; before the fallback {_pct(t['start']['accuracy'])} (drop {t['start']['drop']:.2f} {unit})" if t.get("start") else ""),
         f"- {t['evaluations']} full tuning-split evaluations, {t['seconds']} s"
         + (f"; stopped: {t['stopped']}" if t.get("stopped") else ""),
     ]
