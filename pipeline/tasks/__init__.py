@@ -67,6 +67,11 @@ class Task(Protocol):
         """The quantized engine against fake-quant torch, in the task's own terms."""
         ...
 
+    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict | None:
+        """Training-time evaluation on the tuning split (QAT best state): {"accuracy": higher is better,
+        "loss": lower is better}; None = classification accuracy and cross-entropy (stages/_common.py)."""
+        ...
+
     def task_metrics(self, outputs: dict[str, Outputs], data: Encoded) -> dict[str, Any]:
         """Extra metrics by precision label (metrics.json under the task's name; {} for none)."""
         ...
@@ -123,6 +128,12 @@ def combination_errors(cfg: RunConfig) -> list[str]:
         errors.append(
             "finetune: task=embedding uses the checkpoint's own embedding and has no labelled training objective; "
             "finetune=default cannot be combined with it (choose finetune=none, the task's default)"
+        )
+    if cfg.task.name != "sequence_classification" and cfg.tune.enabled:
+        # The accuracy budget (pipeline/tune/) scores classification accuracy on the tuning split.
+        errors.append(
+            f"tune: the accuracy budget scores classification accuracy; task={cfg.task.name} cannot be combined with "
+            f"tune={cfg.tune.method} (choose tune=none)"
         )
     if cfg.task.name not in TASKS:
         errors.append(f"task.name: {cfg.task.name!r} is not built yet; valid values: {', '.join(TASKS)}")

@@ -206,6 +206,15 @@ class Embedding:
             return F.mse_loss(out, target)
         return (1 - F.cosine_similarity(out, target, dim=-1)).mean()
 
+    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
+        """QAT best state on the tuning split: fidelity to the FP32 embeddings (mean cosine; loss 1 - cosine)."""
+        from pipeline.stages._common import torch_logits
+
+        if "fp32" not in reference:
+            reference["fp32"] = torch_logits(ctx.fp32_model, ctx.tokenizer, data, batch_size, ctx.device)
+        cos = float(_cosine_rows(torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device), reference["fp32"]).mean())
+        return {"accuracy": cos, "loss": 1.0 - cos, "measure": "mean cosine to FP32"}
+
     def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
         return knn_accuracy(outputs, data.labels, self.cfg.knn_k) if len(outputs) > self.cfg.knn_k else None
 

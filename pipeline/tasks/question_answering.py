@@ -200,7 +200,8 @@ class QuestionAnswering:
 
             base = load_splits(cfg)
             parts = [synthetic_qa(getattr(base, s).texts, cfg.split_seed + i) for i, s in enumerate(("train", "calib", "eval"))]
-            return DataSplits(*parts, label_names=["span"])
+            tune = synthetic_qa(base.tune.texts, cfg.split_seed + 3) if base.tune is not None and len(base.tune) >= 4 else None
+            return DataSplits(*parts, label_names=["span"], tune=tune)
         return self._tables(cfg)
 
     def _tables(self, cfg: DataConfig) -> DataSplits:
@@ -322,6 +323,15 @@ class QuestionAnswering:
         preds = self.predictions(outputs, data)
         examples = sorted({data.example[f] for f in range(len(outputs))})
         return squad_scores(preds, [data.references[ex] for ex in examples])
+
+    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
+        """Training-time evaluation on the tuning split: the task's own score (no loss term)."""
+        from pipeline.stages._common import torch_logits
+
+        return {
+            "accuracy": self.score(torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device, token_level=True), data),
+            "loss": 0.0,
+        }
 
     def score(self, outputs: list[np.ndarray], data: QAEncoded) -> float | None:
         return self.squad(outputs, data)["f1"]

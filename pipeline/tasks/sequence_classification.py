@@ -59,6 +59,9 @@ class SequenceClassification:
     def parity(self, quantized: np.ndarray, fake_quant: np.ndarray) -> dict[str, Any]:
         return logits_parity(quantized, fake_quant)
 
+    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> None:
+        return None  # training-time evaluation: accuracy and cross-entropy (stages/_common.py)
+
     def task_metrics(self, outputs: dict, data: Encoded) -> dict:
         return {}
 

@@ -158,7 +158,8 @@ class TokenClassification:
 
         base = load_splits(cfg)  # the snippets' own seeded cut (train / calib / eval); their sentiment is dropped
         parts = [synthetic_ner(getattr(base, s).texts, cfg.split_seed + i) for i, s in enumerate(("train", "calib", "eval"))]
-        return DataSplits(*parts, label_names=list(SYNTH_TAGS))
+        tune = synthetic_ner(base.tune.texts, cfg.split_seed + 3) if base.tune is not None and len(base.tune) else None
+        return DataSplits(*parts, label_names=list(SYNTH_TAGS), tune=tune)
 
     def _tables(self, cfg: DataConfig) -> DataSplits:
         """CSV / JSON(L) files or a hub dataset: rows with a word list and a tag list."""
@@ -274,6 +275,15 @@ class TokenClassification:
             "recall": float(recall_score(true, pred, zero_division=0)),
             "f1": float(f1_score(true, pred, zero_division=0)),
             "token_accuracy": float(np.mean([a == b for a, b in zip(flat_t, flat_p)])) if flat_t else 0.0,
+        }
+
+    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
+        """Training-time evaluation on the tuning split: the task's own score (no loss term)."""
+        from pipeline.stages._common import torch_logits
+
+        return {
+            "accuracy": self.score(torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device, token_level=True), data),
+            "loss": 0.0,
         }
 
     def score(self, outputs: list[np.ndarray], data: Encoded) -> float | None:
