@@ -65,7 +65,6 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     if (tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best) and tune is None:
         log.warning("%s: no tuning split (data.num_tune=0): no evaluation during training, no best-state selection", name)
     elif tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best:
-
         reference: dict = {}  # FP32 outputs on the tuning split, computed once (tasks that select by fidelity)
 
         def eval_fn() -> dict:
