@@ -282,3 +282,24 @@ def test_question_answering_end_to_end_on_synthetic_data(tmp_path):
     assert set(m["question_answering"]["int8"]) == {"exact_match", "f1", "answer_agreement_vs_fp32"}
     assert m["accuracy"]["int8"] == m["question_answering"]["int8"]["f1"] and m["parity"]["argmax_agreement"] > 0.8
     assert "SQuAD int8" in (run / "report.md").read_text()
+
+
+def test_sweep_summary_has_the_task_and_its_metrics(tmp_path):
+    from pipeline.sweep_report import write_report
+
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text("- task=embedding\n")
+    (job / "manifest.json").write_text(json.dumps({"status": "done", "stages": {}}))
+    metrics = {
+        "task": "embedding",
+        "accuracy": {"fp32": 0.8, "int8": 0.79},
+        "parity": {"argmax_agreement": None, "cosine": 0.99},
+        "latency_ms": {},
+        "embedding": {"int8": {"cosine_mean": 0.991, "cosine_p1": 0.95, "recall_at_10": 0.93, "knn_accuracy": 0.79}},
+    }
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    (row,) = write_report(tmp_path)
+    assert row["task"] == "embedding"
+    assert row["task_metrics"] == "cosine_mean=0.9910 cosine_p1=0.9500 recall_at_10=0.9300 knn_accuracy=0.7900"
+    assert "- 0 (embedding): cosine_mean=0.9910" in (tmp_path / "sweep_report.md").read_text()
