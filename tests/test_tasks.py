@@ -303,3 +303,37 @@ def test_sweep_summary_has_the_task_and_its_metrics(tmp_path):
     assert row["task"] == "embedding"
     assert row["task_metrics"] == "cosine_mean=0.9910 cosine_p1=0.9500 recall_at_10=0.9300 knn_accuracy=0.7900"
     assert "- 0 (embedding): cosine_mean=0.9910" in (tmp_path / "sweep_report.md").read_text()
+
+
+def _files(tmp_path, rows_train, rows_eval):
+    for name, rows in (("train", rows_train), ("eval", rows_eval)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return ["data=csv", f"data.train_path={tmp_path}/train.jsonl", f"data.eval_path={tmp_path}/eval.jsonl"]
+
+
+def test_token_classification_reads_word_and_tag_lists_from_jsonl(tmp_path):
+    rows = [{"tokens": ["maria", "lopez", "smiles"], "ner_tags": ["B-PER", "I-PER", "O"]}, {"tokens": ["rome"], "ner_tags": ["B-LOC"]}]
+    cfg = validate(compose_cfg(["task=token_classification", *_files(tmp_path, rows, rows[:1])]))
+    splits = TokenClassification(cfg.task).load_splits(cfg.data)
+    assert splits.label_names == ["B-LOC", "B-PER", "I-PER", "O"] and splits.eval.labels == [[1, 2, 3]]
+    bad = [{"tokens": ["a", "b"], "ner_tags": ["O"]}]
+    cfg = validate(compose_cfg(["task=token_classification", *_files(tmp_path, rows + bad, rows)]))
+    with pytest.raises(ConfigError) as e:
+        TokenClassification(cfg.task).load_splits(cfg.data)
+    assert e.value.errors == [
+        f"data.train_path: {tmp_path}/train.jsonl line 3: task.tags_column 'ner_tags' must be a list with one tag per word (2), got ['O']"
+    ]
+
+
+def test_question_answering_reads_squad_rows_from_jsonl_and_checks_answer_offsets(tmp_path):
+    ok = {"question": "who?", "context": "a film by maria lopez", "answers": {"text": ["maria lopez"], "answer_start": [10]}}
+    cfg = validate(compose_cfg(["task=question_answering", *_files(tmp_path, [ok, ok], [ok])]))
+    splits = QuestionAnswering(cfg.task).load_splits(cfg.data)
+    assert splits.eval.answers == [[("maria lopez", 10)]]
+    off = {**ok, "answers": {"text": ["maria lopez"], "answer_start": [9]}}
+    cfg = validate(compose_cfg(["task=question_answering", *_files(tmp_path, [ok, off], [ok])]))
+    with pytest.raises(ConfigError) as e:
+        QuestionAnswering(cfg.task).load_splits(cfg.data)
+    assert e.value.errors == [
+        f"data.train_path: {tmp_path}/train.jsonl line 2: answer 'maria lopez' is not at its answer_start in the context"
+    ]

@@ -207,7 +207,7 @@ class QuestionAnswering:
     def _tables(self, cfg: DataConfig) -> DataSplits:
         problems: list[str] = []
         rows: dict[str, list[dict]] = {}
-        where: dict[str, str] = {}
+        where: dict = {}  # per part: row index -> "<file> line N" / "<hub split> row i" (messages)
         if cfg.source == "hub":
             import datasets
 
@@ -216,7 +216,7 @@ class QuestionAnswering:
                 if split not in ds:
                     problems.append(f"data.{part}_split: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
                     continue
-                rows[part], where[part] = ds[split].to_list(), f"data.hub_id={cfg.hub_id}[{split}] row"
+                rows[part], where[part] = ds[split].to_list(), (lambda i, s=split: f"data.hub_id={cfg.hub_id}[{s}] row {i}")
         else:
             from pipeline.data.files import read_records
 
@@ -224,7 +224,7 @@ class QuestionAnswering:
                 rec = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
                 if rec is not None:
                     problems += [m for _, m in rec.problems]
-                    rows[part], where[part] = rec.rows, f"{rec.origin} row"
+                    rows[part], where[part] = rec.rows, rec.where
         if problems or len(rows) < 2:
             raise DataError(problems or ["no data"])
         out = {part: self._read_rows(r, where[part], problems) for part, r in rows.items()}
@@ -234,24 +234,24 @@ class QuestionAnswering:
         order = seeded_order(len(out["train"]), cfg.split_seed + 1)
         return DataSplits(take(out["train"], cfg.num_train, cfg.split_seed), out["train"].subset(order[: cfg.num_calib]), ev, ["span"])
 
-    def _read_rows(self, rows: list[dict], where: str, problems: list[str]) -> QASplit:
+    def _read_rows(self, rows: list[dict], where, problems: list[str]) -> QASplit:
         c = self.cfg
         q, ctx, ans = [], [], []
         for i, row in enumerate(rows):
             question, context, answers = row.get(c.question_column), row.get(c.context_column), row.get(c.answers_column)
             if not isinstance(question, str) or not question.strip() or not isinstance(context, str) or not context.strip():
-                problems.append(f"{where} {i}: {c.question_column!r} and {c.context_column!r} must be non-empty strings")
+                problems.append(f"{where(i)}: {c.question_column!r} and {c.context_column!r} must be non-empty strings")
                 continue
             texts = (answers or {}).get("text") if isinstance(answers, dict) else None
             starts = (answers or {}).get("answer_start") if isinstance(answers, dict) else None
             if not texts or not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
                 problems.append(
-                    f"{where} {i}: {c.answers_column!r} must be {{'text': [...], 'answer_start': [...]}} of equal length, got {answers!r}"
+                    f"{where(i)}: {c.answers_column!r} must be {{'text': [...], 'answer_start': [...]}} of equal length, got {answers!r}"
                 )
                 continue
             bad = [t for t, s in zip(texts, starts) if not isinstance(s, int) or context[s : s + len(t)] != t]
             if bad:
-                problems.append(f"{where} {i}: answer {bad[0]!r} is not at its answer_start in the context")
+                problems.append(f"{where(i)}: answer {bad[0]!r} is not at its answer_start in the context")
                 continue
             q.append(question.strip())
             ctx.append(context)

@@ -166,7 +166,7 @@ class TokenClassification:
         problems: list[str] = []
         names = list(cfg.labels) if cfg.labels else None
         rows: dict[str, list[dict]] = {}
-        where: dict[str, str] = {}
+        where: dict = {}  # per part: row index -> "<file> line N" / "<hub split> row i" (messages)
         if cfg.source == "hub":
             import datasets
 
@@ -175,7 +175,7 @@ class TokenClassification:
                 if split not in ds:
                     problems.append(f"data.{part}_split: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
                     continue
-                rows[part], where[part] = ds[split].to_list(), f"data.hub_id={cfg.hub_id}[{split}] row"
+                rows[part], where[part] = ds[split].to_list(), (lambda i, s=split: f"data.hub_id={cfg.hub_id}[{s}] row {i}")
             feature = ds[cfg.train_split].features.get(self.cfg.tags_column) if cfg.train_split in ds else None
             inner = getattr(feature, "feature", None)
             names = names or (list(inner.names) if inner is not None and hasattr(inner, "names") else None)
@@ -186,7 +186,7 @@ class TokenClassification:
                 rec = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
                 if rec is not None:
                     problems += [m for _, m in rec.problems]
-                    rows[part], where[part] = rec.rows, f"{rec.origin} row"
+                    rows[part], where[part] = rec.rows, rec.where
         if problems or len(rows) < 2:
             raise DataError(problems or ["no data"])
         raw = {part: self._read_rows(r, where[part], problems) for part, r in rows.items()}
@@ -202,7 +202,7 @@ class TokenClassification:
                     tags_l.append([t if isinstance(t, int) and 0 <= t < len(names) else ids[str(t)] for t in tags])
                     words_l.append(words)
                 except KeyError as exc:
-                    problems.append(f"{where[part]} {i}: tag {exc.args[0]!r} is not a known tag; known: {', '.join(map(str, names))}")
+                    problems.append(f"{where[part](i)}: tag {exc.args[0]!r} is not a known tag; known: {', '.join(map(str, names))}")
             out[part] = TaggedSplit(words_l, tags_l)
         if problems:
             raise DataError(problems)
@@ -212,15 +212,15 @@ class TokenClassification:
         calib = train_all.subset(order[: cfg.num_calib])
         return DataSplits(take(train_all, cfg.num_train, cfg.split_seed), calib, ev, [str(n) for n in names])
 
-    def _read_rows(self, rows: list[dict], where: str, problems: list[str]) -> list[tuple[list[str], list]]:
+    def _read_rows(self, rows: list[dict], where, problems: list[str]) -> list[tuple[list[str], list]]:
         out = []
         tc, gc = self.cfg.tokens_column, self.cfg.tags_column
         for i, row in enumerate(rows):
             words, tags = row.get(tc), row.get(gc)
             if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
-                problems.append(f"{where} {i}: task.tokens_column {tc!r} must be a non-empty list of words, got {words!r}")
+                problems.append(f"{where(i)}: task.tokens_column {tc!r} must be a non-empty list of words, got {words!r}")
             elif not isinstance(tags, list) or len(tags) != len(words):
-                problems.append(f"{where} {i}: task.tags_column {gc!r} must be a list with one tag per word ({len(words)}), got {tags!r}")
+                problems.append(f"{where(i)}: task.tags_column {gc!r} must be a list with one tag per word ({len(words)}), got {tags!r}")
             else:
                 out.append((words, tags))
         return out
