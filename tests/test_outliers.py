@@ -151,13 +151,15 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
             "qat.keep_best=true",
             "++data.num_tune=16",
             "benchmark=none",
-            "export.tensorrt_graphs=false",
+            # The smoothing Mul in the exported graphs, TensorRT's included (its rules run at export).
+            "smoothing=ffn_down",
         ]
     )
     sel = ctx.metrics.training["qat"]["selection"]
     assert [e["step"] for e in ctx.metrics.training["qat"]["evals"]] == [0, 1, 2]
     assert sel["best"]["accuracy"] >= sel["start"]["accuracy"]
     assert ctx.metrics.accuracy["int8"] is not None  # the evaluate stage (after training) still reads eval
+    assert ctx.metrics.accuracy["trt_graph_int8"] is not None and ctx.metrics.quantization["smoothing"]["modules"] == 2
 
 
 @pytest.mark.parametrize(
