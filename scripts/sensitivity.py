@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", type=Path, default=None, help="fine-tuned checkpoint folder (a run's finetuned/); default: the config's model"
     )
+    parser.add_argument("--no-only", dest="only", action="store_false", help="skip the 'only this slot quantized' measurements")
     parser.add_argument("--per-layer", action="store_true", help="also the FFN2 input quantized one layer at a time")
     parser.add_argument("--variants", action="store_true", help="also measure FFN2-input calibration methods and smoothing alphas")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.8], help="smoothing alphas of --variants")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--png", type=Path, required=True)
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 {result['fp32_accuracy']:.4f} | all quantized {result['all']}", flush=True)
     for slot in dict.fromkeys(slots.values()):
         members = {n for n, s in slots.items() if s == slot}
-        result["slots"][slot] = {"quantizers": len(members), "only": measure(members), "all_but": measure(set(qs) - members)}
+        only = measure(members) if args.only else {"kl": float("nan"), "accuracy": float("nan")}
+        result["slots"][slot] = {"quantizers": len(members), "only": only, "all_but": measure(set(qs) - members)}
         print(slot, result["slots"][slot], flush=True)
     ffn2 = {n for n, s in slots.items() if s.startswith("FFN2")}
     for n in sorted(ffn2, key=lambda n: layer_of(n) or 0) if args.per_layer else []:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("FFN2 input layer", layer_of(n), result["ffn2_input_by_layer"][layer_of(n)], flush=True)
 
     if args.variants:
-        result["ffn2_variants"] = ffn2_variants(ctx, cfg, qs, ffn2, measure)
+        result["ffn2_variants"] = ffn2_variants(ctx, cfg, qs, ffn2, measure, tuple(args.alphas))
 
     # Activation ranges: per-input-channel max |x| of every quantized Linear over the calibration batches.
     for q in qs.values():
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure) -> dict:
+def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alphas: tuple[float, ...]) -> dict:
     """The FFN second Linear's input, other ways (everything else as calibrated), on the tuning split:
     its amax by other methods from its own FP32 histogram, and smoothing (alpha) with the Linear's input and
     weight re-calibrated. What the pipeline options calibration=percentile_ffn_mse / smoothing=ffn_down do."""
@@ -221,7 +224,7 @@ def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure) -> di
     for n in ffn2:
         mq[n].calibrator.reset()
         qs[n].load_amax(saved[n])
-    for alpha in (0.5, 0.8):
+    for alpha in alphas:
         model = copy.deepcopy(ctx.model)
         mq2 = dict(model.named_modules())
         for q in mq2.values():
@@ -280,7 +283,13 @@ def plot(r: dict, path: Path) -> None:
     ax.set_yticks(
         y,
         [
-            f"{s}\nonly {r['slots'][s]['only']['accuracy'] * 100:.1f}% / all-but {r['slots'][s]['all_but']['accuracy'] * 100:.1f}%"
+            f"{s}\n"
+            + (
+                f"only {r['slots'][s]['only']['accuracy'] * 100:.1f}% / "
+                if r["slots"][s]["only"]["accuracy"] == r["slots"][s]["only"]["accuracy"]
+                else ""
+            )
+            + f"all-but {r['slots'][s]['all_but']['accuracy'] * 100:.2f}%"
             for s in names
         ],
         fontsize=7,
