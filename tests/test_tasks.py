@@ -123,7 +123,7 @@ FAST = ["benchmark=none", "qat.max_steps=2", "export.tensorrt_graphs=false", "fi
 
 
 def test_embedding_end_to_end_pools_inside_the_graph(tmp_path):
-    ctx = run_tiny(tmp_path, ["task=embedding", "task.normalize=true", *FAST[:3]])
+    ctx = run_tiny(tmp_path, ["task=embedding", "task.normalize=true", "qat.keep_best=true", *FAST[:3]])
     run = tmp_path / "run"
     g = onnx.load(str(run / "model_int8.onnx")).graph
     out = g.output[0]
