@@ -34,8 +34,12 @@ demo: install
 smoke: install
 	$(BIN)/qdq-pipeline experiment=smoke $(ARGS)
 
+# Two workers (pytest-xdist), each file on one worker (its module fixtures and subprocess launchers such as
+# torchrun stay together): much of a tiny-model test is single-threaded Python, ONNX export and session setup,
+# so two workers nearly halve the suite on the 2-core CI machine. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check pipeline tests benchmarks scripts

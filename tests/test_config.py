@@ -11,7 +11,21 @@ from omegaconf import OmegaConf
 from pipeline.schema import ConfigError, validate
 from pipeline.testing import CONF, compose_cfg
 
-GROUPS = ["model", "data", "finetune", "calibration", "quant", "smoothing", "qat", "export", "engine", "benchmark", "experiment", "task", "tune"]
+GROUPS = [
+    "model",
+    "data",
+    "finetune",
+    "calibration",
+    "quant",
+    "smoothing",
+    "qat",
+    "export",
+    "engine",
+    "benchmark",
+    "experiment",
+    "task",
+    "tune",
+]
 # Options that need more than the option itself to be a valid run.
 NEEDS = {
     ("data", "csv"): ["data.train_path=a.csv", "data.eval_path=b.csv"],

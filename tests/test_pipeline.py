@@ -106,6 +106,7 @@ def test_switched_off_stages_are_recorded_skipped(tmp_path):
         "load": "done",
         "finetune": "skipped",
         "calibrate": "skipped",
+        "tune": "skipped",
         "qat": "skipped",
         "export": "skipped",
         "build_engine": "skipped",

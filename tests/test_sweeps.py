@@ -94,6 +94,7 @@ def test_cache_reuses_every_stage_and_rebuilds_a_corrupted_entry(tmp_path):
         "load": "done",
         "finetune": "cached",
         "calibrate": "cached",
+        "tune": "skipped",
         "qat": "cached",
         "export": "cached",
         "build_engine": "done",
