@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.data.files import Records, encoding_problem, read_records
 from pipeline.data.labels import LabelColumn, assign_label_ids
@@ -132,12 +134,20 @@ def _splits_from_tables(
     if problems or assigned is None:
         raise DataError(problems)
     tr, ev = tables["train"], tables["eval"]
-    train_all = Split(tr.texts, assigned.ids["train"], tr.pairs)
-    ev_split = Split(ev.texts, assigned.ids["eval"], ev.pairs)
+    return cut_splits(
+        cfg, Split(tr.texts, assigned.ids["train"], tr.pairs), Split(ev.texts, assigned.ids["eval"], ev.pairs), assigned.names
+    )
+
+
+def cut_splits(cfg: DataConfig, train_all, ev, label_names: list[str]) -> DataSplits:
+    """The eval cap and the tuning / calibration / train cuts of a train file and an eval file, for any
+    split type with `len` and `subset` (sentences, tagged words, QA examples).
+
+    The tuning split is held out of the training file first (its own seeded draw), so calibration and
+    training never see it; with no tuning split the pool is the whole file, drawn as before.
+    """
     if cfg.num_eval is not None:
-        ev_split = take(ev_split, cfg.num_eval, cfg.split_seed)
-    # The tuning split is held out of the training file first (its own seeded draw), so calibration and
-    # training never see it; with no tuning split the pool is the whole file, drawn as before.
+        ev = take(ev, cfg.num_eval, cfg.split_seed)
     n_tune = tune_size(cfg.num_tune, len(train_all))
     tune = None
     if n_tune:
@@ -149,7 +159,33 @@ def _splits_from_tables(
         train_all = train_all.subset([i for i in range(len(train_all)) if i not in held])
     calib = take(train_all, cfg.num_calib, cfg.split_seed + 1)
     train = take(train_all, cfg.num_train, cfg.split_seed)
-    return DataSplits(train, calib, ev_split, assigned.names, tune)
+    return DataSplits(train, calib, ev, label_names, tune)
+
+
+def raw_rows(cfg: DataConfig, problems: list[str]) -> tuple[dict[str, list[dict]], dict[str, Callable[[int], str]], Any]:
+    """The train and eval rows as dicts, from files (data.train_path / eval_path) or hub splits, for the
+    task loaders that check their own columns (token classification, QA). Returns (rows by part, where(i)
+    by part naming "<file> line N" / "<hub split> row i" for messages, the hub dataset or None); reading
+    problems go to `problems`."""
+    rows: dict[str, list[dict]] = {}
+    where: dict[str, Callable[[int], str]] = {}
+    ds = None
+    if cfg.source == "hub":
+        import datasets  # heavy import, only for this source
+
+        ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
+        for part, split in (("train", cfg.train_split), ("eval", cfg.eval_split)):
+            if split not in ds:
+                problems.append(f"data.{part}_split: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
+                continue
+            rows[part], where[part] = ds[split].to_list(), (lambda i, s=split: f"data.hub_id={cfg.hub_id}[{s}] row {i}")
+    else:
+        for part, key in (("train", "data.train_path"), ("eval", "data.eval_path")):
+            rec = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
+            if rec is not None:
+                problems += [m for _, m in rec.problems]
+                rows[part], where[part] = rec.rows, rec.where
+    return rows, where, ds
 
 
 def load_table(cfg: DataConfig) -> DataSplits:

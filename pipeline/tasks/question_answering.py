@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import Encoded
-from pipeline.data.splits import seeded_order, take
+from pipeline.data.sources import cut_splits, raw_rows
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
 from pipeline.training import kd_loss
 
@@ -206,33 +206,13 @@ class QuestionAnswering:
 
     def _tables(self, cfg: DataConfig) -> DataSplits:
         problems: list[str] = []
-        rows: dict[str, list[dict]] = {}
-        where: dict = {}  # per part: row index -> "<file> line N" / "<hub split> row i" (messages)
-        if cfg.source == "hub":
-            import datasets
-
-            ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
-            for part, split in (("train", cfg.train_split), ("eval", cfg.eval_split)):
-                if split not in ds:
-                    problems.append(f"data.{part}_split: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
-                    continue
-                rows[part], where[part] = ds[split].to_list(), (lambda i, s=split: f"data.hub_id={cfg.hub_id}[{s}] row {i}")
-        else:
-            from pipeline.data.files import read_records
-
-            for part, key in (("train", "data.train_path"), ("eval", "data.eval_path")):
-                rec = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
-                if rec is not None:
-                    problems += [m for _, m in rec.problems]
-                    rows[part], where[part] = rec.rows, rec.where
+        rows, where, _ = raw_rows(cfg, problems)
         if problems or len(rows) < 2:
             raise DataError(problems or ["no data"])
         out = {part: self._read_rows(r, where[part], problems) for part, r in rows.items()}
         if problems:
             raise DataError(problems)
-        ev = take(out["eval"], cfg.num_eval, cfg.split_seed) if cfg.num_eval is not None else out["eval"]
-        order = seeded_order(len(out["train"]), cfg.split_seed + 1)
-        return DataSplits(take(out["train"], cfg.num_train, cfg.split_seed), out["train"].subset(order[: cfg.num_calib]), ev, ["span"])
+        return cut_splits(cfg, out["train"], out["eval"], ["span"])
 
     def _read_rows(self, rows: list[dict], where, problems: list[str]) -> QASplit:
         c = self.cfg

@@ -26,7 +26,7 @@ from transformers import AutoModelForTokenClassification
 
 from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import IGNORE, Encoded
-from pipeline.data.splits import seeded_order, take
+from pipeline.data.sources import cut_splits, raw_rows
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
 from pipeline.training import kd_loss
 
@@ -165,28 +165,10 @@ class TokenClassification:
         """CSV / JSON(L) files or a hub dataset: rows with a word list and a tag list."""
         problems: list[str] = []
         names = list(cfg.labels) if cfg.labels else None
-        rows: dict[str, list[dict]] = {}
-        where: dict = {}  # per part: row index -> "<file> line N" / "<hub split> row i" (messages)
-        if cfg.source == "hub":
-            import datasets
-
-            ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
-            for part, split in (("train", cfg.train_split), ("eval", cfg.eval_split)):
-                if split not in ds:
-                    problems.append(f"data.{part}_split: split {split!r} not in {cfg.hub_id}; available: {', '.join(ds.keys())}")
-                    continue
-                rows[part], where[part] = ds[split].to_list(), (lambda i, s=split: f"data.hub_id={cfg.hub_id}[{s}] row {i}")
-            feature = ds[cfg.train_split].features.get(self.cfg.tags_column) if cfg.train_split in ds else None
-            inner = getattr(feature, "feature", None)
+        rows, where, ds = raw_rows(cfg, problems)
+        if ds is not None and cfg.train_split in ds:  # the hub's ClassLabel names for the tags, in id order
+            inner = getattr(ds[cfg.train_split].features.get(self.cfg.tags_column), "feature", None)
             names = names or (list(inner.names) if inner is not None and hasattr(inner, "names") else None)
-        else:
-            from pipeline.data.files import read_records
-
-            for part, key in (("train", "data.train_path"), ("eval", "data.eval_path")):
-                rec = read_records(getattr(cfg, key.split(".")[1]), key, cfg.encoding, problems)
-                if rec is not None:
-                    problems += [m for _, m in rec.problems]
-                    rows[part], where[part] = rec.rows, rec.where
         if problems or len(rows) < 2:
             raise DataError(problems or ["no data"])
         raw = {part: self._read_rows(r, where[part], problems) for part, r in rows.items()}
@@ -206,11 +188,7 @@ class TokenClassification:
             out[part] = TaggedSplit(words_l, tags_l)
         if problems:
             raise DataError(problems)
-        ev = take(out["eval"], cfg.num_eval, cfg.split_seed) if cfg.num_eval is not None else out["eval"]
-        train_all = out["train"]
-        order = seeded_order(len(train_all), cfg.split_seed + 1)
-        calib = train_all.subset(order[: cfg.num_calib])
-        return DataSplits(take(train_all, cfg.num_train, cfg.split_seed), calib, ev, [str(n) for n in names])
+        return cut_splits(cfg, out["train"], out["eval"], [str(n) for n in names])
 
     def _read_rows(self, rows: list[dict], where, problems: list[str]) -> list[tuple[list[str], list]]:
         out = []
