@@ -152,3 +152,12 @@ def collect(forward: Callable, batches, data: Encoded, token_level: bool) -> Out
             out[i] = res[j][: len(data.features[i]["input_ids"])] if token_level else res[j]
     rows = [out[i] for i in sorted(out)]
     return rows if token_level else np.stack(rows)
+
+
+def token_level_selection(task: Task, ctx, data: Encoded, batch_size: int) -> dict:
+    """Training-time evaluation on the tuning split for a token-level task (QAT best state): the task's
+    own score of the fake-quant model's outputs; no loss term."""
+    from pipeline.stages._common import torch_logits
+
+    outputs = torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device, token_level=True)
+    return {"accuracy": task.score(outputs, data), "loss": 0.0}

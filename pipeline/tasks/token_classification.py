@@ -28,6 +28,7 @@ from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import IGNORE, Encoded
 from pipeline.data.sources import cut_splits, raw_rows
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
+from pipeline.tasks import token_level_selection
 from pipeline.training import kd_loss
 
 
@@ -256,13 +257,7 @@ class TokenClassification:
         }
 
     def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
-        """Training-time evaluation on the tuning split: the task's own score (no loss term)."""
-        from pipeline.stages._common import torch_logits
-
-        return {
-            "accuracy": self.score(torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device, token_level=True), data),
-            "loss": 0.0,
-        }
+        return token_level_selection(self, ctx, data, batch_size)
 
     def score(self, outputs: list[np.ndarray], data: Encoded) -> float | None:
         return self.entity_scores(outputs, data)["f1"]
