@@ -289,6 +289,16 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     la, lb = (torch_logits(c.model, c.tokenizer, c.encoded["tune"], 16, c.device) for c in (a, b))
     assert np.array_equal(la, lb)
     assert json.loads((b.run_dir / "metrics.json").read_text())["tune"]["plan"].endswith("tuned_quant.yaml")
+    # A plan with one more Linear in float: metrics.json counts what is enabled after the plan, not what
+    # calibrate left on.
+    linear = next(n.rsplit(".", 1)[0] for n, r in qmap.items() if r["role"] == "linear_weight" and n not in plan["exclude"])
+    plan["exclude"] += [f"{linear}.input_quantizer", f"{linear}.weight_quantizer"]
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(plan))
+    c = tiny_run(E2E + [f"tune.plan={tmp_path / 'more.yaml'}"], name="c")
+    by_role = json.loads((c.run_dir / "metrics.json").read_text())["quantization"]["enabled_by_role"]
+    cmap = json.loads((c.run_dir / "quant_map.json").read_text())
+    assert by_role == {role: sum(r["enabled"] for r in cmap if r["role"] == role) for role in by_role}
+    assert by_role["linear_weight"] == sum(r["enabled"] for r in qmap.values() if r["role"] == "linear_weight") - 1
 
 
 def test_sweep_report_shows_each_jobs_budget_result(tmp_path):

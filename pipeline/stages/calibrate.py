@@ -66,19 +66,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     if hists:
         atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
-    roles: dict[str, int] = {}
-    for q in ctx.quantizers.values():
-        roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
-    # GEMMs with both inputs quantized, by kind (modules; a shared ALBERT layer counts once).
-    gemms = {
-        "linear": roles.get("linear_weight", 0),
-        "attention_qk": roles.get("attn_q", 0),
-        "attention_pv": roles.get("attn_probs", 0),
-        "attention_rel": roles.get("attn_rel", 0) // 2,
-    }
-    ctx.metrics.quantization.update(
-        {"method": c.method, "quantizers": len(ctx.quantizers), "enabled_by_role": roles, "quantized_gemms": gemms, **counts}
-    )
+    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), **enabled_counts(ctx), **counts})
     if c.overrides:
         ctx.metrics.quantization["calibration_overrides"] = {
             n: method_for(n, q.role, c).method for n, q in ctx.quantizers.items() if method_for(n, q.role, c) is not c
@@ -86,12 +74,34 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     if cfg.smoothing.enabled:
         ctx.metrics.quantization["smoothing"] = smoothing.summary(scales, cfg.smoothing.alpha)
     save_quantizer_state(ctx)
-    log.info("calibrate: %s on %d batches -> %d quantizers %s", c.method, len(calib_batches), len(ctx.quantizers), roles)
+    log.info(
+        "calibrate: %s on %d batches -> %d quantizers %s",
+        c.method,
+        len(calib_batches),
+        len(ctx.quantizers),
+        ctx.metrics.quantization["enabled_by_role"],
+    )
     return "cached" if hit else None
 
 
 def _amax_state(ctx: RunContext) -> dict[str, torch.Tensor]:
     return {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
+
+
+def enabled_counts(ctx: RunContext) -> dict[str, dict[str, int]]:
+    """Enabled quantizers by role and the GEMMs with both inputs quantized, by kind (modules; a shared ALBERT
+    layer counts once): metrics.json quantization.enabled_by_role / quantized_gemms, recounted by every stage
+    that switches quantizers on or off (calibrate, tune)."""
+    roles: dict[str, int] = {}
+    for q in ctx.quantizers.values():
+        roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
+    gemms = {
+        "linear": roles.get("linear_weight", 0),
+        "attention_qk": roles.get("attn_q", 0),
+        "attention_pv": roles.get("attn_probs", 0),
+        "attention_rel": roles.get("attn_rel", 0) // 2,
+    }
+    return {"enabled_by_role": roles, "quantized_gemms": gemms}
 
 
 def save_quantizer_state(ctx: RunContext) -> None:

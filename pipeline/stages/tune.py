@@ -26,7 +26,7 @@ from pipeline.context import RunContext
 from pipeline.outputs import write_text
 from pipeline.schema import ConfigError, RunConfig
 from pipeline.stages._common import accuracy, torch_logits
-from pipeline.stages.calibrate import save_quantizer_state
+from pipeline.stages.calibrate import enabled_counts, save_quantizer_state
 from pipeline.tune import plan as plan_file
 from pipeline.tune import plots
 from pipeline.tune.calibrators import apply_amax, candidate_amax, choose_per_role, load_histograms, own_candidate
@@ -140,6 +140,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )
+    ctx.metrics.quantization.update(enabled_counts(ctx))  # the plan's groups in float are off now
     save_quantizer_state(ctx)
     ctx.chain_key("tune", calibrator, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
