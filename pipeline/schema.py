@@ -316,6 +316,11 @@ class TuneConfig:
     calibrators: list[TuneCalibrator] = field(
         default_factory=lambda: ["max", "percentile_99_9", "percentile_99_99", "percentile_99_999", "entropy", "mse"]
     )
+    # What decides between candidates (calibrators, fallback steps), both on the whole tuning split:
+    # kl = the mean KL(FP32 || quantized) of the outputs (every example's whole distribution: far less
+    # noisy than the accuracy of a few hundred examples); accuracy = the tuning accuracy. The budget
+    # (max_drop) is always checked on the accuracy.
+    criterion: Literal["kl", "accuracy"] = "kl"
     # Then try each other calibrator per quantizer role (one evaluation each), keeping what improves.
     per_role: bool = False
     # Return the most sensitive fusion groups to float until the budget is met (false = calibrator choice only).

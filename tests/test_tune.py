@@ -25,7 +25,7 @@ from pipeline.stages import export as export_stage
 from pipeline.testing import TINY, compose_cfg
 from pipeline.tune.calibrators import candidate_amax, choose_per_role
 from pipeline.tune.groups import FusionGroup, fusion_groups, set_float
-from pipeline.tune.search import Budget, search
+from pipeline.tune.search import Budget, Score, search
 
 # ---------------------------------------------------------------------------------------------
 # A tiny calibrated model with every quantizer kind (Linear, attention, residual), shared by the tests.
@@ -150,10 +150,12 @@ def _groups(n):
 
 
 class FakeModel:
-    """Tuning accuracy = base + the gain of each group in float (gains may be 0 or negative)."""
+    """Tuning accuracy = base + the gain of each group in float (gains may be 0 or negative); KL to FP32
+    = 1 - the KL gains (by default the accuracy gains: a group that helps accuracy brings it closer)."""
 
-    def __init__(self, base, gains, ratio_per_group=0.1):
+    def __init__(self, base, gains, ratio_per_group=0.1, kl_gains=None):
         self.base, self.gains, self.ratio_per_group = base, gains, ratio_per_group
+        self.kl_gains = gains if kl_gains is None else kl_gains
         self.float: set[str] = set()
         self.evaluations = 0
 
@@ -162,7 +164,7 @@ class FakeModel:
 
     def evaluate(self):
         self.evaluations += 1
-        return self.base + sum(self.gains[g] for g in self.float)
+        return Score(self.base + sum(self.gains[g] for g in self.float), 1.0 - sum(self.kl_gains[g] for g in self.float))
 
     def latency(self):
         return 0.5 + self.ratio_per_group * len(self.float)
@@ -200,6 +202,16 @@ def test_fallback_stops_at_the_budget_and_refine_requantizes_what_is_not_needed(
     assert r.chosen.latency_ratio == pytest.approx(0.6)
     r2 = _search(FakeModel(0.844, gains), _groups(3), Budget(0.85, 0.3), refine=False)
     assert r2.chosen.groups_in_float == ("g0", "g1")
+
+
+def test_steps_are_kept_by_the_criterion_not_by_a_lucky_accuracy():
+    # g0 lowers the KL but costs one example of accuracy (noise); g1 gains an example of accuracy but
+    # moves the outputs away from FP32; g2 then meets the budget.
+    gains, kl_gains = {"g0": -0.0025, "g1": 0.0025, "g2": 0.006}, {"g0": 0.2, "g1": -0.1, "g2": 0.3}
+    r = _search(FakeModel(0.844, gains, kl_gains=kl_gains), _groups(3), Budget(0.85, 0.3), refine=False)
+    assert r.met and r.chosen.groups_in_float == ("g0", "g2") and [x.accepted for x in r.trace] == [True, True, False, True]
+    r = _search(FakeModel(0.844, gains, kl_gains=kl_gains), _groups(3), Budget(0.85, 0.3), refine=False, criterion="accuracy")
+    assert r.chosen.groups_in_float == ("g1", "g2")
 
 
 def test_relative_budget_is_percent_of_fp32_accuracy():

@@ -32,7 +32,7 @@ from pipeline.tune import plots
 from pipeline.tune.calibrators import apply_amax, candidate_amax, choose_per_role, load_histograms, own_candidate
 from pipeline.tune.groups import FusionGroup, active_groups, fusion_groups, set_float
 from pipeline.tune.latency import LatencyProbe
-from pipeline.tune.search import Budget, SearchResult, TraceRow, search
+from pipeline.tune.search import Budget, Score, SearchResult, TraceRow, search
 from pipeline.tune.sensitivity import Sensitivity, hardest, kl_per_example, rank_groups
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         return torch_logits(model, ctx.tokenizer, split, bs, ctx.device)
 
     fp32_logits = logits(ctx.fp32_model)
+
+    def score(out: np.ndarray) -> Score:
+        return Score(accuracy(out, data.labels), float(kl_per_example(fp32_logits, out).mean()))
+
     evaluations = 1
     budget = Budget(accuracy(fp32_logits, data.labels), t.max_drop, t.drop_type)
     hists = load_histograms(ctx.run_dir)
@@ -58,17 +62,17 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
 
     if t.plan is not None:
         calibrator, by_role, groups = _apply_plan(cfg, ctx, hists)
-        acc = accuracy(logits(ctx.model), data.labels)
+        s = score(logits(ctx.model))
         evaluations += 1
-        chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), acc, budget.drop(acc), budget.met(acc), True)
+        a = s.accuracy
+        chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), a, budget.drop(a), budget.met(a), True, kl=s.kl)
         info.update(plan=str(t.plan), trace_steps=0)
     else:
-        calibrator, scores, q_logits, by_role, spent = _choose_calibrator(cfg, ctx, hists, fp32_logits, logits)
+        calibrator, scores, q_logits, by_role, spent = _choose_calibrator(cfg, ctx, hists, score, logits)
         evaluations += len(scores) + spent
         if q_logits is None:
             q_logits = logits(ctx.model)
             evaluations += 1
-        acc = accuracy(q_logits, data.labels)
         ranked: list[Sensitivity] = []
         groups_all = active_groups(ctx.quantizers)
         if t.fallback:
@@ -86,10 +90,11 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             result = search(
                 [s.group for s in ranked],
                 budget=budget,
-                evaluate=lambda: accuracy(logits(ctx.model), data.labels),
+                evaluate=lambda: score(logits(ctx.model)),
                 set_float=lambda g, f: set_float(ctx.quantizers, g, f),
                 latency=probe,
-                start_accuracy=acc,
+                start=score(q_logits),
+                criterion=t.criterion,
                 fallback=t.fallback,
                 refine=t.refine,
                 max_trials=t.max_trials,
@@ -108,7 +113,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         start = result.trace[0]
         info.update(
             calibrator_scores=scores,
-            start={"accuracy": start.accuracy, "drop": start.drop, "latency_ratio": start.latency_ratio},
+            start={"accuracy": start.accuracy, "kl": start.kl, "drop": start.drop, "latency_ratio": start.latency_ratio},
             stopped=result.stopped,
             trace_steps=len(result.trace) - 1,
             latency_note=probe.note,
@@ -125,7 +130,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "groups_in_float": [g.name for g in groups],
         "evaluations": evaluations,
         "seconds": round(time.perf_counter() - t0, 1),
+        "criterion": t.criterion,
         "tune_accuracy": chosen.accuracy,
+        "tune_kl": chosen.kl,
         "drop": chosen.drop,
         "latency_ratio": chosen.latency_ratio,
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
@@ -163,26 +170,31 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
-def _choose_calibrator(
-    cfg: RunConfig, ctx: RunContext, hists, fp32_logits: np.ndarray, logits
-) -> tuple[str, dict, np.ndarray | None, dict, int]:
-    """Score every tune.calibrators candidate on the tuning split; keep the best (accuracy, then the mean
-    KL to FP32); with tune.per_role, then the best per role. Returns (name, {name: {accuracy, kl}},
-    logits of the chosen state, {role: candidate} where a role differs, evaluations spent)."""
+def _key(s: Score, criterion: str) -> tuple[float, float]:
+    """Sort key, larger = better: the criterion first, the other measure on a tie."""
+    return (-s.kl, s.accuracy) if criterion == "kl" else (s.accuracy, -s.kl)
+
+
+def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) -> tuple[str, dict, np.ndarray | None, dict, int]:
+    """Score every tune.calibrators candidate on the tuning split; keep the best by tune.criterion (the
+    other measure breaks a tie); with tune.per_role, then the best per role. Returns (name,
+    {name: {accuracy, kl}}, logits of the chosen state, {role: candidate} where a role differs,
+    evaluations spent)."""
     own = own_candidate(cfg.calibration) or cfg.calibration.method
     names = cfg.tune.calibrators
+    crit = cfg.tune.criterion
     if not names:
         return own, {}, None, {}, 0
-    labels = ctx.encoded["tune"].labels
     scores, kept = {}, {}
     for name in names:
         amax = candidate_amax(name, hists, ctx.quantizers, cfg.calibration) if name != "max" or hists else {}
         apply_amax(ctx.quantizers, amax, ctx.device)
         out = logits(ctx.model)
-        scores[name] = {"accuracy": accuracy(out, labels), "kl": float(kl_per_example(fp32_logits, out).mean())}
+        s = score(out)
+        scores[name] = {"accuracy": s.accuracy, "kl": s.kl}
         kept[name] = (amax, out)
-        log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, scores[name]["accuracy"], scores[name]["kl"])
-    best = max(names, key=lambda n: (scores[n]["accuracy"], -scores[n]["kl"]))
+        log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, s.accuracy, s.kl)
+    best = max(names, key=lambda n: _key(Score(**scores[n]), crit))
     apply_amax(ctx.quantizers, kept[best][0], ctx.device)
     if not cfg.tune.per_role or len(names) < 2:
         return best, scores, kept[best][1], {}, 0
@@ -190,14 +202,12 @@ def _choose_calibrator(
     for n in hists:
         if n in ctx.quantizers:
             roles.setdefault(ctx.quantizers[n].role, []).append(n)
-    last: dict = {}
 
-    def score() -> tuple[float, float]:
-        last["out"] = out = logits(ctx.model)
-        return accuracy(out, labels), -float(kl_per_example(fp32_logits, out).mean())
+    def role_score() -> tuple[float, float]:
+        return _key(score(logits(ctx.model)), crit)
 
     by_role, spent = choose_per_role(
-        roles, {n: kept[n][0] for n in names}, best, score, lambda a: apply_amax(ctx.quantizers, a, ctx.device)
+        roles, {n: kept[n][0] for n in names}, best, role_score, lambda a: apply_amax(ctx.quantizers, a, ctx.device)
     )
     log.info("tune: per-role calibrators %s (global %s), %d evaluations", by_role or "none better", best, spent)
     return best, scores, None, by_role, spent  # the refined state's logits: evaluated by the caller
@@ -243,6 +253,7 @@ def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchRes
             "groups_in_float",
             "n_groups_in_float",
             "tune_accuracy",
+            "tune_kl",
             "drop",
             "met",
             "latency_ratio",
@@ -253,7 +264,7 @@ def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchRes
         ratio = "" if r.latency_ratio is None else f"{r.latency_ratio:.4f}"
         rows.append(
             [r.step, r.action, r.group or "", int(r.accepted), ";".join(r.groups_in_float), len(r.groups_in_float), f"{r.accuracy:.6f}",
-             f"{r.drop:.4f}", int(r.met), ratio, f"{r.seconds:.1f}"]
+             f"{r.kl:.6g}", f"{r.drop:.4f}", int(r.met), ratio, f"{r.seconds:.1f}"]
         )  # fmt: skip
     write_text(ctx.path("tune_trace.csv"), _csv(rows))
     floor = (

@@ -49,7 +49,9 @@ def report_lines(d: dict) -> list[str]:
         lines.append(f"- eval split (reported only, never used to decide): FP32 {_pct(acc['fp32'])}, {which} {_pct(q)}{drop}")
     scores = t.get("calibrator_scores") or {}
     if scores:
-        lines += ["", "| calibrator | tuning accuracy | KL to FP32 |", "|---|---|---|"]
+        crit = {"kl": "lowest KL to FP32", "accuracy": "highest tuning accuracy"}.get(t.get("criterion", ""), "")
+        lines += ["", f"Calibrator chosen by {crit or 'the tuning score'} (`tune.criterion`), on the tuning split:", ""]
+        lines += ["| calibrator | tuning accuracy | KL to FP32 |", "|---|---|---|"]
         lines += [
             f"| {n}{' (chosen)' if n == t['calibrator'] else ''} | {_pct(s['accuracy'])} | {s['kl']:.5f} |" for n, s in scores.items()
         ]

@@ -1,11 +1,17 @@
 """Greedy, latency-aware fallback: return the most sensitive fusion groups to float until the
 tuning-split accuracy is within budget, then try to quantize them again (fewest float groups).
 
-Every candidate step is verified by a full evaluation of the tuning split; a step that does not raise
-accuracy is stepped back (the group is quantized again). After each accepted step the caller re-exports
+Every candidate step is verified by a full evaluation of the tuning split, which gives two numbers: the
+accuracy and the mean KL(FP32 || quantized) of the outputs over every tuning example. A step is kept when
+it brings the model closer to FP32 by the decision criterion (`tune.criterion`): `kl` (default) — the
+KL falls — or `accuracy` — the accuracy rises; otherwise it is stepped back (the group is quantized
+again). Why KL by default: on a few hundred examples one example is 0.25 pt, and accepting a step
+whenever the accuracy happens to rise keeps the luckiest draw, after which no honest step can beat it
+(measured: README "Accuracy budget"); the KL reads every example's whole output distribution, so its
+noise is far smaller, and the budget itself is still checked on the accuracy. After each accepted step the caller re-exports
 and re-times the engine (`latency`), so every accepted state on the trace carries a measured INT8 /
 baseline latency ratio. The plan chosen is the fastest accepted state that meets the budget (fewest
-float groups on a tie or where latency is not measured); if none does, the most accurate one
+float groups on a tie or where latency is not measured); if none does, the best one by the criterion
 (`met` false). Pure logic over callbacks: the stage supplies the model, tests supply fakes.
 """
 
@@ -33,6 +39,18 @@ class Budget:
         return self.drop(accuracy) <= self.max_drop + 1e-9
 
 
+@dataclass(frozen=True)
+class Score:
+    """One evaluation of the tuning split."""
+
+    accuracy: float  # fraction
+    kl: float  # mean KL(FP32 || quantized) over the tuning examples
+
+    def better(self, other: Score, criterion: str) -> bool:
+        """Closer to FP32 than `other` by the criterion (strictly)."""
+        return self.kl < other.kl if criterion == "kl" else self.accuracy > other.accuracy
+
+
 @dataclass
 class TraceRow:
     step: int
@@ -45,6 +63,7 @@ class TraceRow:
     accepted: bool
     latency_ratio: float | None = None  # quantized / baseline p50, headline shape; accepted states only
     seconds: float = 0.0  # since the search started
+    kl: float = float("nan")  # mean KL to FP32 on the tuning split
 
 
 @dataclass
@@ -64,43 +83,35 @@ def search(
     ranked: list[FusionGroup],
     *,
     budget: Budget,
-    evaluate: Callable[[], float],
+    evaluate: Callable[[], Score],
     set_float: Callable[[FusionGroup, bool], None],
     latency: Callable[[], float | None],
-    start_accuracy: float | None = None,
+    start: Score | None = None,
+    criterion: str = "kl",
     fallback: bool = True,
     refine: bool = True,
     max_trials: int = 30,
     timeout_s: float = float("inf"),
 ) -> SearchResult:
     """Run the search from the current state (every group in `ranked` quantized); leaves the model in
-    the chosen state. `evaluate()` = tuning accuracy of the model as it is now; `latency()` = its
+    the chosen state. `evaluate()` = tuning Score of the model as it is now; `latency()` = its
     quantized/baseline latency ratio (None where not measured)."""
     t0 = time.perf_counter()
     evaluations = 0
-    if start_accuracy is None:
-        start_accuracy, evaluations = evaluate(), 1
+    if start is None:
+        start, evaluations = evaluate(), 1
     in_float: list[FusionGroup] = []
-    acc = start_accuracy
-    trace = [TraceRow(0, "start", None, (), acc, budget.drop(acc), budget.met(acc), True, latency(), time.perf_counter() - t0)]
+    cur = start
+    a = cur.accuracy
+    trace = [TraceRow(0, "start", None, (), a, budget.drop(a), budget.met(a), True, latency(), time.perf_counter() - t0, cur.kl)]
     effects: dict[str, float] = {}
 
-    def record(action: str, g: FusionGroup, new_acc: float, accepted: bool) -> None:
+    def record(action: str, g: FusionGroup, new: Score, accepted: bool) -> None:
         names = tuple(x.name for x in in_float)
         ratio = latency() if accepted else None
+        a = new.accuracy
         trace.append(
-            TraceRow(
-                len(trace),
-                action,
-                g.name,
-                names,
-                new_acc,
-                budget.drop(new_acc),
-                budget.met(new_acc),
-                accepted,
-                ratio,
-                time.perf_counter() - t0,
-            )
+            TraceRow(len(trace), action, g.name, names, a, budget.drop(a), budget.met(a), accepted, ratio, time.perf_counter() - t0, new.kl)
         )
 
     def out_of_budget() -> str | None:
@@ -111,8 +122,8 @@ def search(
         return None
 
     trials = 0
-    stopped = "met" if budget.met(acc) else ("no_fallback" if not fallback else "exhausted")
-    if fallback and not budget.met(acc):
+    stopped = "met" if budget.met(cur.accuracy) else ("no_fallback" if not fallback else "exhausted")
+    if fallback and not budget.met(cur.accuracy):
         for g in ranked:
             why = out_of_budget()
             if why:
@@ -122,18 +133,18 @@ def search(
             new = evaluate()
             evaluations += 1
             trials += 1
-            effects[g.name] = 100 * (new - acc)
-            if new > acc:  # accept: the group back in float helps on the tuning split
+            effects[g.name] = 100 * (new.accuracy - cur.accuracy)
+            if new.better(cur, criterion):  # accept: the group back in float brings the model closer to FP32
                 in_float.append(g)
-                acc = new
+                cur = new
                 record("float", g, new, True)
-                if budget.met(acc):
+                if budget.met(cur.accuracy):
                     stopped = "met"
                     break
             else:  # step back
                 set_float(g, False)
                 record("float", g, new, False)
-        if refine and budget.met(acc) and len(in_float) > 1:
+        if refine and budget.met(cur.accuracy) and len(in_float) > 1:
             # Quantize each float group again while the budget still holds, latest-accepted (least
             # sensitive) first; the last one accepted is the step that met the budget, so it stays.
             for g in list(reversed(in_float[:-1])):
@@ -143,14 +154,14 @@ def search(
                 new = evaluate()
                 evaluations += 1
                 trials += 1
-                if budget.met(new):
+                if budget.met(new.accuracy):
                     in_float.remove(g)
-                    acc = new
+                    cur = new
                     record("quantize", g, new, True)
                 else:
                     set_float(g, True)
                     record("quantize", g, new, False)
-    chosen = choose(trace)
+    chosen = choose(trace, criterion)
     by_name = {g.name: g for g in ranked}
     final = set(chosen.groups_in_float)
     now = {x.name for x in in_float}
@@ -161,12 +172,15 @@ def search(
     return SearchResult(trace, chosen, evaluations, stopped, effects)
 
 
-def choose(trace: list[TraceRow]) -> TraceRow:
-    """Fastest accepted state meeting the budget; else the most accurate accepted state."""
+def choose(trace: list[TraceRow], criterion: str = "kl") -> TraceRow:
+    """Fastest accepted state meeting the budget; else the best accepted state by the criterion (lowest
+    KL, or highest accuracy), fewest float groups on a tie."""
     states = [r for r in trace if r.accepted]
     meeting = [r for r in states if r.met]
     if meeting:
         return min(
             meeting, key=lambda r: (r.latency_ratio if r.latency_ratio is not None else float("inf"), len(r.groups_in_float), r.step)
         )
+    if criterion == "kl":
+        return min(states, key=lambda r: (r.kl, len(r.groups_in_float), r.step))
     return max(states, key=lambda r: (r.accuracy, -len(r.groups_in_float), -r.step))
