@@ -163,9 +163,10 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     )
     if not met:
         log.warning(
-            "tune: the budget (max_drop %s %s) was not met; kept the most accurate plan found (drop %.2f)",
+            "tune: the budget (max_drop %s %s) was not met; kept the best plan found by tune.criterion=%s (drop %.2f)",
             t.max_drop,
             t.drop_type,
+            t.criterion,
             chosen.drop,
         )
 
