@@ -60,10 +60,22 @@ def sensitivity_png(ranked: list[Sensitivity], path: Path, top: int = 30) -> Pat
 
 
 def trace_png(trace: list[TraceRow], chosen: TraceRow, budget_accuracy: float, fp32_accuracy: float, path: Path) -> Path:
-    """Tuning accuracy vs quantized/baseline latency ratio of every accepted state (step labels);
-    without latency (not measured), accuracy vs step."""
+    """Left: tuning accuracy vs quantized/baseline latency ratio of every accepted state (step labels);
+    without latency (not measured), accuracy vs step. Right: the decision measure, the tuning KL to
+    FP32, at every step (accepted and stepped back): the accuracy moves in 1-example steps while the
+    KL of the accepted states falls steadily."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax, kx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    acc_rows = [r for r in trace if r.accepted]
+    kx.plot([r.step for r in acc_rows], [r.kl for r in acc_rows], "o-", color="tab:blue", lw=1, ms=4, label="accepted")
+    rej = [r for r in trace if not r.accepted]
+    if rej:
+        kx.plot([r.step for r in rej], [r.kl for r in rej], "x", color="tab:gray", label="stepped back / not kept")
+    kx.plot([chosen.step], [chosen.kl], "*", ms=14, color="tab:red", label="chosen plan")
+    kx.set(xlabel="search step", ylabel="mean KL(FP32 || quantized), tuning split", title="Decision measure by step")
+    kx.title.set_fontsize(9)
+    kx.legend(fontsize=7)
+    kx.grid(alpha=0.3)
     states = [r for r in trace if r.accepted]
     timed = [r for r in states if r.latency_ratio is not None]
     if timed:
