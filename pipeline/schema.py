@@ -275,6 +275,9 @@ class TaskConfig:
     doc_stride: int = field(default=128, metadata=_range(0))
     max_answer_length: int = field(default=30, metadata=_range(1))
     n_best: int = field(default=20, metadata=_range(1))
+    # question_answering with data=movie_snippets: synthetic questions per training context, one per entity
+    # type (1-3; eval and calibration contexts: one each).
+    synthetic_train_questions: int = field(default=1, metadata=_range(1, 3))
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +14,16 @@ from pipeline import _embedded_model_path
 from pipeline.data.batching import IGNORE, Encoded
 from pipeline.schema import ConfigError, validate
 from pipeline.tasks.embedding import knn_accuracy, neighbours, pool, read_sentence_transformers_pooling, recall_at_k
-from pipeline.tasks.question_answering import QASplit, QuestionAnswering, answer_tokens, decode, normalize_answer, squad_scores
+from pipeline.tasks.question_answering import (
+    SYNTH_QUESTIONS,
+    QASplit,
+    QuestionAnswering,
+    answer_tokens,
+    decode,
+    normalize_answer,
+    squad_scores,
+    synthetic_qa,
+)
 from pipeline.tasks.token_classification import (
     SYNTH_ENTITIES,
     SYNTH_TAGS,
@@ -22,7 +32,7 @@ from pipeline.tasks.token_classification import (
     synthetic_ner,
     word_predictions,
 )
-from pipeline.testing import CONF, compose_cfg, run_tiny
+from pipeline.testing import CONF, TINY, compose_cfg, run_tiny
 
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 
@@ -271,6 +281,16 @@ def test_a_span_crossing_a_window_boundary_is_labelled_and_decoded_in_the_window
     assert decode(windows, enc.offsets, context, n_best=5, max_answer_length=2) != answer  # 3 tokens > max length
 
 
+def test_synthetic_qa_asks_for_each_inserted_entity_once_at_its_exact_offset():
+    split = synthetic_qa(["a dull film .", "great fun", "too long", "the end"], seed=5, questions=3)
+    assert len(split.questions) == 3 and len(set(split.contexts)) == 1
+    kinds = {q: k for k, q in SYNTH_QUESTIONS.items()}
+    for q, context, [(answer, start)] in zip(split.questions, split.contexts, split.answers):
+        assert context[start : start + len(answer)] == answer and answer in SYNTH_ENTITIES[kinds[q]]
+        assert context.count(answer) == 1  # one right span per question
+    assert sorted(split.questions) == sorted(SYNTH_QUESTIONS.values())
+
+
 def test_question_answering_end_to_end_on_synthetic_data(tmp_path):
     ctx = run_tiny(tmp_path, ["task=question_answering", "model.max_length=64", "task.doc_stride=16", *FAST])
     run = tmp_path / "run"
@@ -337,3 +357,21 @@ def test_question_answering_reads_squad_rows_from_jsonl_and_checks_answer_offset
     assert e.value.errors == [
         f"data.train_path: {tmp_path}/train.jsonl line 2: answer 'maria lopez' is not at its answer_start in the context"
     ]
+
+
+def test_embedding_probe_runs_on_a_tiny_model(tmp_path):
+    """scripts/embedding_probe.py: fake-quant variants against FP32 in one process (tiny random model); each variant
+    starts from the calibrated state (the first one measured again last gives the same numbers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("embedding_probe", Path(__file__).resolve().parents[1] / "scripts" / "embedding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    variants = ["percentile_99_99", "mse+ffn2_max+ln_max@w8", "percentile_99_99@acts_only@weights_only", "percentile_99_99"]
+    probe.main(["--variants", ",".join(variants), "--json", str(out), "--", *TINY, "task=embedding", f"cache.dir={tmp_path}/cache"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == variants
+    metrics = [{k: v for k, v in r.items() if k not in ("variant", "seconds")} for r in rows]
+    assert metrics[0] == metrics[-1]
+    assert metrics[2]["cosine_p1"] > 0.99999  # every quantizer off: the FP32 embedding
