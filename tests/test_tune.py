@@ -218,6 +218,11 @@ def test_relative_budget_is_percent_of_fp32_accuracy():
     b = Budget(0.80, 1.0, "relative")
     assert b.drop(0.792) == pytest.approx(1.0) and b.met(0.792) and not b.met(0.791)
     assert Budget(0.80, 0.5).drop(0.795) == pytest.approx(0.5)
+    # The drop's 95 % interval is paired: d = (FP32 right) - (quantized right) = [0, 1, 0, -1].
+    ref, q = np.array([1, 1, 1, 0], bool), np.array([1, 0, 1, 1], bool)
+    assert Budget(0.80, 0.5).drop_ci95(ref, q) == pytest.approx(100 * 1.96 * np.sqrt(2 / 3) / 2)
+    assert b.drop_ci95(ref, q) == pytest.approx(100 * 1.96 * np.sqrt(2 / 3) / 2 / 0.8)
+    assert Budget(0.80, 0.5).drop_ci95(ref, ref) == 0.0  # same predictions: no uncertainty about the drop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +289,9 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     # The run's own percentile 99.99 was not a candidate: the tuned amax come from max or entropy.
     assert t["calibrator"] in ("max", "entropy") and set(t["calibrator_scores"]) == {"max", "entropy"}
     trace = list(csv.DictReader(io.StringIO((a.run_dir / "tune_trace.csv").read_text())))
-    # One full evaluation per candidate, per search trial, plus the FP32 reference.
-    assert t["evaluations"] == 1 + 2 + len(trace) - 1 and len(trace) - 1 <= 2
+    # One full evaluation per candidate, per search trial, plus the FP32 reference and the chosen state.
+    assert t["evaluations"] == 1 + 2 + (len(trace) - 1) + 1 and len(trace) - 1 <= 2
+    assert 0 <= t["drop_ci95"] < 100
     assert t["met"] == (t["drop"] <= 0) and (t["met"] or t["stopped"] == "max_trials")
     assert (len(trace) == 1) == (t["start"]["drop"] <= 0)  # no fallback when the budget holds at the start
     qmap = {r["name"]: r for r in json.loads((a.run_dir / "quant_map.json").read_text())}

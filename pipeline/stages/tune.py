@@ -62,7 +62,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
 
     if t.plan is not None:
         calibrator, by_role, groups = _apply_plan(cfg, ctx, hists)
-        s = score(logits(ctx.model))
+        final_logits = logits(ctx.model)
+        s = score(final_logits)
         evaluations += 1
         a = s.accuracy
         chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), a, budget.drop(a), budget.met(a), True, kl=s.kl)
@@ -103,6 +104,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         finally:
             probe.close()
         evaluations += result.evaluations
+        final_logits = logits(ctx.model)  # the chosen state, for the drop's confidence interval
+        evaluations += 1
         for s in ranked:
             if s.group.name in result.effects:
                 s.accuracy_effect = result.effects[s.group.name]
@@ -121,6 +124,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             fusion_groups=len(groups_all),
         )
     met = budget.met(chosen.accuracy)
+    labels = np.asarray(data.labels)
+    ci = budget.drop_ci95(fp32_logits.argmax(-1) == labels, final_logits.argmax(-1) == labels)
     ctx.metrics.tune = {
         "met": met,
         "max_drop": t.max_drop,
@@ -134,6 +139,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "tune_accuracy": chosen.accuracy,
         "tune_kl": chosen.kl,
         "drop": chosen.drop,
+        "drop_ci95": ci,
         "latency_ratio": chosen.latency_ratio,
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
         **info,
@@ -152,11 +158,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     ctx.chain_key("tune", calibrator, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
-        "tune: budget %s %s: drop %.2f (%s) with calibrator %s and %d fusion groups in float, %d evaluations",
+        "tune: budget %s %s: drop %.2f ± %.2f (95 %% interval, %s, %d tuning examples) with calibrator %s and %d fusion groups in float, "
+        "%d evaluations",
         t.max_drop,
         say,
         chosen.drop,
+        ci,
         t.drop_type,
+        len(data),
         calibrator,
         len(groups),
         evaluations,

@@ -31,7 +31,7 @@ def report_lines(d: dict) -> list[str]:
             if t["groups_in_float"]
             else ""
         ),
-        f"- tuning split: FP32 {_pct(t['fp32_tune_accuracy'])}, tuned fake-quant {_pct(t['tune_accuracy'])} (drop {t['drop']:.2f} {unit})"
+        f"- tuning split: FP32 {_pct(t['fp32_tune_accuracy'])}, tuned fake-quant {_pct(t['tune_accuracy'])} (drop {t['drop']:.2f}{_ci(t)} {unit})"
         + (f"; before the fallback {_pct(t['start']['accuracy'])} (drop {t['start']['drop']:.2f} {unit})" if t.get("start") else ""),
         f"- {t['evaluations']} full tuning-split evaluations, {t['seconds']} s"
         + (f"; stopped: {t['stopped']}" if t.get("stopped") else ""),
@@ -63,3 +63,9 @@ def report_lines(d: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _ci(t: dict) -> str:
+    """' ± x' (95 % interval of the tuning drop, paired) where recorded."""
+    ci = t.get("drop_ci95")
+    return f" ± {ci:.2f}" if isinstance(ci, int | float) and ci == ci and ci != float("inf") else ""

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pipeline.tune.groups import FusionGroup
 
 
@@ -37,6 +39,16 @@ class Budget:
 
     def met(self, accuracy: float) -> bool:
         return self.drop(accuracy) <= self.max_drop + 1e-9
+
+    def drop_ci95(self, ref_correct: np.ndarray, q_correct: np.ndarray) -> float:
+        """Half-width of the 95 % interval of the drop (budget unit), paired over the same examples:
+        the per-example difference (FP32 right) - (quantized right) in {-1, 0, 1}, normal approximation.
+        Tells how far a tuning-split drop can be from the drop on new data of the same kind."""
+        d = ref_correct.astype(np.float64) - q_correct.astype(np.float64)
+        if len(d) < 2:
+            return float("inf")
+        points = 100 * 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d))
+        return points if self.drop_type == "absolute" else 100 * points / (100 * self.fp32_accuracy or 1.0)
 
 
 @dataclass(frozen=True)
