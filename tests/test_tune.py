@@ -166,7 +166,7 @@ class FakeModel:
         self.evaluations += 1
         return Score(self.base + sum(self.gains[g] for g in self.float), 1.0 - sum(self.kl_gains[g] for g in self.float))
 
-    def latency(self):
+    def latency(self, step=0):
         return 0.5 + self.ratio_per_group * len(self.float)
 
 
@@ -202,6 +202,12 @@ def test_fallback_stops_at_the_budget_and_refine_requantizes_what_is_not_needed(
     assert r.chosen.latency_ratio == pytest.approx(0.6)
     r2 = _search(FakeModel(0.844, gains), _groups(3), Budget(0.85, 0.3), refine=False)
     assert r2.chosen.groups_in_float == ("g0", "g1")
+    # The start and both plans meeting the budget (steps 2 and 3) are timed again together; that decides.
+    asked = []
+    again = {0: 0.4, 2: 0.5, 3: 0.9}
+    r3 = _search(FakeModel(0.844, gains), _groups(3), Budget(0.85, 0.3), retime=lambda steps: asked.append(steps) or again)
+    assert asked == [[0, 2, 3]] and r3.chosen.groups_in_float == ("g0", "g1") and r3.trace[3].retimed == 0.9
+    assert r3.trace[0].speed == 0.4 and r3.chosen.speed == 0.5
 
 
 def test_steps_are_kept_by_the_criterion_not_by_a_lucky_accuracy():
@@ -281,7 +287,10 @@ E2E = [
 
 
 def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
-    a = tiny_run(E2E + ["tune=accuracy", "tune.calibrators=[max,entropy]", "tune.max_drop=0", "tune.max_trials=2"], name="a")
+    # Run a exports and builds the ONNX Runtime engine at every accepted step (the latency probe).
+    probe = ["export.tensorrt_graphs=false", "tune.latency_warmup=1", "tune.latency_iters=2"]
+    a_over = [o for o in E2E if o not in ("export=none", "engine=none")] + probe
+    a = tiny_run(a_over + ["tune=accuracy", "tune.calibrators=[max,entropy]", "tune.max_drop=0", "tune.max_trials=2"], name="a")
     t = json.loads((a.run_dir / "metrics.json").read_text())["tune"]
     assert set(t) >= {"met", "max_drop", "calibrator", "groups_in_float", "evaluations", "seconds"}
     for f in ("sensitivity.csv", "sensitivity.png", "tune_trace.csv", "tune_trace.png", "tuned_quant.yaml"):
@@ -294,12 +303,18 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     assert 0 <= t["drop_ci95"] < 100
     assert t["met"] == (t["drop"] <= 0) and (t["met"] or t["stopped"] == "max_trials")
     assert (len(trace) == 1) == (t["start"]["drop"] <= 0)  # no fallback when the budget holds at the start
+    assert trace[0]["latency_ratio"] and not t.get("latency_note")  # the probe timed the start
+    if t["groups_in_float"]:  # start and chosen plan timed again together: the before/after ratios
+        retimed = {int(r["step"]): float(r["latency_ratio_retimed"]) for r in trace if r["latency_ratio_retimed"]}
+        assert 0 in retimed and len(retimed) >= 2 and t["start"]["latency_ratio"] == pytest.approx(retimed[0], abs=1e-4)
+        assert any(t["latency_ratio"] == pytest.approx(v, abs=1e-4) for v in retimed.values())
     qmap = {r["name"]: r for r in json.loads((a.run_dir / "quant_map.json").read_text())}
     plan = yaml.safe_load((a.run_dir / "tuned_quant.yaml").read_text())
     assert plan["groups_in_float"] == t["groups_in_float"] and plan["calibrator"] == t["calibrator"]
     assert all(not qmap[n]["enabled"] for n in plan["exclude"])
 
-    b = tiny_run(E2E + [f"tune.plan={a.run_dir / 'tuned_quant.yaml'}"], name="b")
+    # Same config as a (the engine sets the weight range: 7-bit for ONNX Runtime on a CPU without VNNI).
+    b = tiny_run(a_over + [f"tune.plan={a.run_dir / 'tuned_quant.yaml'}"], name="b")
     assert (a.run_dir / "quantizers.safetensors").read_bytes() == (b.run_dir / "quantizers.safetensors").read_bytes()
     assert json.loads((a.run_dir / "quant_map.json").read_text()) == json.loads((b.run_dir / "quant_map.json").read_text())
     from pipeline.stages._common import torch_logits

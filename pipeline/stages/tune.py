@@ -94,6 +94,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
                 evaluate=lambda: score(logits(ctx.model)),
                 set_float=lambda g, f: set_float(ctx.quantizers, g, f),
                 latency=probe,
+                retime=probe.retime,
                 start=score(q_logits),
                 criterion=t.criterion,
                 fallback=t.fallback,
@@ -116,7 +117,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         start = result.trace[0]
         info.update(
             calibrator_scores=scores,
-            start={"accuracy": start.accuracy, "kl": start.kl, "drop": start.drop, "latency_ratio": start.latency_ratio},
+            start={"accuracy": start.accuracy, "kl": start.kl, "drop": start.drop, "latency_ratio": start.speed},
             stopped=result.stopped,
             trace_steps=len(result.trace) - 1,
             latency_note=probe.note,
@@ -140,7 +141,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "tune_kl": chosen.kl,
         "drop": chosen.drop,
         "drop_ci95": ci,
-        "latency_ratio": chosen.latency_ratio,
+        "latency_ratio": chosen.speed,
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
         **info,
     }
@@ -267,14 +268,16 @@ def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchRes
             "drop",
             "met",
             "latency_ratio",
+            "latency_ratio_retimed",
             "seconds",
         ]
     ]
     for r in result.trace:
         ratio = "" if r.latency_ratio is None else f"{r.latency_ratio:.4f}"
+        again = "" if r.retimed is None else f"{r.retimed:.4f}"
         rows.append(
             [r.step, r.action, r.group or "", int(r.accepted), ";".join(r.groups_in_float), len(r.groups_in_float), f"{r.accuracy:.6f}",
-             f"{r.kl:.6g}", f"{r.drop:.4f}", int(r.met), ratio, f"{r.seconds:.1f}"]
+             f"{r.kl:.6g}", f"{r.drop:.4f}", int(r.met), ratio, again, f"{r.seconds:.1f}"]
         )  # fmt: skip
     write_text(ctx.path("tune_trace.csv"), _csv(rows))
     floor = (

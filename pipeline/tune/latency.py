@@ -4,6 +4,9 @@ The baseline engine (FP32 on ONNX Runtime, FP16 on TensorRT: engines.GRAPHS) is 
 call re-exports the quantized graph with the export stage's functions, builds it with the run's
 engine kind (the same build as build_engine), and times both interleaved at the benchmark's headline
 shape with the benchmark stage's helpers: a same-run INT8 / baseline p50 ratio per accepted step.
+Each step's graph is kept (by the trace step it belongs to) so that `retime` can time the candidate
+plans once more *together*, taking turns with each other and the baseline: ratios measured minutes
+apart on a shared machine differ by more than the plans do (measured: README "Accuracy budget").
 Where the engine cannot be built or timed here (engine=none, TensorRT absent, FP8 emulated on ORT
 CPU) the search still runs and the trace says why latency is missing (`note`).
 """
@@ -36,6 +39,7 @@ class LatencyProbe:
         self.calls = 0
         self.seconds = 0.0
         self._baseline = None
+        self.graphs: dict[int, Path] = {}  # trace step -> its exported quantized graph
         if not cfg.tune.latency:
             self.note = "latency not measured (tune.latency=false)"
             return
@@ -67,8 +71,9 @@ class LatencyProbe:
             self.note = f"latency not measured: {cfg.engine.name} emulates {self.base_label} here (no kernels to time)"
             self._baseline = None
 
-    def __call__(self) -> float | None:
-        """quantized p50 / baseline p50 for the model as it is now (None where not measured)."""
+    def __call__(self, key: int = 0) -> float | None:
+        """quantized p50 / baseline p50 for the model as it is now (None where not measured); `key` (the
+        trace step) names the kept graph for `retime`."""
         if self._baseline is None:
             return None
         t0 = time.perf_counter()
@@ -83,19 +88,39 @@ class LatencyProbe:
                 self.note = f"latency not measured: {self.cfg.engine.name} emulates {self.quant_label} here (no kernels to time)"
                 self._baseline = None
                 return None
-            # As in the benchmark stage: torch idle at one thread while the engines' pools are timed.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                calls = {"base": self._baseline.bind(self.inputs), "quant": engine.bind(self.inputs)}
-                times = interleaved(calls, self.cfg.tune.latency_warmup, self.cfg.tune.latency_iters)
-            finally:
-                torch.set_num_threads(threads)
+            self.graphs[key] = dest
+            times = self._time({"quant": engine}, self.cfg.tune.latency_iters)
             del engine
-            return float(np.median(times["quant"]) / np.median(times["base"]))
+            return times["quant"]
         finally:
-            shutil.rmtree(step, ignore_errors=True)
             self.seconds += time.perf_counter() - t0
+
+    def retime(self, keys: list[int]) -> dict[int, float]:
+        """The kept graphs of these trace steps (the start and the candidate plans) rebuilt and timed
+        together against the baseline, in turns, with twice tune.latency_iters: {step: quantized /
+        baseline p50}."""
+        keys = [k for k in keys if k in self.graphs]
+        if self._baseline is None or len(keys) < 2:
+            return {}
+        t0 = time.perf_counter()
+        try:
+            engines = {k: self.kind.build(self.graphs[k], self.quant_label, self.cfg.engine, self.graphs[k].parent) for k in keys}
+            return self._time(engines, 2 * self.cfg.tune.latency_iters)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _time(self, engines: dict, iters: int) -> dict:
+        """{label: its p50 / the baseline's p50}, all taking turns with the baseline."""
+        # As in the benchmark stage: torch idle at one thread while the engines' pools are timed.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            calls = {"base": self._baseline.bind(self.inputs), **{k: e.bind(self.inputs) for k, e in engines.items()}}
+            times = interleaved(calls, self.cfg.tune.latency_warmup, iters)
+        finally:
+            torch.set_num_threads(threads)
+        base = np.median(times.pop("base"))
+        return {k: float(np.median(v) / base) for k, v in times.items()}
 
     def close(self) -> None:
         self._baseline = None

@@ -76,6 +76,12 @@ class TraceRow:
     latency_ratio: float | None = None  # quantized / baseline p50, headline shape; accepted states only
     seconds: float = 0.0  # since the search started
     kl: float = float("nan")  # mean KL to FP32 on the tuning split
+    retimed: float | None = None  # latency ratio when the plans meeting the budget were timed together
+
+    @property
+    def speed(self) -> float | None:
+        """The latency ratio the choice uses: the joint re-timing where there was one."""
+        return self.retimed if self.retimed is not None else self.latency_ratio
 
 
 @dataclass
@@ -97,7 +103,8 @@ def search(
     budget: Budget,
     evaluate: Callable[[], Score],
     set_float: Callable[[FusionGroup, bool], None],
-    latency: Callable[[], float | None],
+    latency: Callable[[int], float | None],
+    retime: Callable[[list[int]], dict[int, float]] | None = None,
     start: Score | None = None,
     criterion: str = "kl",
     fallback: bool = True,
@@ -106,8 +113,9 @@ def search(
     timeout_s: float = float("inf"),
 ) -> SearchResult:
     """Run the search from the current state (every group in `ranked` quantized); leaves the model in
-    the chosen state. `evaluate()` = tuning Score of the model as it is now; `latency()` = its
-    quantized/baseline latency ratio (None where not measured)."""
+    the chosen state. `evaluate()` = tuning Score of the model as it is now; `latency(step)` = its
+    quantized/baseline latency ratio (None where not measured); `retime(steps)` = those accepted states
+    timed again together ({step: ratio}), used to pick the fastest of several plans meeting the budget."""
     t0 = time.perf_counter()
     evaluations = 0
     if start is None:
@@ -115,12 +123,12 @@ def search(
     in_float: list[FusionGroup] = []
     cur = start
     a = cur.accuracy
-    trace = [TraceRow(0, "start", None, (), a, budget.drop(a), budget.met(a), True, latency(), time.perf_counter() - t0, cur.kl)]
+    trace = [TraceRow(0, "start", None, (), a, budget.drop(a), budget.met(a), True, latency(0), time.perf_counter() - t0, cur.kl)]
     effects: dict[str, float] = {}
 
     def record(action: str, g: FusionGroup, new: Score, accepted: bool) -> None:
         names = tuple(x.name for x in in_float)
-        ratio = latency() if accepted else None
+        ratio = latency(len(trace)) if accepted else None
         a = new.accuracy
         trace.append(
             TraceRow(len(trace), action, g.name, names, a, budget.drop(a), budget.met(a), accepted, ratio, time.perf_counter() - t0, new.kl)
@@ -173,6 +181,14 @@ def search(
                 else:
                     set_float(g, True)
                     record("quantize", g, new, False)
+    if retime is not None and trace[0].latency_ratio is not None:
+        # Time the start and every candidate plan again together (same minutes, in turns), so that the
+        # choice among plans meeting the budget, and the before/after ratio, are same-time comparisons.
+        meeting = [r for r in trace if r.accepted and r.met]
+        steps = sorted({0} | {r.step for r in (meeting or [choose(trace, criterion)])})
+        if len(steps) > 1:
+            for step, ratio in retime(steps).items():
+                trace[step].retimed = ratio
     chosen = choose(trace, criterion)
     by_name = {g.name: g for g in ranked}
     final = set(chosen.groups_in_float)
@@ -185,14 +201,12 @@ def search(
 
 
 def choose(trace: list[TraceRow], criterion: str = "kl") -> TraceRow:
-    """Fastest accepted state meeting the budget; else the best accepted state by the criterion (lowest
-    KL, or highest accuracy), fewest float groups on a tie."""
+    """Fastest accepted state meeting the budget (by the joint re-timing where there was one); else the
+    best accepted state by the criterion (lowest KL, or highest accuracy), fewest float groups on a tie."""
     states = [r for r in trace if r.accepted]
     meeting = [r for r in states if r.met]
     if meeting:
-        return min(
-            meeting, key=lambda r: (r.latency_ratio if r.latency_ratio is not None else float("inf"), len(r.groups_in_float), r.step)
-        )
+        return min(meeting, key=lambda r: (r.speed if r.speed is not None else float("inf"), len(r.groups_in_float), r.step))
     if criterion == "kl":
         return min(states, key=lambda r: (r.kl, len(r.groups_in_float), r.step))
     return max(states, key=lambda r: (r.accuracy, -len(r.groups_in_float), -r.step))
