@@ -149,7 +149,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
             "qat.eval_every=1",
             "qat.eval_each_epoch=true",
             "qat.keep_best=true",
-            "++data.num_tune=16",
+            "data.num_tune=16",
             "benchmark=none",
             # The smoothing Mul in the exported graphs, TensorRT's included (its rules run at export).
             "smoothing=ffn_down",
@@ -176,7 +176,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
             ["calibration=percentile_ffn_mse", "calibration.overrides.0.roles=[linear_weight]"],
             "calibration.overrides[0].roles[0]: 'linear_weight' is not valid; valid values: linear_input, attn_q",
         ),
-        (["qat.keep_best=true", "++data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
+        (["qat.keep_best=true", "data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
         (["qat.eval_every=-1"], "qat.eval_every: -1 out of range; must be >= 0"),
     ],
 )

@@ -249,7 +249,7 @@ def test_relative_budget_is_percent_of_fp32_accuracy():
             ["tune=accuracy", "calibration=max"],
             "tune.calibrators: ['percentile_99_9', 'percentile_99_99', 'percentile_99_999', 'entropy', 'mse'] need",
         ),
-        (["tune=accuracy", "++data.num_tune=0"], "tune=accuracy: decides on the tuning split; data.num_tune=0 cannot be combined"),
+        (["tune=accuracy", "data.num_tune=0"], "tune=accuracy: decides on the tuning split; data.num_tune=0 cannot be combined"),
         (["tune.plan=/nonexistent/tuned_quant.yaml"], "tune.plan: /nonexistent/tuned_quant.yaml not found"),
     ],
 )
@@ -277,7 +277,7 @@ def test_plan_file_errors(tmp_path):
 # nearly constant); the engine stages are off: the tuned model is compared in torch, bit for bit.
 E2E = [
     "qat=none",
-    "++data.num_tune=64",
+    "data.num_tune=64",
     "+model.tiny.initializer_range=0.5",
     "export=none",
     "engine=none",
