@@ -66,8 +66,8 @@ def trace_png(trace: list[TraceRow], chosen: TraceRow, budget_accuracy: float, f
     KL of the accepted states falls steadily."""
     plt = _plt()
     fig, (ax, kx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    acc_rows = [r for r in trace if r.accepted]
-    kx.plot([r.step for r in acc_rows], [r.kl for r in acc_rows], "o-", color="tab:blue", lw=1, ms=4, label="accepted")
+    states = [r for r in trace if r.accepted]
+    kx.plot([r.step for r in states], [r.kl for r in states], "o-", color="tab:blue", lw=1, ms=4, label="accepted")
     rej = [r for r in trace if not r.accepted]
     if rej:
         kx.plot([r.step for r in rej], [r.kl for r in rej], "x", color="tab:gray", label="stepped back / not kept")
@@ -76,7 +76,6 @@ def trace_png(trace: list[TraceRow], chosen: TraceRow, budget_accuracy: float, f
     kx.title.set_fontsize(9)
     kx.legend(fontsize=7)
     kx.grid(alpha=0.3)
-    states = [r for r in trace if r.accepted]
     timed = [r for r in states if r.latency_ratio is not None]
     if timed:
         pts, xs, xlabel = timed, [r.latency_ratio for r in timed], "INT8 / baseline p50 latency (same run, headline shape)"

@@ -62,6 +62,10 @@ class Score:
         """Closer to FP32 than `other` by the criterion (strictly)."""
         return self.kl < other.kl if criterion == "kl" else self.accuracy > other.accuracy
 
+    def rank(self, criterion: str) -> tuple[float, float]:
+        """Sort key, larger = better: the criterion first, the other measure on a tie."""
+        return (-self.kl, self.accuracy) if criterion == "kl" else (self.accuracy, -self.kl)
+
 
 @dataclass
 class TraceRow:
