@@ -135,11 +135,13 @@ def test_cluster_launcher_configs_compose_with_the_keys_users_edit():
     must still compose to the plugins' launchers with the documented keys."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
-    slurm = compose_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True).hydra.launcher
-    local = compose_cfg(["hydra/launcher=submitit_local"], return_hydra_config=True).hydra.launcher
+    # A fixed sweep dir: the default one carries ${now:...}, which two compositions may resolve a second apart.
+    fixed = "hydra.sweep.dir=outputs/sweep_x"
+    slurm = compose_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", fixed], return_hydra_config=True).hydra.launcher
+    local = compose_cfg(["hydra/launcher=submitit_local", fixed], return_hydra_config=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and local._target_.endswith("LocalLauncher")
     assert (slurm.partition, slurm.gpus_per_node, slurm.timeout_min, slurm.array_parallelism) == ("gpu", 1, 120, 16)
-    assert slurm.submitit_folder == local.submitit_folder  # same launcher, executor swapped
+    assert slurm.submitit_folder == local.submitit_folder == "outputs/sweep_x/.submitit/%j"  # same launcher, executor swapped
     cluster = compose_cfg(["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=10.0.0.5:6379"], return_hydra_config=True)
     ray = cluster.hydra.launcher.ray
     assert ray.init.address == "10.0.0.5:6379" and (ray.remote.num_cpus, ray.remote.num_gpus) == (8, 1)
