@@ -60,8 +60,17 @@ class _Selector:
     where it started (on the selection split). The state copy lives on the CPU (one model's weights).
     """
 
-    def __init__(self, model: torch.nn.Module, eval_fn: Callable[[], dict], keep_best: bool, result: TrainResult, desc: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eval_fn: Callable[[], dict],
+        keep_best: bool,
+        result: TrainResult,
+        desc: str,
+        select_by: str = "accuracy",
+    ):
         self.model, self.eval_fn, self.keep_best, self.result, self.desc = model, eval_fn, keep_best, result, desc
+        self.select_by = select_by
         self.best: dict | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_step: int | None = None
@@ -76,7 +85,7 @@ class _Selector:
         self.result.evals.append(r)
         self.last_step = step
         log.info("%s step %d: %s", self.desc, step, {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()})
-        if self.keep_best and (self.best is None or _score(r) > _score(self.best)):
+        if self.keep_best and (self.best is None or _score(r, self.select_by) > _score(self.best, self.select_by)):
             self.best = r
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return r
@@ -97,7 +106,10 @@ class _Selector:
         self.best_state = None
 
 
-def _score(r: dict) -> tuple[float, float]:
+def _score(r: dict, select_by: str = "accuracy") -> tuple[float, float]:
+    """Larger is better. kl: lower KL to the FP32 model first (accuracy breaks a tie)."""
+    if select_by == "kl":
+        return (-r["kl"], r.get("accuracy", float("-inf")))
     return (r.get("accuracy", float("-inf")), -r.get("loss", 0.0))
 
 
@@ -124,14 +136,33 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     return alpha * F.cross_entropy(student, labels) + (1 - alpha) * t * t * soft
 
 
+def hidden_state_loss(student: tuple, teacher: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over layers of sum((s - t)^2) / sum(t^2) over non-padding tokens: the relative squared error of
+    each layer's output. Index 0 (the embedding output, before any quantizer) is skipped."""
+    m = attention_mask.unsqueeze(-1).to(student[-1].dtype) if attention_mask is not None else None
+    terms = []
+    for s, t in zip(student[1:], teacher[1:]):
+        err, ref = (s - t).pow(2), t.pow(2)
+        if m is not None:
+            err, ref = err * m, ref * m
+        terms.append(err.sum() / ref.sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def classification_objective(net, inputs: dict, labels: torch.Tensor, teacher: torch.nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
-    """Cross-entropy on the logits; with cfg.distill and a teacher, kd_loss against the teacher's logits."""
-    logits = net(**inputs).logits
-    if cfg.distill and teacher is not None:
-        with torch.no_grad():
-            t_logits = teacher(**inputs).logits
-        return kd_loss(logits, t_logits, labels, cfg.kd_alpha, cfg.kd_temperature)
-    return F.cross_entropy(logits, labels)
+    """Cross-entropy on the logits; with cfg.distill and a teacher, kd_loss against the teacher's logits,
+    plus cfg.kd_hidden x hidden_state_loss against the teacher's layer outputs."""
+    distill = cfg.distill and teacher is not None
+    hidden = distill and cfg.kd_hidden > 0
+    out = net(**inputs, output_hidden_states=True) if hidden else net(**inputs)
+    if not distill:
+        return F.cross_entropy(out.logits, labels)
+    with torch.no_grad():
+        t = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
+    loss = kd_loss(out.logits, t.logits, labels, cfg.kd_alpha, cfg.kd_temperature)
+    if hidden:
+        loss = loss + cfg.kd_hidden * hidden_state_loss(out.hidden_states, t.hidden_states, inputs.get("attention_mask"))
+    return loss
 
 
 def train(
@@ -169,7 +200,7 @@ def train(
     world, rank = distributed.world_size(), distributed.rank()
     net = _wrap_ddp(model, device) if distributed.is_distributed() else model
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total = cfg.max_steps or max(cfg.epochs * steps_per_epoch, cfg.min_steps or 0)
     epochs = math.ceil(total / steps_per_epoch)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
@@ -180,7 +211,11 @@ def train(
         log.info("%s: resumed from %s at step %d", desc, resume, result.steps)
     if teacher is not None:
         teacher.eval()
-    selector = _Selector(model, eval_fn, cfg.keep_best, result, desc) if eval_fn is not None and (cfg.keep_best or cfg.eval_every) else None
+    selector = (
+        _Selector(model, eval_fn, cfg.keep_best, result, desc, cfg.select_by)
+        if eval_fn is not None and (cfg.keep_best or cfg.eval_every)
+        else None
+    )
     if selector is not None and resume is None:
         selector(0)  # the start (after PTQ for QAT): the state to beat
     model.train()

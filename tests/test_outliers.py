@@ -113,6 +113,53 @@ def test_keep_best_ends_in_the_best_state_seen():
     assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())
 
 
+def test_keep_best_by_kl_prefers_fidelity_over_a_lucky_accuracy_and_min_steps_repeats_epochs():
+    _, model, tok, data = _tiny([])
+    snapshots: list[dict[str, torch.Tensor]] = []
+    # start, steps 1..5: step 2 has the best accuracy but a larger KL than step 4
+    evals = iter([(0.6, 0.30), (0.6, 0.20), (0.9, 0.25), (0.5, 0.40), (0.7, 0.05), (0.6, 0.10)])
+
+    def eval_fn() -> dict:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        acc, kl = next(evals)
+        return {"accuracy": acc, "loss": 1.0, "kl": kl}
+
+    # 18 examples at batch 6 = 3 steps per epoch: min_steps=5 runs into a second epoch, and stops at 5.
+    cfg = dataclasses.replace(
+        TrainConfig(), lr=5e-3, batch_size=6, min_steps=5, keep_best=True, eval_every=1, select_by="kl", checkpoint_every=0
+    )
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    assert result.steps == 5 and [e["step"] for e in result.evals] == [0, 1, 2, 3, 4, 5]
+    assert result.selection["best"]["step"] == 4 and result.selection["restored"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[4][k], rtol=0, atol=0)
+
+
+def test_hidden_state_distillation_term():
+    from pipeline.training import classification_objective, hidden_state_loss
+
+    t = (torch.zeros(1, 3, 2), torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]]))
+    s = (torch.ones(1, 3, 2), torch.tensor([[[1.0, 1.0], [0.0, 2.0], [0.0, 0.0]]]))
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding: its (large) error must not count
+    # embedding output (index 0) skipped; layer 1: error 1 / teacher square sum 5
+    assert float(hidden_state_loss(s, t, mask)) == pytest.approx(0.2)
+    assert float(hidden_state_loss(t, t, mask)) == 0.0
+    # In the objective: the term is added with weight kd_hidden, and only with distillation.
+    cfg, model, tok, data = _tiny([])
+    teacher = load_model(cfg.model, 2, torch.device("cpu")).model.eval()  # other random weights
+    batch = next(iter(batches(tok, data, 6)))
+    base = dataclasses.replace(TrainConfig(), distill=True, kd_alpha=0.5)
+    logits_only = classification_objective(model, batch.inputs, batch.labels, teacher, base)
+    with_hidden = classification_objective(model, batch.inputs, batch.labels, teacher, dataclasses.replace(base, kd_hidden=2.0))
+    with torch.no_grad():
+        s_out, t_out = (m(**batch.inputs, output_hidden_states=True) for m in (model, teacher))
+    expected = 2.0 * hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch.inputs["attention_mask"])
+    assert float(expected) > 0.01
+    assert float(with_hidden - logits_only) == pytest.approx(float(expected), rel=1e-5)
+    with_hidden.backward()  # the term trains the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 def _tmp():
     return Path(tempfile.mkdtemp(prefix="qdq-keep-best-"))
 
@@ -149,6 +196,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
             "qat.eval_every=1",
             "qat.eval_each_epoch=true",
             "qat.keep_best=true",
+            "qat.select_by=kl",  # the FP32 reference logits come from the tuning split too
             "data.num_tune=16",
             "benchmark=none",
             # The smoothing Mul in the exported graphs, TensorRT's included (its rules run at export).
@@ -157,7 +205,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
     )
     sel = ctx.metrics.training["qat"]["selection"]
     assert [e["step"] for e in ctx.metrics.training["qat"]["evals"]] == [0, 1, 2]
-    assert sel["best"]["accuracy"] >= sel["start"]["accuracy"]
+    assert sel["best"]["kl"] == min(e["kl"] for e in ctx.metrics.training["qat"]["evals"])
     assert ctx.metrics.accuracy["int8"] is not None  # the evaluate stage (after training) still reads eval
     assert ctx.metrics.accuracy["trt_graph_int8"] is not None and ctx.metrics.quantization["smoothing"]["modules"] == 2
 
@@ -178,6 +226,10 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
         ),
         (["qat.keep_best=true", "data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
         (["qat.eval_every=-1"], "qat.eval_every: -1 out of range; must be >= 0"),
+        (["qat.kd_hidden=1.0"], "qat.kd_hidden: 1.0 needs qat.distill=true"),
+        (["qat.select_by=kll"], "qat.select_by: 'kll' is not valid; valid values: accuracy, kl"),
+        (["++finetune.select_by=kl"], "finetune.select_by: 'kl' compares to the FP32 model, which exists only for qat"),
+        (["qat.min_steps=0"], "qat.min_steps: 0 out of range; must be >= 1"),
     ],
 )
 def test_outlier_and_selection_config_errors_name_key_and_valid_values(overrides, message):

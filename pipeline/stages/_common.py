@@ -18,6 +18,7 @@ from pipeline.outputs import atomic_write
 from pipeline.schema import RunConfig, TrainConfig
 from pipeline.tasks import Outputs, collect
 from pipeline.training import latest_checkpoint, state_for_safetensors, train
+from pipeline.tune.sensitivity import kl_per_example
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,12 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
             logits = torch_logits(ctx.model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
             labels = torch.as_tensor(tune.labels[: len(logits)])
             loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels))
-            return {"accuracy": accuracy(logits, tune.labels), "loss": loss}
+            r = {"accuracy": accuracy(logits, tune.labels), "loss": loss}
+            if name == "qat" and ctx.fp32_model is not None:  # fidelity to the FP32 model (qat.select_by=kl)
+                if "fp32" not in reference:
+                    reference["fp32"] = torch_logits(ctx.fp32_model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
+                r["kl"] = float(kl_per_example(reference["fp32"], logits).mean())
+            return r
 
     # The newest complete checkpoint of this stage in the run being resumed (None: start afresh).
     resume = latest_checkpoint(ctx.resume_from / "checkpoints" / name) if ctx.resume_from is not None else None
