@@ -65,6 +65,16 @@ SLOTS: list[tuple[str, list[str], str | None]] = [
 ]
 
 
+# The other calibration methods a slot is tried with: (method, percentile).
+VARIANT_METHODS = {
+    "percentile_99_9": ("percentile", 99.9),
+    "percentile_99_999": ("percentile", 99.999),
+    "mse": ("mse", None),
+    "max": ("max", None),
+    "entropy": ("entropy", None),
+}
+
+
 def slot_of(name: str, role: str) -> str:
     for slot, globs, want in SLOTS:
         if (want is None or role == want) and any(fnmatch.fnmatchcase(name, g) for g in globs):
@@ -94,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-only", dest="only", action="store_false", help="skip the 'only this slot quantized' measurements")
     parser.add_argument("--per-layer", action="store_true", help="also the FFN2 input quantized one layer at a time")
     parser.add_argument("--variants", action="store_true", help="also measure FFN2-input calibration methods and smoothing alphas")
+    parser.add_argument(
+        "--variants-of",
+        nargs="*",
+        default=[],
+        metavar="SLOT",
+        help="also measure these slots' calibration methods and smoothing alphas (slot names as printed, e.g. 'QKV input (LN out)')",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(VARIANT_METHODS),
+        choices=list(VARIANT_METHODS),
+        help="calibration methods tried by --variants / --variants-of",
+    )
+    parser.add_argument("--no-slots", dest="slots", action="store_false", help="skip the per-slot only / all-but measurements")
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.8], help="smoothing alphas of --variants")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--png", type=Path, required=True)
@@ -139,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "ffn2_input_by_layer": {},
     }
     print(f"fp32 {result['fp32_accuracy']:.4f} | all quantized {result['all']}", flush=True)
-    for slot in dict.fromkeys(slots.values()):
+    for slot in dict.fromkeys(slots.values()) if args.slots else []:
         members = {n for n, s in slots.items() if s == slot}
         only = measure(members) if args.only else {"kl": float("nan"), "accuracy": float("nan")}
         result["slots"][slot] = {"quantizers": len(members), "only": only, "all_but": measure(set(qs) - members)}
@@ -150,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         print("FFN2 input layer", layer_of(n), result["ffn2_input_by_layer"][layer_of(n)], flush=True)
 
     if args.variants:
-        result["ffn2_variants"] = ffn2_variants(ctx, cfg, qs, ffn2, measure, tuple(args.alphas))
+        result["ffn2_variants"] = slot_variants(ctx, cfg, qs, ffn2, measure, tuple(args.alphas), "FFN2 input", args.methods)
+    for slot in args.variants_of:
+        members = {n for n, s in slots.items() if s == slot}
+        if not members:
+            raise SystemExit(f"--variants-of: no quantizer in slot {slot!r}; slots: {sorted(set(slots.values()))}")
+        result.setdefault("slot_variants", {})[slot] = slot_variants(ctx, cfg, qs, members, measure, tuple(args.alphas), slot, args.methods)
 
     # Activation ranges: per-input-channel max |x| of every quantized Linear over the calibration batches.
     for q in qs.values():
@@ -179,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alphas: tuple[float, ...]) -> dict:
-    """The FFN second Linear's input, other ways (everything else as calibrated), on the tuning split:
-    its amax by other methods from its own FP32 histogram, and smoothing (alpha) with the Linear's input and
-    weight re-calibrated. What the pipeline options calibration=percentile_ffn_mse / smoothing=ffn_down do."""
+def slot_variants(
+    ctx: RunContext, cfg, qs: dict, members: set[str], measure, alphas: tuple[float, ...], label: str, methods=tuple(VARIANT_METHODS)
+) -> dict:
+    """One slot's Linear inputs (`members`: their input quantizer names), other ways, everything else as
+    calibrated, on the tuning split: their amax by other methods from their own FP32 histograms, and
+    smoothing (alpha) of those Linears with their inputs and weights re-calibrated. For the FFN second
+    Linear: what calibration=percentile_ffn_mse / smoothing=ffn_down do."""
     import copy
     import dataclasses
 
@@ -190,7 +223,7 @@ def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alpha
 
     out: dict = {}
     calib = [b.inputs for b in _batches(ctx, cfg)]
-    saved = {n: qs[n].amax.clone() for n in ffn2}
+    saved = {n: qs[n].amax.clone() for n in members}
 
     def collect(model, names):
         mq = dict(model.named_modules())
@@ -208,20 +241,15 @@ def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alpha
             q.enabled = True
         return mq
 
-    mq = collect(ctx.model, ffn2)
-    for label, method, pct in [
-        ("percentile 99.9", "percentile", 99.9),
-        ("percentile 99.999", "percentile", 99.999),
-        ("mse", "mse", None),
-        ("max", "max", None),
-        ("entropy", "entropy", None),
-    ]:
+    mq = collect(ctx.model, members)
+    for name in methods:
+        method, pct = VARIANT_METHODS[name]
         c = dataclasses.replace(cfg.calibration, method=method, percentile=pct or cfg.calibration.percentile, overrides=[])
-        for n in ffn2:
+        for n in members:
             mq[n].load_amax(METHODS[method](mq[n].calibrator, c))
-        out[label] = measure(set(qs))
-        print("FFN2 input", label, out[label], flush=True)
-    for n in ffn2:
+        out[name] = measure(set(qs))
+        print(label, name, out[name], flush=True)
+    for n in members:
         mq[n].calibrator.reset()
         qs[n].load_amax(saved[n])
     for alpha in alphas:
@@ -231,18 +259,18 @@ def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alpha
             if hasattr(q, "calibrating"):
                 q.enabled = False
         scfg = dataclasses.replace(
-            cfg.smoothing, enabled=True, alpha=alpha, modules=["*.layer.[0-9].output.dense", "*.layer.[0-9][0-9].output.dense"]
+            cfg.smoothing, enabled=True, alpha=alpha, modules=sorted(n.removesuffix(".input_quantizer") for n in members)
         )
         smoothing.smooth(model, scfg, calib)
-        weights = {n.replace(".input_quantizer", ".weight_quantizer") for n in ffn2}
+        weights = {n.replace(".input_quantizer", ".weight_quantizer") for n in members}
         calibrate_weights({n: mq2[n] for n in weights}, model)
-        for n in ffn2:
+        for n in members:
             mq2[n].calibrator.reset()
             mq2[n].calibrating = True
         with torch.no_grad():
             for x in calib:
                 model(**x)
-        for n in ffn2:
+        for n in members:
             mq2[n].calibrating = False
             mq2[n].load_amax(METHODS[cfg.calibration.method](mq2[n].calibrator, cfg.calibration))
             mq2[n].calibrator.reset()
@@ -254,7 +282,7 @@ def ffn2_variants(ctx: RunContext, cfg, qs: dict, ffn2: set[str], measure, alpha
             "kl": kl_fp32_to(measure.ref, logits),
             "accuracy": _common.accuracy(logits, ctx.encoded["tune"].labels),
         }
-        print("FFN2 input", f"smoothing alpha {alpha}", out[f"smoothing alpha {alpha}"], flush=True)
+        print(label, f"smoothing alpha {alpha}", out[f"smoothing alpha {alpha}"], flush=True)
         del model
     return out
 
@@ -310,12 +338,17 @@ def plot(r: dict, path: Path) -> None:
             ylabel="KL, only this layer's FFN2 input INT8",
             title="FFN second Linear input (after GELU), one layer at a time",
         )
-    elif r.get("ffn2_variants"):
-        v = {f"{r['calibration']} (as calibrated)": r["all"], **r["ffn2_variants"]}
+    elif r.get("ffn2_variants") or r.get("slot_variants"):
+        sets = {**({"FFN2 input (GELU out)": r["ffn2_variants"]} if r.get("ffn2_variants") else {}), **r.get("slot_variants", {})}
+        v = {f"{r['calibration']} (as calibrated)": r["all"], **{f"{slot}: {n}": x for slot, d in sets.items() for n, x in d.items()}}
         names = list(v)
         ax.barh(np.arange(len(names)), [v[n]["kl"] for n in names], color="tab:purple")
-        ax.set_yticks(np.arange(len(names)), [f"{n}\n{v[n]['accuracy'] * 100:.2f}%" for n in names], fontsize=7)
-        ax.set(xlabel="mean KL(FP32 || fake-quant), all GEMMs INT8, tuning split", title="FFN second Linear input: calibration / smoothing")
+        ax.set_yticks(np.arange(len(names)), [f"{n}\n{v[n]['accuracy'] * 100:.2f}%" for n in names], fontsize=6)
+        ax.axvline(r["all"]["kl"], color="k", ls="--", lw=1)
+        ax.set(
+            xlabel="mean KL(FP32 || fake-quant), all GEMMs INT8, tuning split",
+            title="One slot re-calibrated / smoothed, the rest as calibrated",
+        )
     ax.title.set_fontsize(9)
     ax = axes[1, 0]
     by_slot: dict[str, list[tuple[int, float]]] = {}
