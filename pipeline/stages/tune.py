@@ -181,11 +181,6 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
-def _key(s: Score, criterion: str) -> tuple[float, float]:
-    """Sort key, larger = better: the criterion first, the other measure on a tie."""
-    return (-s.kl, s.accuracy) if criterion == "kl" else (s.accuracy, -s.kl)
-
-
 def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) -> tuple[str, dict, np.ndarray | None, dict, int]:
     """Score every tune.calibrators candidate on the tuning split; keep the best by tune.criterion (the
     other measure breaks a tie); with tune.per_role, then the best per role. Returns (name,
@@ -205,7 +200,7 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) ->
         scores[name] = {"accuracy": s.accuracy, "kl": s.kl}
         kept[name] = (amax, out)
         log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, s.accuracy, s.kl)
-    best = max(names, key=lambda n: _key(Score(**scores[n]), crit))
+    best = max(names, key=lambda n: Score(**scores[n]).rank(crit))
     apply_amax(ctx.quantizers, kept[best][0], ctx.device)
     if not cfg.tune.per_role or len(names) < 2:
         return best, scores, kept[best][1], {}, 0
@@ -215,7 +210,7 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) ->
             roles.setdefault(ctx.quantizers[n].role, []).append(n)
 
     def role_score() -> tuple[float, float]:
-        return _key(score(logits(ctx.model)), crit)
+        return score(logits(ctx.model)).rank(crit)
 
     by_role, spent = choose_per_role(
         roles, {n: kept[n][0] for n in names}, best, role_score, lambda a: apply_amax(ctx.quantizers, a, ctx.device)
