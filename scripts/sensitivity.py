@@ -299,7 +299,7 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 11))
     ax = axes[0, 0]
     names = list(r["slots"])
     y = np.arange(len(names))
@@ -327,7 +327,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title(
         f"Sensitivity by tensor slot (FP32 {r['fp32_accuracy'] * 100:.1f}%, all INT8 {r['all']['accuracy'] * 100:.1f}%)", fontsize=9
     )
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=3)
     ax = axes[0, 1]
     if r["ffn2_input_by_layer"]:
         layers = sorted(r["ffn2_input_by_layer"], key=int)
@@ -343,7 +343,7 @@ def plot(r: dict, path: Path) -> None:
         v = {f"{r['calibration']} (as calibrated)": r["all"], **{f"{slot}: {n}": x for slot, d in sets.items() for n, x in d.items()}}
         names = list(v)
         ax.barh(np.arange(len(names)), [v[n]["kl"] for n in names], color="tab:purple")
-        ax.set_yticks(np.arange(len(names)), [f"{n}\n{v[n]['accuracy'] * 100:.2f}%" for n in names], fontsize=6)
+        ax.set_yticks(np.arange(len(names)), [f"{n} ({v[n]['accuracy'] * 100:.2f}%)" for n in names], fontsize=6)
         ax.axvline(r["all"]["kl"], color="k", ls="--", lw=1)
         ax.set(
             xlabel="mean KL(FP32 || fake-quant), all GEMMs INT8, tuning split",
