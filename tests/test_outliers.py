@@ -94,6 +94,31 @@ def test_calibration_override_picks_a_method_per_quantizer():
     assert method_for("x", "attn_v", mx.calibration).method == "mse"
 
 
+# The Linears percentile_qkv_mse must give MSE (last name component) per architecture, and how many (2 layers;
+# ALBERT shares one layer).
+QKV = {
+    "bert_base": ({"query", "key", "value"}, 6),
+    "roberta_base": ({"query", "key", "value"}, 6),
+    "electra_base": ({"query", "key", "value"}, 6),
+    "xlm_roberta_base": ({"query", "key", "value"}, 6),
+    "minilm_l6": ({"query", "key", "value"}, 6),
+    "mpnet_base": ({"q", "k", "v"}, 6),
+    "distilbert_base": ({"q_lin", "k_lin", "v_lin"}, 6),
+    "deberta_v3_base": ({"query_proj", "key_proj", "value_proj"}, 6),
+    "albert_base": ({"query", "key", "value"}, 3),
+    "modernbert_base": ({"Wqkv"}, 2),
+}
+
+
+@pytest.mark.parametrize("model", list(QKV))
+def test_qkv_calibration_override_matches_the_qkv_inputs_of_every_architecture(model):
+    cfg, net, tok, data = _tiny([f"model={model}", "calibration=percentile_qkv_mse"])
+    qs = insert_quantizers(net, cfg.quant, cfg.calibration, next(iter(batches(tok, data, 6))).inputs)
+    mse = [n for n, q in qs.items() if method_for(n, q.role, cfg.calibration).method == "mse"]
+    assert {n.removesuffix(".input_quantizer").rsplit(".", 1)[-1] for n in mse} == QKV[model][0], mse
+    assert len(mse) == QKV[model][1] and all(qs[n].role == "linear_input" for n in mse)
+
+
 def test_keep_best_ends_in_the_best_state_seen():
     _, model, tok, data = _tiny([])
     snapshots: list[dict[str, torch.Tensor]] = []
