@@ -104,7 +104,8 @@ class TrainConfig:
     # Best-state selection on the tuning split (data.num_tune; never the eval split): evaluate at the start,
     # every `eval_every` optimizer steps (0 = only at epoch ends), at each epoch end when eval_each_epoch,
     # and at the end; keep_best restores the best state, so training cannot end below where it started.
-    eval_every: int = field(default=0, metadata=_range(0))
+    # null: every quarter of the run's steps (four evaluations after the start, whatever the data size).
+    eval_every: int | None = field(default=0, metadata=_range(0))
     keep_best: bool = False
     # What keep_best compares: accuracy on the tuning split (ties: lower loss), or kl = mean KL(FP32 || model)
     # of the logits on it (qat only: the FP32 model is the reference). Accuracy on a few hundred examples

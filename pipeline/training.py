@@ -187,8 +187,8 @@ def train(
         checkpoint_dir: where checkpoints go (`<run>/checkpoints/<stage>/step-<N>/`).
         teacher: frozen FP32 model for distillation (cfg.distill).
         eval_fn: evaluation on a held-out split (returns {"accuracy", "loss"}): after each epoch when
-            cfg.eval_each_epoch; at the start, every cfg.eval_every steps and at the end when
-            cfg.eval_every or cfg.keep_best (keep_best: the model ends in the best state seen).
+            cfg.eval_each_epoch; at the start, every cfg.eval_every steps (null: a quarter of the run) and at
+            the end when cfg.eval_every != 0 or cfg.keep_best (keep_best: the model ends in the best state seen).
         resume: a checkpoint folder (`.../step-<N>/`, see latest_checkpoint) to continue from.
         stop_after: stop (with a checkpoint) after this many steps — simulates an interruption in tests.
         objective: (net, inputs, labels, teacher, cfg) -> loss of one batch (the task's, pipeline/tasks/);
@@ -211,10 +211,10 @@ def train(
         log.info("%s: resumed from %s at step %d", desc, resume, result.steps)
     if teacher is not None:
         teacher.eval()
+    # eval_every null: a quarter of the run, so a short run and a long one both get four evaluations.
+    every = cfg.eval_every if cfg.eval_every is not None else max(1, math.ceil(total / 4))
     selector = (
-        _Selector(model, eval_fn, cfg.keep_best, result, desc, cfg.select_by)
-        if eval_fn is not None and (cfg.keep_best or cfg.eval_every)
-        else None
+        _Selector(model, eval_fn, cfg.keep_best, result, desc, cfg.select_by) if eval_fn is not None and (cfg.keep_best or every) else None
     )
     if selector is not None and resume is None:
         selector(0)  # the start (after PTQ for QAT): the state to beat
@@ -269,7 +269,7 @@ def train(
                 bar.close()
                 result.seconds += time.perf_counter() - t0
                 return result
-            if selector is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            if selector is not None and every and step % every == 0 and step < total:
                 selector(step)
         if cfg.eval_each_epoch and eval_fn is not None:
             r = selector(step) if selector is not None else _plain_eval(model, eval_fn)

@@ -63,9 +63,10 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     # Evaluations during training (per epoch, every N steps, best-state selection) read the tuning split
     # only: a state chosen on the eval split would make the reported eval accuracy optimistic.
     tune = ctx.encoded.get("tune")
-    if (tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best) and tune is None:
+    evaluates = tcfg.eval_each_epoch or tcfg.eval_every != 0 or tcfg.keep_best  # eval_every null = every quarter
+    if evaluates and tune is None:
         log.warning("%s: no tuning split (data.num_tune=0): no evaluation during training, no best-state selection", name)
-    elif tcfg.eval_each_epoch or tcfg.eval_every or tcfg.keep_best:
+    elif evaluates:
         reference: dict = {}  # FP32 outputs on the tuning split, computed once (tasks that select by fidelity)
 
         def eval_fn() -> dict:
