@@ -110,6 +110,8 @@ class TrainConfig:
     # What keep_best compares: accuracy on the tuning split (ties: lower loss), or kl = mean KL(FP32 || model)
     # of the logits on it (qat only: the FP32 model is the reference). Accuracy on a few hundred examples
     # moves in 1-example steps, so its maximum over several states is partly luck; KL measures fidelity.
+    # Tasks with their own selection measure use it either way (embedding: cosine to FP32; token
+    # classification / QA: their F1 on the tuning split).
     select_by: Literal["accuracy", "kl"] = "accuracy"
     # QAT only, with distill: weight of a hidden-state term added to the logit distillation: the mean over
     # layers of the squared error between student and teacher layer outputs (non-padding tokens), divided by
@@ -527,19 +529,12 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")
-    if c.qat.kd_hidden > 0 and not c.qat.distill:
+    if c.qat.kd_hidden > 0 and not c.qat.distill and c.task.name != "embedding":  # embedding always distills
         errors.append(f"qat.kd_hidden: {c.qat.kd_hidden} needs qat.distill=true (qat=kd); set qat.kd_hidden=0 or choose qat=kd")
     if c.finetune.kd_hidden > 0 or c.finetune.distill:
         errors.append("finetune.distill / finetune.kd_hidden: the FP32 fine-tune has no teacher; distillation is a qat option (qat=kd)")
     if c.finetune.select_by == "kl":
         errors.append("finetune.select_by: 'kl' compares to the FP32 model, which exists only for qat; valid values: accuracy")
-    if c.task.name != "sequence_classification":
-        for key, bad in (("qat.kd_hidden", c.qat.kd_hidden > 0), ("qat.select_by", c.qat.select_by == "kl")):
-            if bad:
-                errors.append(
-                    f"{key}: implemented for task=sequence_classification; task={c.task.name} selects and distills in its own "
-                    f"terms (set {key} to its default)"
-                )
     from pipeline.tasks import combination_errors  # each task's rules live with the task (pipeline/tasks/)
 
     errors += combination_errors(c)

@@ -107,8 +107,9 @@ class _Selector:
 
 
 def _score(r: dict, select_by: str = "accuracy") -> tuple[float, float]:
-    """Larger is better. kl: lower KL to the FP32 model first (accuracy breaks a tie)."""
-    if select_by == "kl":
+    """Larger is better. kl: lower KL to the FP32 model first (accuracy breaks a tie); a task that selects by
+    its own measure (no "kl": embedding cosine to FP32, token/span F1) is compared by that measure."""
+    if select_by == "kl" and "kl" in r:
         return (-r["kl"], r.get("accuracy", float("-inf")))
     return (r.get("accuracy", float("-inf")), -r.get("loss", 0.0))
 
@@ -150,19 +151,37 @@ def hidden_state_loss(student: tuple, teacher: tuple, attention_mask: torch.Tens
 
 
 def classification_objective(net, inputs: dict, labels: torch.Tensor, teacher: torch.nn.Module | None, cfg: TrainConfig) -> torch.Tensor:
-    """Cross-entropy on the logits; with cfg.distill and a teacher, kd_loss against the teacher's logits,
-    plus cfg.kd_hidden x hidden_state_loss against the teacher's layer outputs."""
-    distill = cfg.distill and teacher is not None
-    hidden = distill and cfg.kd_hidden > 0
-    out = net(**inputs, output_hidden_states=True) if hidden else net(**inputs)
-    if not distill:
-        return F.cross_entropy(out.logits, labels)
-    with torch.no_grad():
-        t = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
-    loss = kd_loss(out.logits, t.logits, labels, cfg.kd_alpha, cfg.kd_temperature)
-    if hidden:
-        loss = loss + cfg.kd_hidden * hidden_state_loss(out.hidden_states, t.hidden_states, inputs.get("attention_mask"))
-    return loss
+    """Cross-entropy on the logits; with cfg.distill and a teacher, kd_loss against the teacher's logits."""
+    logits = net(**inputs).logits
+    if cfg.distill and teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits
+        return kd_loss(logits, t_logits, labels, cfg.kd_alpha, cfg.kd_temperature)
+    return F.cross_entropy(logits, labels)
+
+
+class _Recording:
+    """Stands in for a model inside a task's objective: calls it with output_hidden_states=True and keeps
+    the output, so the hidden-state term works with every task's own loss."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.out = model, None
+
+    def __call__(self, **inputs):
+        self.out = self.model(**inputs, output_hidden_states=True)
+        return self.out
+
+
+def batch_loss(objective: Callable[..., torch.Tensor], net, inputs: dict, labels: torch.Tensor, teacher, cfg: TrainConfig) -> torch.Tensor:
+    """The task's loss of one batch; with distillation and cfg.kd_hidden > 0, plus kd_hidden x
+    hidden_state_loss between the student's and the teacher's layer outputs (from the same forward passes)."""
+    if teacher is None or cfg.kd_hidden <= 0:
+        return objective(net, inputs, labels, teacher, cfg)
+    student, frozen = _Recording(net), _Recording(teacher)
+    loss = objective(student, inputs, labels, frozen, cfg)
+    if frozen.out is None:
+        raise ValueError("qat.kd_hidden: the task's objective did not run the FP32 teacher (qat.distill=false?)")
+    return loss + cfg.kd_hidden * hidden_state_loss(student.out.hidden_states, frozen.out.hidden_states, inputs.get("attention_mask"))
 
 
 def train(
@@ -246,7 +265,7 @@ def train(
                         "choose a batch_size / number of examples that leaves every rank at least one per batch"
                     )
                 inputs, labels = {k: v[rank::world] for k, v in inputs.items()}, labels[rank::world]
-            loss = (objective or classification_objective)(net, inputs, labels, teacher, cfg)
+            loss = batch_loss(objective or classification_objective, net, inputs, labels, teacher, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

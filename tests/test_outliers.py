@@ -170,7 +170,7 @@ def test_eval_every_null_evaluates_every_quarter_of_the_run():
 
 
 def test_hidden_state_distillation_term():
-    from pipeline.training import classification_objective, hidden_state_loss
+    from pipeline.training import batch_loss, classification_objective, hidden_state_loss
 
     t = (torch.zeros(1, 3, 2), torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]]))
     s = (torch.ones(1, 3, 2), torch.tensor([[[1.0, 1.0], [0.0, 2.0], [0.0, 0.0]]]))
@@ -178,13 +178,14 @@ def test_hidden_state_distillation_term():
     # embedding output (index 0) skipped; layer 1: error 1 / teacher square sum 5
     assert float(hidden_state_loss(s, t, mask)) == pytest.approx(0.2)
     assert float(hidden_state_loss(t, t, mask)) == 0.0
-    # In the objective: the term is added with weight kd_hidden, and only with distillation.
+    # In a batch's loss: the term is added with weight kd_hidden to the task's own objective (the forward
+    # passes the objective makes), and only with distillation.
     cfg, model, tok, data = _tiny([])
     teacher = load_model(cfg.model, 2, torch.device("cpu")).model.eval()  # other random weights
     batch = next(iter(batches(tok, data, 6)))
     base = dataclasses.replace(TrainConfig(), distill=True, kd_alpha=0.5)
-    logits_only = classification_objective(model, batch.inputs, batch.labels, teacher, base)
-    with_hidden = classification_objective(model, batch.inputs, batch.labels, teacher, dataclasses.replace(base, kd_hidden=2.0))
+    logits_only = batch_loss(classification_objective, model, batch.inputs, batch.labels, teacher, base)
+    with_hidden = batch_loss(classification_objective, model, batch.inputs, batch.labels, teacher, dataclasses.replace(base, kd_hidden=2.0))
     with torch.no_grad():
         s_out, t_out = (m(**batch.inputs, output_hidden_states=True) for m in (model, teacher))
     expected = 2.0 * hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch.inputs["attention_mask"])

@@ -220,7 +220,8 @@ def test_synthetic_ner_tags_exactly_the_inserted_entities():
 
 
 def test_token_classification_end_to_end_on_synthetic_data(tmp_path):
-    ctx = run_tiny(tmp_path, ["task=token_classification", *FAST])
+    # qat=kd_best: hidden-state distillation through the task's own loss, best state by the task's own measure.
+    ctx = run_tiny(tmp_path, ["task=token_classification", *FAST, "qat=kd_best"])
     run = tmp_path / "run"
     out = onnx.load(str(run / "model_int8.onnx")).graph.output[0]
     assert out.name == "logits" and [d.dim_param for d in out.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
@@ -230,6 +231,8 @@ def test_token_classification_end_to_end_on_synthetic_data(tmp_path):
     assert m["accuracy"]["int8"] == m["token_classification"]["int8"]["f1"]
     assert m["parity"]["n"] > len(ctx.encoded["eval"]) and m["parity"]["argmax_agreement"] > 0.9
     assert "entities int8" in (run / "report.md").read_text()
+    sel = m["training"]["qat"]["selection"]
+    assert [e["step"] for e in m["training"]["qat"]["evals"]] == [0, 1, 2] and "kl" not in sel["best"]
 
 
 # ---------------------------------------------------------------------------------------------

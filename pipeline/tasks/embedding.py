@@ -107,8 +107,11 @@ class SentenceEmbedder(torch.nn.Module):
         self.encoder.set_attn_implementation(impl)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> ModelOutput:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        return ModelOutput(logits=pool(hidden, attention_mask, self.pooling_mode, self.normalize))
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling_mode, self.normalize)
+        if out.hidden_states is not None:  # output_hidden_states=True: QAT's hidden-state distillation
+            return ModelOutput(logits=pooled, hidden_states=out.hidden_states)
+        return ModelOutput(logits=pooled)
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
