@@ -42,6 +42,7 @@ from pipeline.run import run_pipeline
 from pipeline.schema import validate
 from pipeline.stages import _common
 from pipeline.testing import compose_cfg
+from pipeline.tune.sensitivity import kl_per_example
 
 # Tensor slots by quantizer-name glob (BERT and MPNet module names) or role; first match wins.
 SLOTS: list[tuple[str, list[str], str | None]] = [
@@ -88,10 +89,8 @@ def layer_of(name: str) -> int | None:
 
 
 def kl_fp32_to(fp32: np.ndarray, q: np.ndarray) -> float:
-    """Mean over examples of KL(softmax(fp32) || softmax(q))."""
-    p = torch.log_softmax(torch.from_numpy(fp32).double(), -1)
-    r = torch.log_softmax(torch.from_numpy(q).double(), -1)
-    return float((p.exp() * (p - r)).sum(-1).mean())
+    """Mean over examples of KL(softmax(fp32) || softmax(q)) (the tuner's per-example KL)."""
+    return float(kl_per_example(fp32, q).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,9 +225,11 @@ def slot_variants(
     saved = {n: qs[n].amax.clone() for n in members}
 
     def collect(model, names):
+        """FP32 histograms of `names` in `model` (ctx.model or a smoothed copy): the run's quantizers (qs, by
+        name) off during the pass, on again after."""
         mq = dict(model.named_modules())
-        for q in qs.values():
-            q.enabled = False
+        for n in qs:
+            mq[n].enabled = False
         for n in names:
             mq[n].calibrator.reset()
             mq[n].calibrating = True
@@ -237,8 +238,8 @@ def slot_variants(
                 model(**x)
         for n in names:
             mq[n].calibrating = False
-        for q in qs.values():
-            q.enabled = True
+        for n in qs:
+            mq[n].enabled = True
         return mq
 
     mq = collect(ctx.model, members)
@@ -255,28 +256,18 @@ def slot_variants(
     for alpha in alphas:
         model = copy.deepcopy(ctx.model)
         mq2 = dict(model.named_modules())
-        for q in mq2.values():
-            if hasattr(q, "calibrating"):
-                q.enabled = False
+        for n in qs:  # smoothing statistics in FP32
+            mq2[n].enabled = False
         scfg = dataclasses.replace(
             cfg.smoothing, enabled=True, alpha=alpha, modules=sorted(n.removesuffix(".input_quantizer") for n in members)
         )
         smoothing.smooth(model, scfg, calib)
         weights = {n.replace(".input_quantizer", ".weight_quantizer") for n in members}
         calibrate_weights({n: mq2[n] for n in weights}, model)
+        collect(model, members)
         for n in members:
-            mq2[n].calibrator.reset()
-            mq2[n].calibrating = True
-        with torch.no_grad():
-            for x in calib:
-                model(**x)
-        for n in members:
-            mq2[n].calibrating = False
             mq2[n].load_amax(METHODS[cfg.calibration.method](mq2[n].calibrator, cfg.calibration))
             mq2[n].calibrator.reset()
-        for q in mq2.values():
-            if hasattr(q, "calibrating"):
-                q.enabled = True
         logits = _common.torch_logits(model, ctx.tokenizer, ctx.encoded["tune"], cfg.evaluate.batch_size, ctx.device)
         out[f"smoothing alpha {alpha}"] = {
             "kl": kl_fp32_to(measure.ref, logits),
