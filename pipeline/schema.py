@@ -338,8 +338,11 @@ class TuneConfig:
     # noisy than the accuracy of a few hundred examples); accuracy = the tuning accuracy. The budget
     # (max_drop) is always checked on the accuracy.
     criterion: Literal["kl", "accuracy"] = "kl"
-    # Then try each other calibrator per quantizer role (one evaluation each), keeping what improves.
-    per_role: bool = False
+    # Then the best calibrator per group of activation quantizers, one evaluation per group and other
+    # candidate, keeping what improves (one pass of coordinate descent): role = every quantizer of one role
+    # (linear_input, attn_q, ...); slot = one position in every layer (the Q/K/V Linears' input, the FFN
+    # second Linear's input, ...). The result is written as calibration.overrides rules (tuned_quant.yaml).
+    calibrator_per: Literal["none", "role", "slot"] = "none"
     # Return the most sensitive fusion groups to float until the budget is met (false = calibrator choice only).
     fallback: bool = True
     # Once the budget is met, try re-quantizing each group returned to float (fewer float groups = faster).
@@ -570,6 +573,11 @@ def _check_tune(c: RunConfig, errors: list[str]) -> None:
         errors.append(
             f"tune.calibrators: {histogram} need activation histograms; calibration=max collects none "
             "(valid with calibration=max: [max]; or choose calibration=percentile|entropy|mse)"
+        )
+    if t.method != "none" and t.calibrator_per != "none" and len(t.calibrators) < 2:
+        errors.append(
+            f"tune.calibrator_per={t.calibrator_per}: chooses among tune.calibrators per {t.calibrator_per}; give at least two "
+            "(e.g. tune.calibrators=[percentile_99_99,mse]) or tune.calibrator_per=none"
         )
     if t.method != "none" and not t.calibrators and not t.fallback:
         errors.append("tune: nothing to tune: tune.calibrators is [] and tune.fallback=false (choose tune=none, or give either)")

@@ -17,13 +17,21 @@ from pipeline.context import RunContext
 from pipeline.engines import ENGINES
 from pipeline.models import load_model
 from pipeline.quantization import calibration_plot
-from pipeline.quantization.calibrate import calibrate
+from pipeline.quantization.calibrate import calibrate, method_for
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.schema import ConfigError, validate
 from pipeline.stages import export as export_stage
 from pipeline.testing import TINY, compose_cfg
-from pipeline.tune.calibrators import candidate_amax, choose_per_role
+from pipeline.tune.calibrators import (
+    calibration_groups,
+    candidate_amax,
+    candidate_config,
+    choose_per_group,
+    histogram_pairs,
+    load_histograms,
+    override_rule,
+)
 from pipeline.tune.groups import FusionGroup, fusion_groups, set_float
 from pipeline.tune.search import Budget, Score, search
 
@@ -115,7 +123,7 @@ def test_candidates_come_from_the_one_calibration_pass(calibrated):
     """The run's own method recomputed from the saved histograms gives its amax bit for bit; others differ."""
     cfg, ctx, _, hists = calibrated
     assert cfg.calibration.method == "percentile" and cfg.calibration.percentile == 99.99
-    pairs = {k[: -len(".hist")]: (v, hists[k[: -len(".hist")] + ".edges"]) for k, v in hists.items() if k.endswith(".hist")}
+    pairs = histogram_pairs(hists)
     assert pairs
     own = candidate_amax("percentile_99_99", pairs, ctx.quantizers, cfg.calibration)
     assert set(own) == set(pairs)
@@ -125,8 +133,8 @@ def test_candidates_come_from_the_one_calibration_pass(calibrated):
     assert all(mx[n] >= own[n] for n in own) and any(mx[n] > own[n] for n in own)
 
 
-def test_per_role_choice_keeps_only_what_improves_the_tuning_score():
-    """Roles a (quantizers a1, a2) and b (b1); candidates x (global best) and y. y helps role a only."""
+def test_per_group_choice_keeps_only_what_improves_the_tuning_score():
+    """Groups a (quantizers a1, a2) and b (b1); candidates x (global best) and y. y helps group a only."""
     cands = {c: {n: torch.tensor(float(i)) for n in ("a1", "a2", "b1")} for i, c in enumerate(("x", "y"))}
     state = {n: "x" for n in ("a1", "a2", "b1")}
 
@@ -137,8 +145,33 @@ def test_per_role_choice_keeps_only_what_improves_the_tuning_score():
     def score():
         return (0.80 + 0.01 * (state["a1"] == state["a2"] == "y") - 0.02 * (state["b1"] == "y"), 0.0)
 
-    chosen, spent = choose_per_role({"a": ["a1", "a2"], "b": ["b1"]}, cands, "x", score, apply)
-    assert chosen == {"a": "y"} and spent == 3 and state == {"a1": "y", "a2": "y", "b1": "x"}
+    chosen, tried = choose_per_group({"a": ["a1", "a2"], "b": ["b1"]}, cands, "x", score, apply)
+    assert chosen == {"a": "y"} and state == {"a1": "y", "a2": "y", "b1": "x"}
+    assert tried == {"a": {"x": (0.80, 0.0), "y": (0.81, 0.0)}, "b": {"x": (0.81, 0.0), "y": (0.79, 0.0)}}
+
+
+@pytest.mark.parametrize("per", ["role", "slot"])
+def test_calibration_groups_become_override_rules_that_select_exactly_their_quantizers(calibrated, per):
+    """Each role/slot is a partition block; its rule (calibration.overrides format), applied through the
+    calibrate stage's own method_for, gives the new method to exactly that block. Slots: one position in
+    every layer, the Q/K/V Linears' shared input one slot (identical histograms)."""
+    cfg, ctx, _, flat = calibrated
+    hists = histogram_pairs(flat)
+    groups = calibration_groups(per, hists, ctx.quantizers)
+    members = [n for _, ns in groups.values() for n in ns]
+    assert len(groups) >= 4 and sorted(members) == sorted(hists)  # a partition of what has histograms
+    for label, (selector, names) in groups.items():
+        run = candidate_config("percentile_99_99", cfg.calibration, [override_rule(selector, "mse")])
+        got = {n for n in hists if method_for(n, ctx.quantizers[n].role, run).method == "mse"}
+        assert got == set(names), label
+    if per == "slot":
+        layers = {n.split(".layer.")[1].split(".")[0] for n in members if ".layer." in n}
+        assert len(layers) >= 2 and all(len(ns) % len(layers) == 0 for _, ns in groups.values())  # one per layer
+        qkv = [label for label, (_, ns) in groups.items() if any("attention.self.query.input" in n for n in ns)]
+        assert len(qkv) == 1 and sorted(g.rsplit(".", 2)[-2] for g in groups[qkv[0]][0]["match"]) == ["key", "query", "value"]
+        assert "bert.encoder.layer.[0-9].attention.self.query.input_quantizer" in groups[qkv[0]][0]["match"]
+    else:
+        assert set(groups) == {ctx.quantizers[n].role for n in members}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +284,8 @@ def test_relative_budget_is_percent_of_fp32_accuracy():
         ),
         (["tune=accuracy", "data.num_tune=0"], "tune=accuracy: decides on the tuning split; data.num_tune=0 cannot be combined"),
         (["tune.plan=/nonexistent/tuned_quant.yaml"], "tune.plan: /nonexistent/tuned_quant.yaml not found"),
+        (["tune=accuracy", "tune.calibrator_per=layer"], "tune.calibrator_per: 'layer' is not valid; valid values: none, role, slot"),
+        (["tune=calibrator", "tune.calibrator_per=slot", "tune.calibrators=[mse]"], "tune.calibrator_per=slot: chooses among"),
     ],
 )
 def test_config_errors_name_key_and_valid_values(overrides, expected):
@@ -261,11 +296,12 @@ def test_config_errors_name_key_and_valid_values(overrides, expected):
 
 def test_plan_file_errors(tmp_path):
     bad = tmp_path / "tuned_quant.yaml"
-    bad.write_text(yaml.safe_dump({"calibrator": "kl", "exclude": "x", "groups": []}))
+    bad.write_text(yaml.safe_dump({"calibrator": "kl", "exclude": "x", "groups": [], "overrides": [{"match": ["*"], "method": "kl"}]}))
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([f"tune.plan={bad}"]))
     msg = str(err.value)
-    assert "unknown key 'groups'; valid keys: calibrator, role_calibrators, groups_in_float, exclude, budget, tuned_under" in msg
+    assert "unknown key 'groups'; valid keys: calibrator, overrides, groups_in_float, exclude, budget, tuned_under" in msg
+    assert "overrides: every rule needs a method; valid values: max, percentile, entropy, mse" in msg
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
     assert "exclude must be a list of quantizer names" in msg
 
@@ -290,7 +326,8 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     # Run a exports and builds the ONNX Runtime engine at every accepted step (the latency probe).
     probe = ["export.tensorrt_graphs=false", "tune.latency_warmup=1", "tune.latency_iters=2"]
     a_over = [o for o in E2E if o not in ("export=none", "engine=none")] + probe
-    a = tiny_run(a_over + ["tune=accuracy", "tune.calibrators=[max,entropy]", "tune.max_drop=0", "tune.max_trials=2"], name="a")
+    tune = ["tune=accuracy", "tune.calibrators=[max,entropy]", "tune.calibrator_per=slot", "tune.max_drop=0", "tune.max_trials=2"]
+    a = tiny_run(a_over + tune, name="a")
     t = json.loads((a.run_dir / "metrics.json").read_text())["tune"]
     assert set(t) >= {"met", "max_drop", "calibrator", "groups_in_float", "evaluations", "seconds"}
     for f in ("sensitivity.csv", "sensitivity.png", "tune_trace.csv", "tune_trace.png", "tuned_quant.yaml"):
@@ -298,8 +335,14 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     # The run's own percentile 99.99 was not a candidate: the tuned amax come from max or entropy.
     assert t["calibrator"] in ("max", "entropy") and set(t["calibrator_scores"]) == {"max", "entropy"}
     trace = list(csv.DictReader(io.StringIO((a.run_dir / "tune_trace.csv").read_text())))
-    # One full evaluation per candidate, per search trial, plus the FP32 reference and the chosen state.
-    assert t["evaluations"] == 1 + 2 + (len(trace) - 1) + 1 and len(trace) - 1 <= 2
+    # Per slot, the other calibrator was tried on that slot alone: one evaluation each, plus the start.
+    per_slot = t["calibrator_per_group"]
+    assert len(per_slot) >= 4 and all(set(v) == {"max", "entropy", "chosen"} for v in per_slot.values())
+    changed = {k: v["chosen"] for k, v in per_slot.items() if v["chosen"] != t["calibrator"]}
+    assert len(t["calibration_overrides"]) == len(changed)
+    # One full evaluation per candidate, per slot try (+ the refined start), the refined state, per search
+    # trial, plus the FP32 reference and the chosen state.
+    assert t["evaluations"] == 1 + 2 + (1 + len(per_slot)) + 1 + (len(trace) - 1) + 1 and len(trace) - 1 <= 2
     assert 0 <= t["drop_ci95"] < 100
     assert t["met"] == (t["drop"] <= 0) and (t["met"] or t["stopped"] == "max_trials")
     assert (len(trace) == 1) == (t["start"]["drop"] <= 0)  # no fallback when the budget holds at the start
@@ -311,6 +354,7 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     qmap = {r["name"]: r for r in json.loads((a.run_dir / "quant_map.json").read_text())}
     plan = yaml.safe_load((a.run_dir / "tuned_quant.yaml").read_text())
     assert plan["groups_in_float"] == t["groups_in_float"] and plan["calibrator"] == t["calibrator"]
+    assert plan["overrides"] == t["calibration_overrides"]
     assert all(not qmap[n]["enabled"] for n in plan["exclude"])
 
     # Same config as a (the engine sets the weight range: 7-bit for ONNX Runtime on a CPU without VNNI).
@@ -326,8 +370,18 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     # calibrate left on.
     linear = next(n.rsplit(".", 1)[0] for n, r in qmap.items() if r["role"] == "linear_weight" and n not in plan["exclude"])
     plan["exclude"] += [f"{linear}.input_quantizer", f"{linear}.weight_quantizer"]
+    # ... and a rule of its own first (first match wins): the FFN second Linears' input by the histogram's max.
+    plan["overrides"].insert(0, {"match": ["*.layer.[0-9].output.dense.input_quantizer"], "method": "max"})
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(plan))
     c = tiny_run(E2E + [f"tune.plan={tmp_path / 'more.yaml'}"], name="c")
+    hists = load_histograms(c.run_dir)  # c's own pass (no engine: 8-bit weights, other activations than a's)
+    ffn2 = [n for n in hists if n.endswith(".output.dense.input_quantizer") and ".attention." not in n]
+    assert ffn2 and all(c.quantizers[n].amax.item() == hists[n][1][hists[n][0].nonzero().max() + 1].item() for n in ffn2)
+    assert (
+        "override rules (tune.calibrator_per): `*.layer.[0-9].output.dense.input_quantizer` → max" in (c.run_dir / "report.md").read_text()
+    )
+    rest = candidate_amax(plan["calibrator"], hists, c.quantizers, validate(compose_cfg(TINY + E2E)).calibration, plan["overrides"][1:])
+    assert rest and all(torch.equal(c.quantizers[n].amax, a.reshape(c.quantizers[n].amax.shape)) for n, a in rest.items() if n not in ffn2)
     by_role = json.loads((c.run_dir / "metrics.json").read_text())["quantization"]["enabled_by_role"]
     cmap = json.loads((c.run_dir / "quant_map.json").read_text())
     assert by_role == {role: sum(r["enabled"] for r in cmap if r["role"] == role) for role in by_role}

@@ -29,7 +29,15 @@ from pipeline.stages._common import accuracy, torch_logits
 from pipeline.stages.calibrate import enabled_counts, save_quantizer_state
 from pipeline.tune import plan as plan_file
 from pipeline.tune import plots
-from pipeline.tune.calibrators import apply_amax, candidate_amax, choose_per_role, load_histograms, own_candidate
+from pipeline.tune.calibrators import (
+    apply_amax,
+    calibration_groups,
+    candidate_amax,
+    choose_per_group,
+    load_histograms,
+    override_rule,
+    own_candidate,
+)
 from pipeline.tune.groups import FusionGroup, active_groups, fusion_groups, set_float
 from pipeline.tune.latency import LatencyProbe
 from pipeline.tune.search import Budget, Score, SearchResult, TraceRow, search
@@ -61,7 +69,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
 
     if t.plan is not None:
-        calibrator, by_role, groups = _apply_plan(cfg, ctx, hists)
+        calibrator, overrides, groups = _apply_plan(cfg, ctx, hists)
         final_logits = logits(ctx.model)
         s = score(final_logits)
         evaluations += 1
@@ -69,7 +77,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), a, budget.drop(a), budget.met(a), True, kl=s.kl)
         info.update(plan=str(t.plan), trace_steps=0)
     else:
-        calibrator, scores, q_logits, by_role, spent = _choose_calibrator(cfg, ctx, hists, score, logits)
+        calibrator, scores, q_logits, overrides, spent = _choose_calibrator(cfg, ctx, hists, score, logits, info)
         evaluations += len(scores) + spent
         if q_logits is None:
             q_logits = logits(ctx.model)
@@ -132,7 +140,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "max_drop": t.max_drop,
         "drop_type": t.drop_type,
         "calibrator": calibrator,
-        "role_calibrators": by_role,
+        "calibration_overrides": overrides,
         "groups_in_float": [g.name for g in groups],
         "evaluations": evaluations,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -148,7 +156,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     plan_file.write(
         ctx.path("tuned_quant.yaml"),
         calibrator=calibrator,
-        role_calibrators=by_role,
+        overrides=overrides,
         groups=groups,
         budget={"max_drop": t.max_drop, "drop_type": t.drop_type, "met": met, "tune_drop": round(chosen.drop, 4)},
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
@@ -156,7 +164,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     )
     ctx.metrics.quantization.update(enabled_counts(ctx))  # the plan's groups in float are off now
     save_quantizer_state(ctx)
-    ctx.chain_key("tune", calibrator, sorted(q for g in groups for q in g.quantizers))
+    ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
         "tune: budget %s %s: drop %.2f ± %.2f (95 %% interval, %s, %d tuning examples) with calibrator %s and %d fusion groups in float, "
@@ -181,16 +189,16 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
-def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) -> tuple[str, dict, np.ndarray | None, dict, int]:
+def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, info: dict) -> tuple[str, dict, np.ndarray | None, list, int]:
     """Score every tune.calibrators candidate on the tuning split; keep the best by tune.criterion (the
-    other measure breaks a tie); with tune.per_role, then the best per role. Returns (name,
-    {name: {accuracy, kl}}, logits of the chosen state, {role: candidate} where a role differs,
-    evaluations spent)."""
+    other measure breaks a tie); with tune.calibrator_per, then the best per role or slot. Returns (name,
+    {name: {accuracy, kl}}, logits of the chosen state, calibration.overrides rules where a role/slot
+    differs, evaluations spent); the per-group scores go to info["calibrator_per_group"]."""
     own = own_candidate(cfg.calibration) or cfg.calibration.method
     names = cfg.tune.calibrators
     crit = cfg.tune.criterion
     if not names:
-        return own, {}, None, {}, 0
+        return own, {}, None, [], 0
     scores, kept = {}, {}
     for name in names:
         amax = candidate_amax(name, hists, ctx.quantizers, cfg.calibration) if name != "max" or hists else {}
@@ -202,32 +210,44 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits) ->
         log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, s.accuracy, s.kl)
     best = max(names, key=lambda n: Score(**scores[n]).rank(crit))
     apply_amax(ctx.quantizers, kept[best][0], ctx.device)
-    if not cfg.tune.per_role or len(names) < 2:
-        return best, scores, kept[best][1], {}, 0
-    roles: dict[str, list[str]] = {}
-    for n in hists:
-        if n in ctx.quantizers:
-            roles.setdefault(ctx.quantizers[n].role, []).append(n)
+    if cfg.tune.calibrator_per == "none" or len(names) < 2:
+        return best, scores, kept[best][1], [], 0
+    groups = calibration_groups(cfg.tune.calibrator_per, hists, ctx.quantizers)
 
-    def role_score() -> tuple[float, float]:
-        return score(logits(ctx.model)).rank(crit)
+    def group_score() -> tuple[float, float]:
+        s = score(logits(ctx.model))
+        log.debug("tune: per-%s state: accuracy %.4f, KL %.5f", cfg.tune.calibrator_per, s.accuracy, s.kl)
+        return s.rank(crit)
 
-    by_role, spent = choose_per_role(
-        roles, {n: kept[n][0] for n in names}, best, role_score, lambda a: apply_amax(ctx.quantizers, a, ctx.device)
+    chosen, tried = choose_per_group(
+        {label: ns for label, (_, ns) in groups.items()},
+        {n: kept[n][0] for n in names},
+        best,
+        group_score,
+        lambda a: apply_amax(ctx.quantizers, a, ctx.device),
     )
-    log.info("tune: per-role calibrators %s (global %s), %d evaluations", by_role or "none better", best, spent)
-    return best, scores, None, by_role, spent  # the refined state's logits: evaluated by the caller
+    rules = [override_rule(groups[label][0], cand) for label, cand in chosen.items()]
+    info["calibrator_per_group"] = {
+        label: {c: _score_dict(r, crit) for c, r in t.items()} | {"chosen": chosen.get(label, best)} for label, t in tried.items()
+    }
+    log.info("tune: per-%s calibrators %s (global %s)", cfg.tune.calibrator_per, chosen or "none better", best)
+    # the refined state's logits are evaluated by the caller
+    return best, scores, None, rules, 1 + sum(len(t) - 1 for t in tried.values())
 
 
-def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, dict, list[FusionGroup]]:
+def _score_dict(rank: tuple[float, float], criterion: str) -> dict[str, float]:
+    """Score.rank's key back to {accuracy, kl}."""
+    kl, acc = (-rank[0], rank[1]) if criterion == "kl" else (-rank[1], rank[0])
+    return {"accuracy": acc, "kl": kl}
+
+
+def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup]]:
     plan = plan_file.read(cfg.tune.plan)
     calibrator = plan.get("calibrator") or own_candidate(cfg.calibration) or cfg.calibration.method
+    overrides = plan_file.overrides(plan)
     if plan.get("calibrator"):
-        apply_amax(ctx.quantizers, candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration), ctx.device)
-    by_role = dict(plan.get("role_calibrators") or {})
-    for role, cand in by_role.items():
-        amax = candidate_amax(cand, hists, ctx.quantizers, cfg.calibration)
-        apply_amax(ctx.quantizers, {n: a for n, a in amax.items() if ctx.quantizers[n].role == role}, ctx.device)
+        amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, overrides)
+        apply_amax(ctx.quantizers, amax, ctx.device)
     exclude = list(plan.get("exclude", []))
     unknown = [n for n in exclude if n not in ctx.quantizers]
     if unknown:
@@ -238,8 +258,9 @@ def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, dict, list
     groups = fusion_groups({n: ctx.quantizers[n].role for n in exclude})
     for g in groups:
         set_float(ctx.quantizers, g, True)
-    log.info("tune: plan %s applied: calibrator %s, %d quantizers in float", cfg.tune.plan, calibrator, len(exclude))
-    return calibrator, by_role, groups
+    log.info("tune: plan %s applied: calibrator %s, %d override rules, %d quantizers in float", cfg.tune.plan, calibrator,
+             len(overrides), len(exclude))  # fmt: skip
+    return calibrator, overrides, groups
 
 
 def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchResult, budget: Budget) -> None:

@@ -8,11 +8,18 @@ equal to the run's own method gives bit-identical amax (tests/test_tune.py check
 
 Weights are per-channel max in every mode (unchanged here). Activation quantizers without a histogram
 (per-channel, or never reached) keep their amax.
+
+Refinement (tune.calibrator_per): after the global choice, the best candidate per group of activation
+quantizers — by role (every linear_input, every attn_q, ...) or by slot (one tensor position in every layer:
+the Q/K/V Linears' input, the FFN second Linear's input, ...). The result is a list of
+`calibration.overrides` rules (pipeline/quantization/calibrate.py method_for), so a tuned plan and a
+hand-written calibration config are one mechanism: the plan applies its rules through the same function.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +27,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.quantization import calibration_plot
-from pipeline.quantization.calibrate import METHODS
+from pipeline.quantization.calibrate import METHODS, method_for
 from pipeline.quantization.calibrators import HistogramCalibrator
-from pipeline.schema import CalibrationConfig
+from pipeline.schema import CalibrationConfig, CalibrationOverride
 
 # Candidate name -> the calibration settings it stands for (names as the conf/calibration options).
 CANDIDATES: dict[str, dict] = {
@@ -35,13 +42,60 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
-def candidate_config(name: str, base: CalibrationConfig) -> CalibrationConfig:
-    """The run's calibration settings (bins, stride, start_bin) with this candidate's method."""
-    return dataclasses.replace(base, **CANDIDATES[name])
+def candidate_config(name: str, base: CalibrationConfig, overrides: list[dict] | None = None) -> CalibrationConfig:
+    """The run's calibration settings (bins, stride, start_bin) with this candidate's method everywhere,
+    then `overrides` (rules as written by override_rule; the run's own overrides are not kept: a
+    candidate stands for one method on every quantizer)."""
+    rules = [CalibrationOverride(**r) for r in overrides or []]
+    return dataclasses.replace(base, **CANDIDATES[name], overrides=rules)
+
+
+def override_rule(selector: dict, name: str) -> dict:
+    """A calibration.overrides rule giving candidate `name` to the quantizers `selector` picks
+    ({"roles": [...]} or {"match": [...]})."""
+    c = CANDIDATES[name]
+    return {"match": list(selector.get("match", [])), "roles": list(selector.get("roles", [])), "method": c["method"],
+            "percentile": c.get("percentile")}  # fmt: skip
+
+
+# The layer index: the first ".<digits>." of a quantizer name (encoder.layer.3., transformer.layer.3.,
+# layers.3.); later numbers (GemmPair indices) tell different GEMMs of one layer apart and stay.
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _slot_globs(names: list[str]) -> list[str]:
+    """fnmatch globs for one position in every layer: the layer index as [0-9] per digit ("*" would also
+    match "0.attention" and catch the attention output's Linear with the FFN's)."""
+    return sorted({_LAYER.sub(lambda m: "." + "[0-9]" * len(m[1]) + ".", n, count=1) for n in names}, key=len)
+
+
+def calibration_groups(per: str, hists: dict, quantizers: dict) -> dict[str, tuple[dict, list[str]]]:
+    """Activation quantizers with a histogram, grouped for the per-group refinement:
+    {label: (selector of the override rule, quantizer names)}.
+
+    per="role": one group per role. per="slot": one group per position in the layer (the name with its
+    layer index wildcarded); positions that observe the same tensor in every layer (identical histograms:
+    Q, K and V Linears share their input) are one slot, so they keep one range."""
+    names = [n for n in hists if n in quantizers]
+    if per == "role":
+        roles: dict[str, list[str]] = {}
+        for n in names:
+            roles.setdefault(quantizers[n].role, []).append(n)
+        return {r: ({"roles": [r]}, ns) for r, ns in roles.items()}
+    slots: dict[str, list[str]] = {}
+    for n in names:
+        slots.setdefault(_LAYER.sub(".*.", n, count=1), []).append(n)
+    merged: dict[tuple, tuple[list[str], list[str]]] = {}  # histogram signature -> (slot labels, names)
+    for label, members in slots.items():
+        sig = tuple((hists[n][0].numpy().tobytes(), hists[n][1].numpy().tobytes()) for n in members)
+        labels, ns = merged.setdefault(sig, ([], []))
+        labels.append(label)
+        ns.extend(members)
+    return {" | ".join(labels): ({"match": [g for lb in labels for g in _slot_globs(slots[lb])]}, ns) for labels, ns in merged.values()}
 
 
 def own_candidate(c: CalibrationConfig) -> str | None:
-    """Which candidate the run's own calibration is (None: a percentile not in the list)."""
+    """Which candidate the run's own calibration is (None: a percentile not in the list, or overrides)."""
     for name in CANDIDATES:
         if candidate_config(name, c) == c:
             return name
@@ -53,7 +107,11 @@ def load_histograms(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor
     path = run_dir / calibration_plot.HISTOGRAMS
     if not path.exists():
         return {}
-    flat = load_file(str(path))
+    return histogram_pairs(load_file(str(path)))
+
+
+def histogram_pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"<q>.hist": counts, "<q>.edges": edges} (the saved layout) -> {q: (counts, edges)}."""
     return {k[: -len(".hist")]: (v, flat[k[: -len(".hist")] + ".edges"]) for k, v in flat.items() if k.endswith(".hist")}
 
 
@@ -64,15 +122,20 @@ def _histogram_max(counts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_amax(
-    name: str, hists: dict[str, tuple[torch.Tensor, torch.Tensor]], quantizers: dict, base: CalibrationConfig
+    name: str,
+    hists: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    quantizers: dict,
+    base: CalibrationConfig,
+    overrides: list[dict] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Activation amax by quantizer name for candidate `name`, from the saved histograms."""
-    cfg = candidate_config(name, base)
+    """Activation amax by quantizer name for candidate `name` (then `overrides`), from the saved histograms."""
+    run = candidate_config(name, base, overrides)
     out = {}
     for qname, (counts, edges) in hists.items():
         q = quantizers.get(qname)
         if q is None:
             continue
+        cfg = method_for(qname, q.role, run)
         if cfg.method == "max":
             out[qname] = _histogram_max(counts, edges)
             continue
@@ -91,30 +154,32 @@ def apply_amax(quantizers: dict, amax: dict[str, torch.Tensor], device: torch.de
         quantizers[name].amax = quantizers[name].amax.to(device)
 
 
-def choose_per_role(
-    roles: dict[str, list[str]],
+def choose_per_group(
+    groups: dict[str, list[str]],
     candidates: dict[str, dict[str, torch.Tensor]],
     best: str,
     score: Callable[[], tuple[float, float]],
     apply: Callable[[dict[str, torch.Tensor]], None],
-) -> tuple[dict[str, str], int]:
-    """Per-role refinement of the global choice `best`: for each role (its quantizer names in `roles`),
-    try every other candidate on that role's quantizers alone and keep it when the tuning score
-    (accuracy, -KL) improves. `score()` evaluates the model as it is now. Returns ({role: candidate}
-    for the roles that changed, evaluations spent); the model is left in the refined state."""
+) -> tuple[dict[str, str], dict[str, dict[str, tuple[float, float]]]]:
+    """Per-group refinement of the global choice `best` (one pass of coordinate descent): for each group
+    (label -> its quantizer names), try every other candidate on that group's quantizers alone, the
+    others as chosen so far, and keep it when the tuning score (larger = better, e.g. Score.rank)
+    improves. `score()` evaluates the model as it is now. Returns ({label: candidate} for the groups
+    that changed, {label: {candidate: score}} of every evaluation); the model is left refined."""
     current = score()
     chosen: dict[str, str] = {}
-    evaluations = 1
-    for role, names in roles.items():
+    tried: dict[str, dict[str, tuple[float, float]]] = {}
+    for label, names in groups.items():
+        tried[label] = {best: current}
         for cand in candidates:
-            if cand == chosen.get(role, best):
+            if cand == chosen.get(label, best):
                 continue
             apply({n: candidates[cand][n] for n in names if n in candidates[cand]})
             s = score()
-            evaluations += 1
+            tried[label][cand] = s
             if s > current:
-                current, chosen[role] = s, cand
+                current, chosen[label] = s, cand
             else:
-                keep = chosen.get(role, best)
+                keep = chosen.get(label, best)
                 apply({n: candidates[keep][n] for n in names if n in candidates[keep]})
-    return chosen, evaluations
+    return chosen, tried

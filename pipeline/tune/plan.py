@@ -2,9 +2,11 @@
 
     qdq-pipeline <the tuning run's overrides> tune.plan=<run>/tuned_quant.yaml
 
-The file holds the chosen calibrator and the quantizers returned to float (by fusion group). Applied by
-the tune stage in place of the search: activation amax from the calibrator on this run's calibration
-histograms (the same one collection pass, so the same numbers), then the listed quantizers off. Same
+The file holds the chosen calibrator, the roles/slots that take another one (`overrides`: rules in the
+`calibration.overrides` format, tune.calibrator_per) and the quantizers returned to float (by fusion
+group). Applied by the tune stage in place of the search: activation amax from the calibrator and rules on
+this run's calibration histograms (the same one collection pass, so the same numbers), then the listed
+quantizers off. Same
 model, data and quant/calibration settings -> the tuned model bit for bit (tests/test_tune.py).
 """
 
@@ -16,9 +18,12 @@ from typing import Any
 import yaml
 
 from pipeline.outputs import write_text
-from pipeline.tune.calibrators import CANDIDATES
+from pipeline.tune.calibrators import CANDIDATES, override_rule
 
-KEYS = ("calibrator", "role_calibrators", "groups_in_float", "exclude", "budget", "tuned_under")
+KEYS = ("calibrator", "overrides", "groups_in_float", "exclude", "budget", "tuned_under")
+# Plans written before the rules (tune.per_role): {role: calibrator}; read as one rule per role.
+LEGACY = ("role_calibrators",)
+_RULE_KEYS = ("match", "roles", "method", "percentile")
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -36,7 +41,7 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
         return [f"tune.plan: {path} is not valid YAML ({exc})"]
     if not isinstance(plan, dict):
         return [f"tune.plan: {path} must hold a mapping with keys {', '.join(KEYS)}"]
-    errors = [f"tune.plan: {path}: unknown key {k!r}; valid keys: {', '.join(KEYS)}" for k in plan if k not in KEYS]
+    errors = [f"tune.plan: {path}: unknown key {k!r}; valid keys: {', '.join(KEYS)}" for k in plan if k not in KEYS + LEGACY]
     cal = plan.get("calibrator")
     if cal is not None and cal not in CANDIDATES:
         errors.append(f"tune.plan: {path}: calibrator {cal!r} is not valid; valid values: {', '.join(CANDIDATES)} or null")
@@ -45,18 +50,33 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
     roles = plan.get("role_calibrators") or {}
     if not isinstance(roles, dict) or any(v not in CANDIDATES for v in roles.values()):
         errors.append(f"tune.plan: {path}: role_calibrators must map roles to calibrators; valid values: {', '.join(CANDIDATES)}")
+    rules = plan.get("overrides") or []
+    methods = ("max", "percentile", "entropy", "mse")
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and set(r) <= set(_RULE_KEYS) for r in rules):
+        errors.append(f"tune.plan: {path}: overrides must be a list of calibration.overrides rules (keys {', '.join(_RULE_KEYS)})")
+    elif any(r.get("method") not in methods for r in rules):
+        errors.append(f"tune.plan: {path}: overrides: every rule needs a method; valid values: {', '.join(methods)}")
+    if (rules or roles) and not cal:
+        errors.append(
+            f"tune.plan: {path}: overrides / role_calibrators refine a calibrator: give calibrator (valid values: {', '.join(CANDIDATES)})"
+        )
     exclude = plan.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         errors.append(f"tune.plan: {path}: exclude must be a list of quantizer names (quant_map.json 'name')")
     return errors
 
 
-def write(
-    path: Path, *, calibrator: str | None, role_calibrators: dict, groups: list, budget: dict, tuned_under: dict, command: str
-) -> Path:
+def overrides(plan: dict) -> list[dict]:
+    """The plan's calibration override rules (a legacy role_calibrators map becomes one rule per role)."""
+    legacy = [override_rule({"roles": [role]}, cand) for role, cand in (plan.get("role_calibrators") or {}).items()]
+    return list(plan.get("overrides") or []) + legacy
+
+
+def write(path: Path, *, calibrator: str | None, overrides: list, groups: list, budget: dict, tuned_under: dict, command: str) -> Path:
     body = {
-        "calibrator": calibrator,
-        "role_calibrators": role_calibrators,
+        # null: the run's own calibration was kept (tune.calibrators=[]), whatever it is
+        "calibrator": calibrator if calibrator in CANDIDATES else None,
+        "overrides": overrides,
         "groups_in_float": [g.name for g in groups],
         "exclude": [q for g in groups for q in g.quantizers],
         "budget": budget,
@@ -64,9 +84,10 @@ def write(
     }
     head = (
         "# Tuned quantization plan (accuracy budget), written by the tune stage.\n"
-        "# calibrator: activation amax method (from the run's calibration histograms; role_calibrators: roles\n"
-        "# that differ, tune.per_role); exclude: quantizers\n"
-        "# returned to float, whole fusion groups (groups_in_float). Reproduce the tuned model bit for bit:\n"
+        "# calibrator: activation amax method (from the run's calibration histograms); overrides: the roles or\n"
+        "# slots that take another one (tune.calibrator_per; calibration.overrides rules, first match wins);\n"
+        "# exclude: quantizers returned to float, whole fusion groups (groups_in_float).\n"
+        "# Reproduce the tuned model bit for bit:\n"
         f"#   {command} tune.plan={path}\n"
     )
     write_text(path, head + yaml.safe_dump(body, sort_keys=False, width=200))

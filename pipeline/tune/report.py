@@ -23,7 +23,12 @@ def report_lines(d: dict) -> list[str]:
         f"- budget: drop ≤ {t['max_drop']} {unit} on the tuning split ({t['tune_examples']} examples): "
         f"**{'met' if t['met'] else 'NOT met — the most accurate plan found is kept'}**",
         f"- calibrator: {t['calibrator']} (run's own: {t.get('start_calibrator')})"
-        + (f"; per role: {', '.join(f'{r} → {c}' for r, c in t['role_calibrators'].items())}" if t.get("role_calibrators") else ""),
+        + (
+            f"; then {len(t['calibration_overrides'])} override rules (tune.calibrator_per): "
+            + "; ".join(map(_rule, t["calibration_overrides"]))
+            if t.get("calibration_overrides")
+            else ""
+        ),  # fmt: skip
         f"- fusion groups in float: {len(t['groups_in_float'])}"
         + (f" of {t['fusion_groups']}" if t.get("fusion_groups") else "")
         + (
@@ -69,3 +74,11 @@ def _ci(t: dict) -> str:
     """' ± x' (95 % interval of the tuning drop, paired) where recorded."""
     ci = t.get("drop_ci95")
     return f" ± {ci:.2f}" if isinstance(ci, int | float) and ci == ci and ci != float("inf") else ""
+
+
+def _rule(r: dict) -> str:
+    """One calibration.overrides rule, short: `glob`, ... (roles) -> method [percentile]."""
+    where = ", ".join(f"`{g}`" for g in r.get("match") or []) or "any name"
+    roles = f" ({', '.join(r['roles'])})" if r.get("roles") else ""
+    pct = f" {r['percentile']}" if r.get("percentile") is not None else ""
+    return f"{where}{roles} → {r['method']}{pct}"
