@@ -23,6 +23,7 @@ from pipeline.quantization.placement import insert_quantizers
 from pipeline.schema import ConfigError, validate
 from pipeline.stages import export as export_stage
 from pipeline.testing import TINY, compose_cfg
+from pipeline.tune import plan as plan_file
 from pipeline.tune.calibrators import (
     calibration_groups,
     candidate_amax,
@@ -302,6 +303,12 @@ def test_plan_file_errors(tmp_path):
     msg = str(err.value)
     assert "unknown key 'groups'; valid keys: calibrator, overrides, groups_in_float, exclude, budget, tuned_under" in msg
     assert "overrides: every rule needs a method; valid values: max, percentile, entropy, mse" in msg
+    # Plans written before the rules (tune.per_role: {role: calibrator}) still apply, as one rule per role.
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text(yaml.safe_dump({"calibrator": "mse", "role_calibrators": {"attn_q": "percentile_99_9"}, "exclude": []}))
+    validate(compose_cfg([f"tune.plan={legacy}"]))
+    rules = plan_file.overrides(plan_file.read(legacy))
+    assert rules == [{"match": [], "roles": ["attn_q"], "method": "percentile", "percentile": 99.9}]
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
     assert "exclude must be a list of quantizer names" in msg
 

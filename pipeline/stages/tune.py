@@ -215,9 +215,7 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
     groups = calibration_groups(cfg.tune.calibrator_per, hists, ctx.quantizers)
 
     def group_score() -> tuple[float, float]:
-        s = score(logits(ctx.model))
-        log.debug("tune: per-%s state: accuracy %.4f, KL %.5f", cfg.tune.calibrator_per, s.accuracy, s.kl)
-        return s.rank(crit)
+        return score(logits(ctx.model)).rank(crit)
 
     chosen, tried = choose_per_group(
         {label: ns for label, (_, ns) in groups.items()},

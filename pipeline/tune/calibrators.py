@@ -19,6 +19,7 @@ hand-written calibration config are one mechanism: the plan applies its rules th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,8 @@ from pipeline.quantization import calibration_plot
 from pipeline.quantization.calibrate import METHODS, method_for
 from pipeline.quantization.calibrators import HistogramCalibrator
 from pipeline.schema import CalibrationConfig, CalibrationOverride
+
+log = logging.getLogger(__name__)
 
 # Candidate name -> the calibration settings it stands for (names as the conf/calibration options).
 CANDIDATES: dict[str, dict] = {
@@ -177,6 +180,7 @@ def choose_per_group(
             apply({n: candidates[cand][n] for n in names if n in candidates[cand]})
             s = score()
             tried[label][cand] = s
+            log.info("tune: %s -> %s: score %s (best so far %s)", label, cand, s, current)
             if s > current:
                 current, chosen[label] = s, cand
             else:
