@@ -61,7 +61,8 @@ class Metrics:
     # ONNX Runtime's own quantizers as comparison rows: {name, description, precision, file, accuracy,
     # error, grid: [{batch, seq, p50}], real_length} (pipeline/engines/peers.py).
     peers: list[dict[str, Any]] = field(default_factory=list)
-    # The task's own metrics (metrics.json under the task's name, e.g. "embedding"); {} for the default task.
+    # The task's own metrics (metrics.json under the task's name, e.g. "embedding"; the default task: each
+    # quantized output's drop vs the baseline engine with its paired 95 % interval).
     task: dict[str, Any] = field(default_factory=dict)
     # Accuracy budget (stage tune): {met, max_drop, calibrator, groups_in_float, evaluations, seconds, ...}.
     tune: dict[str, Any] | None = None

@@ -52,6 +52,10 @@ def test_smoke_run_writes_the_output_contract(tmp_path):
     assert {r["role"] for r in qmap} == {"linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs"}
     assert "accuracy engine INT8" in (run / "report.md").read_text()
     assert ctx.metrics.accuracy["int8"] == m["accuracy"]["int8"]
+    # The INT8 engine's drop vs the FP32 engine, with its paired interval (same eval examples).
+    d = m["sequence_classification"]["int8"]
+    assert d["drop_pt"] == pytest.approx(100 * (m["accuracy"]["engine_fp32"] - m["accuracy"]["int8"])) and d["drop_ci95_pt"] >= 0
+    assert "drop int8 vs engine FP32 (paired 95 % interval)" in (run / "report.md").read_text()
 
 
 def _graph_bytes(path: Path) -> bytes:

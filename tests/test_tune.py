@@ -263,6 +263,17 @@ def test_relative_budget_is_percent_of_fp32_accuracy():
     assert Budget(0.80, 0.5).drop_ci95(ref, q) == pytest.approx(100 * 1.96 * np.sqrt(2 / 3) / 2)
     assert b.drop_ci95(ref, q) == pytest.approx(100 * 1.96 * np.sqrt(2 / 3) / 2 / 0.8)
     assert Budget(0.80, 0.5).drop_ci95(ref, ref) == 0.0  # same predictions: no uncertainty about the drop
+    # The evaluate stage reports the same interval for every run's INT8 engine vs its FP32 engine (eval split).
+    from pipeline.data.batching import Encoded
+    from pipeline.tasks.sequence_classification import SequenceClassification
+
+    labels = [0, 0, 0, 1]
+    onehot = lambda right: np.eye(2)[[lab if r else 1 - lab for lab, r in zip(labels, right)]]  # noqa: E731
+    m = SequenceClassification().task_metrics(
+        {"fp32": onehot(ref), "engine_fp32": onehot(ref), "int8": onehot(q)}, Encoded([{}] * 4, labels)
+    )
+    assert set(m) == {"int8"} and m["int8"]["drop_pt"] == 0.0 and m["int8"]["changed"] == 2 and m["int8"]["n"] == 4
+    assert m["int8"]["drop_ci95_pt"] == pytest.approx(100 * 1.96 * np.sqrt(2 / 3) / 2)
 
 
 # ---------------------------------------------------------------------------------------------

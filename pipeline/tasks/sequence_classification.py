@@ -16,6 +16,9 @@ from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
 from pipeline.schema import DataConfig, ModelConfig
 from pipeline.training import classification_objective
+from pipeline.tune.search import paired_drop_ci95
+
+_NAMES = {"fp32": "FP32", "fp16": "FP16"}
 
 
 def logits_parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -63,9 +66,33 @@ class SequenceClassification:
         return None  # training-time evaluation: accuracy and cross-entropy (stages/_common.py)
 
     def task_metrics(self, outputs: dict, data: Encoded) -> dict:
-        return {}
+        """Each quantized output against the baseline engine on the same examples: the accuracy drop, its
+        paired 95 % interval (the eval split's own noise: is the drop real?) and the predictions that differ.
+        {output label: {drop_pt, drop_ci95_pt, changed, n}}."""
+        base = next((outputs[k] for k in ("engine_fp32", "engine_fp16") if k in outputs), None)
+        if base is None:
+            return {}
+        labels = np.asarray(data.labels[: len(base)])
+        ref = base.argmax(-1) == labels
+        out = {}
+        for label, logits in outputs.items():
+            if label in ("fp32", "fake_quant", "engine_fp32", "engine_fp16", "trt_graph_fp16"):
+                continue
+            q = logits.argmax(-1) == labels
+            out[label] = {
+                "drop_pt": 100 * float(ref.mean() - q.mean()),
+                "drop_ci95_pt": paired_drop_ci95(ref, q),
+                "changed": int((logits.argmax(-1) != base.argmax(-1)).sum()),
+                "n": int(len(q)),
+            }
+        return out
 
     def report_rows(self, d: dict) -> list[tuple[str, str]]:
-        return []
+        base = _NAMES.get((d.get("engine_precisions") or {}).get("baseline") or "fp32", "FP32")
+        return [
+            (f"drop {label} vs engine {base} (paired 95 % interval)",
+             f"{v['drop_pt']:+.2f} ± {v['drop_ci95_pt']:.2f} pt; {v['changed']} of {v['n']} predictions differ")
+            for label, v in (d.get(self.name) or {}).items()
+        ]  # fmt: skip
 
     parity_text = staticmethod(argmax_cosine_row)
