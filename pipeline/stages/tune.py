@@ -214,29 +214,22 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
         return best, scores, kept[best][1], [], 0
     groups = calibration_groups(cfg.tune.calibrator_per, hists, ctx.quantizers)
 
-    def group_score() -> tuple[float, float]:
-        return score(logits(ctx.model)).rank(crit)
-
     chosen, tried = choose_per_group(
         {label: ns for label, (_, ns) in groups.items()},
         {n: kept[n][0] for n in names},
         best,
-        group_score,
+        lambda: score(logits(ctx.model)),
         lambda a: apply_amax(ctx.quantizers, a, ctx.device),
+        key=lambda s: s.rank(crit),
     )
     rules = [override_rule(groups[label][0], cand) for label, cand in chosen.items()]
     info["calibrator_per_group"] = {
-        label: {c: _score_dict(r, crit) for c, r in t.items()} | {"chosen": chosen.get(label, best)} for label, t in tried.items()
+        label: {c: {"accuracy": r.accuracy, "kl": r.kl} for c, r in t.items()} | {"chosen": chosen.get(label, best)}
+        for label, t in tried.items()
     }
     log.info("tune: per-%s calibrators %s (global %s)", cfg.tune.calibrator_per, chosen or "none better", best)
     # the refined state's logits are evaluated by the caller
     return best, scores, None, rules, 1 + sum(len(t) - 1 for t in tried.values())
-
-
-def _score_dict(rank: tuple[float, float], criterion: str) -> dict[str, float]:
-    """Score.rank's key back to {accuracy, kl}."""
-    kl, acc = (-rank[0], rank[1]) if criterion == "kl" else (-rank[1], rank[0])
-    return {"accuracy": acc, "kl": kl}
 
 
 def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup]]:

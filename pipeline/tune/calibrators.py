@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -161,17 +162,18 @@ def choose_per_group(
     groups: dict[str, list[str]],
     candidates: dict[str, dict[str, torch.Tensor]],
     best: str,
-    score: Callable[[], tuple[float, float]],
+    score: Callable[[], Any],
     apply: Callable[[dict[str, torch.Tensor]], None],
-) -> tuple[dict[str, str], dict[str, dict[str, tuple[float, float]]]]:
+    key: Callable[[Any], Any] = lambda s: s,
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Per-group refinement of the global choice `best` (one pass of coordinate descent): for each group
     (label -> its quantizer names), try every other candidate on that group's quantizers alone, the
-    others as chosen so far, and keep it when the tuning score (larger = better, e.g. Score.rank)
-    improves. `score()` evaluates the model as it is now. Returns ({label: candidate} for the groups
+    others as chosen so far, and keep it when the tuning score improves (`key(score)` larger = better,
+    e.g. Score.rank). `score()` evaluates the model as it is now. Returns ({label: candidate} for the groups
     that changed, {label: {candidate: score}} of every evaluation); the model is left refined."""
     current = score()
     chosen: dict[str, str] = {}
-    tried: dict[str, dict[str, tuple[float, float]]] = {}
+    tried: dict[str, dict[str, Any]] = {}
     for label, names in groups.items():
         tried[label] = {best: current}
         for cand in candidates:
@@ -181,7 +183,7 @@ def choose_per_group(
             s = score()
             tried[label][cand] = s
             log.info("tune: %s -> %s: score %s (best so far %s)", label, cand, s, current)
-            if s > current:
+            if key(s) > key(current):
                 current, chosen[label] = s, cand
             else:
                 keep = chosen.get(label, best)
