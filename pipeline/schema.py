@@ -532,8 +532,6 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:
         errors.append("qat.distill: needs qat enabled")
-    if c.qat.kd_hidden > 0 and not c.qat.distill and c.task.name != "embedding":  # embedding always distills
-        errors.append(f"qat.kd_hidden: {c.qat.kd_hidden} needs qat.distill=true (qat=kd); set qat.kd_hidden=0 or choose qat=kd")
     if c.finetune.kd_hidden > 0 or c.finetune.distill:
         errors.append("finetune.distill / finetune.kd_hidden: the FP32 fine-tune has no teacher; distillation is a qat option (qat=kd)")
     if c.finetune.select_by == "kl":

@@ -16,6 +16,9 @@ import numpy as np
 
 from pipeline.schema import EngineConfig
 
+# How reports name each engine precision (report.md, the tasks' report rows).
+PRECISION_NAMES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "fp8": "FP8"}
+
 
 class Engine(Protocol):
     precision: str  # "fp32" | "fp16" (baselines) | "int8" | "fp8"

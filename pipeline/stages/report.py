@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from pipeline.context import RunContext
+from pipeline.engines import PRECISION_NAMES
 from pipeline.outputs import write_json, write_text
 from pipeline.quantization import calibration_plot
 from pipeline.schema import RunConfig
@@ -60,9 +61,6 @@ def _ms(d: dict, p: str) -> str:
     return f"{d['latency_ms'][p]['p50']:.2f} ms" if p in d["latency_ms"] else "—"
 
 
-_NAMES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "fp8": "FP8"}
-
-
 def summary_table(d: dict, run_dir: Path, task=None) -> str:
     """The headline table; `task` (pipeline/tasks/) words its score, parity and adds its own rows."""
     from pipeline.tasks.sequence_classification import argmax_cosine_row
@@ -72,7 +70,7 @@ def summary_table(d: dict, run_dir: Path, task=None) -> str:
     acc = d["accuracy"]
     prec = d.get("engine_precisions") or {}
     base, quant = prec.get("baseline") or "fp32", prec.get("quantized") or "int8"
-    B, Q = _NAMES[base], _NAMES[quant]
+    B, Q = PRECISION_NAMES[base], PRECISION_NAMES[quant]
     rows = [
         (f"{score} FP32 (torch)", _pct(acc["fp32"])),
         (f"{score} fake-quant (torch)", _pct(acc["fake_quant"])),
@@ -186,7 +184,8 @@ def peer_table(d: dict) -> list[str]:
     real = d["benchmark"].get("real_length", {})
     acc = d["accuracy"]
     rows = [
-        (f"this project {_NAMES.get(p, p)}", acc.get(f"engine_{p}") if p == base else acc.get(p), ours[p], real.get(p), None) for p in ours
+        (f"this project {PRECISION_NAMES.get(p, p)}", acc.get(f"engine_{p}") if p == base else acc.get(p), ours[p], real.get(p), None)
+        for p in ours
     ]
     for peer in d["peers"]:
         cell = {(r["batch"], r["seq"]): r["p50"] for r in peer["grid"]}
@@ -197,7 +196,7 @@ def peer_table(d: dict) -> list[str]:
     header = (
         ["model", "accuracy", "Δ pt"]
         + [f"p50 b{b}×s{s} ms" for b, s in cells]
-        + [f"ratio vs {_NAMES.get(base, base)} b{head[0]}×s{head[1]}" if head else "ratio"]
+        + [f"ratio vs {PRECISION_NAMES.get(base, base)} b{head[0]}×s{head[1]}" if head else "ratio"]
     )
     header.append("real lengths: ms per pass")
     out = ["## Peer comparison (ONNX Runtime's own quantizers, same run)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

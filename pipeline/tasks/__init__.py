@@ -137,6 +137,10 @@ def combination_errors(cfg: RunConfig) -> list[str]:
         )
     if cfg.task.name not in TASKS:
         errors.append(f"task.name: {cfg.task.name!r} is not built yet; valid values: {', '.join(TASKS)}")
+    elif cfg.qat.kd_hidden > 0 and not cfg.qat.distill and not make_task(cfg).distills:
+        # The hidden-state term needs the FP32 teacher, which QAT runs when qat.distill is set or the task
+        # always distills (embedding) — the same rule as stages/qat.py.
+        errors.append(f"qat.kd_hidden: {cfg.qat.kd_hidden} needs qat.distill=true (qat=kd); set qat.kd_hidden=0 or choose qat=kd")
     return errors
 
 

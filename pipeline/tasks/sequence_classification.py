@@ -14,11 +14,10 @@ from transformers import AutoModelForSequenceClassification
 
 from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
+from pipeline.engines import PRECISION_NAMES
 from pipeline.schema import DataConfig, ModelConfig
 from pipeline.training import classification_objective
 from pipeline.tune.search import paired_drop_ci95
-
-_NAMES = {"fp32": "FP32", "fp16": "FP16"}
 
 
 def logits_parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -88,7 +87,7 @@ class SequenceClassification:
         return out
 
     def report_rows(self, d: dict) -> list[tuple[str, str]]:
-        base = _NAMES.get((d.get("engine_precisions") or {}).get("baseline") or "fp32", "FP32")
+        base = PRECISION_NAMES[(d.get("engine_precisions") or {}).get("baseline") or "fp32"]
         return [
             (f"drop {label} vs engine {base} (paired 95 % interval)",
              f"{v['drop_pt']:+.2f} ± {v['drop_ci95_pt']:.2f} pt; {v['changed']} of {v['n']} predictions differ")

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.outputs import write_text
+from pipeline.quantization.calibrate import METHODS
 from pipeline.tune.calibrators import CANDIDATES, override_rule
 
 KEYS = ("calibrator", "overrides", "groups_in_float", "exclude", "budget", "tuned_under")
@@ -51,7 +52,7 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
     if not isinstance(roles, dict) or any(v not in CANDIDATES for v in roles.values()):
         errors.append(f"tune.plan: {path}: role_calibrators must map roles to calibrators; valid values: {', '.join(CANDIDATES)}")
     rules = plan.get("overrides") or []
-    methods = ("max", "percentile", "entropy", "mse")
+    methods = tuple(METHODS)
     if not isinstance(rules, list) or not all(isinstance(r, dict) and set(r) <= set(_RULE_KEYS) for r in rules):
         errors.append(f"tune.plan: {path}: overrides must be a list of calibration.overrides rules (keys {', '.join(_RULE_KEYS)})")
     elif any(r.get("method") not in methods for r in rules):
