@@ -119,3 +119,59 @@ def test_sweep_report_shows_each_jobs_peers(tmp_path):
     rows = write_report(tmp_path)
     assert rows[0]["peers"] == "ort_dynamic=83.75%@2.50ms ort_static=failed"
     assert "- 0: ort_dynamic=83.75%@2.50ms ort_static=failed" in (tmp_path / "sweep_report.md").read_text()
+
+
+def _fails_at_run(p: peers.PeerInputs):
+    """A valid graph that raises in ONNX Runtime at run time, like MPNet's quantized bucket arithmetic did:
+    the FP32 graph whose logits also depend on Gather(table of 2 rows, input_ids) (indices out of bounds)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(p.fp32_onnx))
+    out = m.graph.output[0].name
+    m.graph.output[0].name = "logits_raw"
+    for n in m.graph.node:
+        n.output[:] = ["logits_raw" if o == out else o for o in n.output]
+    m.graph.initializer.append(helper.make_tensor("bad_table", TensorProto.FLOAT, [2], [0.0, 0.0]))
+    m.graph.node.extend(
+        [
+            helper.make_node("Gather", ["bad_table", "input_ids"], ["bad_g"]),
+            helper.make_node("ReduceSum", ["bad_g"], ["bad_s"], axes=[1], keepdims=1)
+            if m.opset_import[0].version < 13
+            else helper.make_node("ReduceMax", ["bad_g"], ["bad_s"], keepdims=1),
+            helper.make_node("Add", ["logits_raw", "bad_s"], [out]),
+        ]
+    )
+    path = p.out_dir / "fails_at_run.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_peer_that_fails_at_evaluation_is_a_row_and_the_run_finishes(tiny_run, monkeypatch):
+    monkeypatch.setitem(peers.PEERS, "ort_static", (_fails_at_run, "int8", "raises at run time on purpose"))
+    ctx = tiny_run(["benchmark.peers=[ort_dynamic,ort_static]"])
+    m = json.loads((ctx.run_dir / "metrics.json").read_text())
+    by = {p["name"]: p for p in m["peers"]}
+    assert by["ort_static"]["error"].startswith("evaluate: ") and "Gather" in by["ort_static"]["error"]
+    assert by["ort_static"]["accuracy"] is None and by["ort_static"]["grid"] == [] and "real_length" not in by["ort_static"]
+    # the other peer and our own engines are measured as usual
+    assert by["ort_dynamic"]["error"] is None and by["ort_dynamic"]["grid"] and by["ort_dynamic"]["accuracy"] is not None
+    assert m["accuracy"]["int8"] is not None and m["speedup"] is not None
+    assert "failed: evaluate: " in (ctx.run_dir / "report.md").read_text()
+
+
+def test_ort_static_quantizes_only_the_gemms(tiny_run):
+    """Every activation Q/DQ pair of ort_static feeds a MatMul / Gemm (no quantized index arithmetic, which
+    broke MPNet's relative-position buckets at run time; no quantized GEMM outputs)."""
+    import onnx
+
+    ctx = tiny_run(["benchmark.peers=[ort_static]"])
+    g = onnx.load(str(ctx.run_dir / "peers" / "ort_static.onnx")).graph
+    consumers: dict[str, set[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.op_type)
+    q_outputs = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
+    activation_dq = [n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in q_outputs]
+    assert activation_dq
+    assert all(consumers.get(o, set()) & set(peers.STATIC_OPS) for o in activation_dq)

@@ -108,9 +108,24 @@ def ort_static(p: PeerInputs) -> Path:
         # every full group of collected batches without merging their ranges (MinMaxCalibrater.collect_data),
         # and raises "No data is collected." when the batch count is a multiple of it.
         calibrate_method=CalibrationMethod.MinMax,
+        # Only the GEMMs: they are where ORT CPU has int8 kernels. By default quantize_static also puts
+        # Q/DQ on Add / Mul / Gather / Transpose / Where ..., which quantized MPNet's relative-position
+        # bucket arithmetic (log(0) = -inf -> a NaN scale -> garbage Gather indices at run time).
+        op_types_to_quantize=list(STATIC_OPS),
+        # A tensor read by a MatMul and by something else (the residual stream feeds Q/K/V and the
+        # residual Add) gets its own Q/DQ pair per consumer: shared, the Add would read the quantized
+        # copy and the residual stream would be rounded to 8 bits in every layer.
+        # (ORT does so only where several quantized nodes read the tensor; a LayerNorm output read by one
+        # MatMul and the residual Add still shares its pair.) GEMM outputs stay float: quantizing them
+        # (the default) rounds every pre-bias activation to u8 on a MinMax range.
+        extra_options={"DedicatedQDQPair": True, "OpTypesToExcludeOutputQuantization": list(STATIC_OPS)},
     )
     pre.unlink(missing_ok=True)
     return out
+
+
+# What ort_static quantizes (see ort_static).
+STATIC_OPS = ("MatMul", "Gemm")
 
 
 # name -> (builder, precision the peer computes its GEMMs in, one-line description for the report).

@@ -50,7 +50,7 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
             calls = {e.precision: e.bind(inputs) for e in engines.values()}
             if b.include_torch:
                 calls.update(_torch_calls(ctx, inputs, torch_threads))
-            peer_calls = {name: e.bind(inputs) for name, e in ctx.peers.items()}
+            peer_calls = _working_peer_calls(ctx, inputs, f"b{batch}xs{seq}")
             times = interleaved({**calls, **peer_calls}, b.warmup, b.iters)
             for label, ts in times.items():
                 row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
@@ -66,8 +66,14 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
         "headline_seq": b.headline_seq,
     }
     if b.real_length_examples:
-        real = real_length(ctx, engines | ctx.peers, b)
-        ctx.metrics.benchmark["real_length"] = {k: v for k, v in real.items() if k not in ctx.peers}
+        real, failed = real_length(ctx, engines | ctx.peers, b)
+        for name, exc in failed.items():
+            if name not in ctx.peers:  # our own engines must run every real shape
+                raise exc
+            peers[name]["error"] = f"benchmark real lengths: {type(exc).__name__}: {exc}"
+            log.warning("benchmark: peer %s failed: %s", name, peers[name]["error"])
+            del ctx.peers[name]
+        ctx.metrics.benchmark["real_length"] = {k: v for k, v in real.items() if k not in peers}
         for name in ctx.peers:
             peers[name]["real_length"] = real[name]
     head = {r["precision"]: r for r in grid if r["batch"] == b.headline_batch and r["seq"] == b.headline_seq}
@@ -77,6 +83,24 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     if base in head and quant in head:
         ctx.metrics.speedup = head[base]["p50"] / head[quant]["p50"]
     ctx.artifacts.plots["benchmark"] = plot(grid + [r for p in ctx.metrics.peers for r in p["grid"]], ctx.path("benchmark.png"))
+
+
+def _working_peer_calls(ctx: RunContext, inputs: dict[str, np.ndarray], where: str) -> dict[str, Callable[[], None]]:
+    """Each peer's timed call, tried once first: a peer that fails on these inputs (e.g. a quantized graph
+    that only breaks at some shapes) becomes a row with its error and leaves the comparison; the run goes on."""
+    rows = {row["name"]: row for row in ctx.metrics.peers}
+    calls = {}
+    for name, engine in list(ctx.peers.items()):
+        try:
+            call = engine.bind(inputs)
+            call()
+        except Exception as exc:
+            rows[name]["error"] = f"benchmark {where}: {type(exc).__name__}: {exc}"
+            log.warning("benchmark: peer %s failed: %s", name, rows[name]["error"])
+            del ctx.peers[name]
+            continue
+        calls[name] = call
+    return calls
 
 
 def synthetic_inputs(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -108,25 +132,35 @@ def real_length(ctx: RunContext, engines: dict, b) -> dict:
     every batch in turn; `real_length_passes` timed passes after one warm-up pass.
 
     Returns, per label, the milliseconds of one pass over the examples (median over passes), the
-    median batch latency and the throughput."""
+    median batch latency and the throughput; and the labels whose call raised, with the error."""
     data = ctx.encoded["eval"]
     data = Encoded(data.features[: b.real_length_examples], data.labels[: b.real_length_examples])
     feeds = [
         {k: v.numpy() for k, v in batch.inputs.items()} for batch in batches(ctx.tokenizer, data, b.headline_batch, sort_by_length=True)
     ]
     calls = [{label: e.bind(feed) for label, e in engines.items()} for feed in feeds]
+    # Warm-up pass, each call on its own: an engine that fails on some real shape leaves the row
+    # (failed[label] = the error) instead of stopping the run.
+    failed: dict[str, Exception] = {}
+    for batch_calls in calls:
+        for label, call in batch_calls.items():
+            if label not in failed:
+                try:
+                    call()
+                except Exception as exc:
+                    failed[label] = exc
+    engines = {label: e for label, e in engines.items() if label not in failed}
+    calls = [{label: c for label, c in batch_calls.items() if label in engines} for batch_calls in calls]
     per_pass: dict[str, list[float]] = {label: [] for label in engines}
     per_batch: dict[str, list[float]] = {label: [] for label in engines}
-    for p in range(b.real_length_passes + 1):
+    for _ in range(b.real_length_passes):
         totals = dict.fromkeys(engines, 0.0)
         for batch_calls in calls:
             for label, ms in interleaved(batch_calls, 0, 1).items():
                 totals[label] += ms[0]
-                if p:
-                    per_batch[label].append(ms[0])
-        if p:  # pass 0 warms up
-            for label, t in totals.items():
-                per_pass[label].append(t)
+                per_batch[label].append(ms[0])
+        for label, t in totals.items():
+            per_pass[label].append(t)
     lengths = [len(f["input_ids"]) for f in data.features]
     info = {"examples": len(data), "batch": b.headline_batch, "mean_len": float(np.mean(lengths)), "max_len": int(max(lengths))}
     out = {}
@@ -144,7 +178,7 @@ def real_length(ctx: RunContext, engines: dict, b) -> dict:
         info["mean_len"],
         {k: round(v["pass_ms"], 1) for k, v in out.items()},
     )
-    return out
+    return out, failed
 
 
 def _torch_calls(ctx: RunContext, inputs: dict[str, np.ndarray], threads: int) -> dict:

@@ -41,7 +41,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
                     "accuracy": ctx.metrics.accuracy,
                     "parity": ctx.metrics.parity,
                     "tensorrt_graphs": ctx.metrics.tensorrt_graphs,
-                    "peers": {r["name"]: r["accuracy"] for r in ctx.metrics.peers},
+                    "peers": {r["name"]: [r["accuracy"], r["error"]] for r in ctx.metrics.peers},
                     "task": ctx.metrics.task,
                 }
             )
@@ -52,7 +52,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         ctx.metrics.accuracy, ctx.metrics.parity, ctx.metrics.tensorrt_graphs = d["accuracy"], d["parity"], d["tensorrt_graphs"]
         ctx.metrics.task = d.get("task", {})
         for row in ctx.metrics.peers:
-            row["accuracy"] = d["peers"].get(row["name"])
+            row["accuracy"], row["error"] = d["peers"].get(row["name"], [None, row["error"]])
+            if row["error"]:
+                ctx.peers.pop(row["name"], None)
 
     hit = cached(ctx.cache, "evaluate", key, compute=lambda: _evaluate(cfg, ctx), save=save, restore=restore)
     return "cached" if hit else None
@@ -91,9 +93,17 @@ def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
         if fq is not None and label != "trt_graph_fp16":
             ctx.metrics.tensorrt_graphs.setdefault(label, {})["parity_vs_fake_quant"] = task.parity(logits[:n], fq[:n])
     # Peers (ONNX Runtime's own quantizers): same split, same batches.
+    # A peer that fails here (ONNX Runtime's quantizers do not handle every graph) is a row with its
+    # error and is not timed; it never stops the run.
     for row in ctx.metrics.peers:
         if row["name"] in ctx.peers:
-            outputs[row["name"]] = engine_logits(ctx.peers[row["name"]], ctx.tokenizer, ev, bs, token_level=tl)
+            try:
+                outputs[row["name"]] = engine_logits(ctx.peers[row["name"]], ctx.tokenizer, ev, bs, token_level=tl)
+            except Exception as exc:
+                row["error"] = f"evaluate: {type(exc).__name__}: {exc}"
+                log.warning("evaluate: peer %s failed: %s", row["name"], row["error"])
+                del ctx.peers[row["name"]]
+                continue
             row["accuracy"] = task.score(outputs[row["name"]], ev)
     ctx.metrics.task = task.task_metrics(outputs, ev)
     log.info("evaluate: peers %s", {r["name"]: r["accuracy"] for r in ctx.metrics.peers})

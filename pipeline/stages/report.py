@@ -202,7 +202,8 @@ def peer_table(d: dict) -> list[str]:
     out = ["## Peer comparison (ONNX Runtime's own quantizers, same run)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, a, cell, rl, err in rows:
         if err:
-            out.append(f"| {name} | failed: {err} |" + " |" * (len(header) - 2))
+            err = " ".join(str(err).split()).replace("|", "/")[:300]  # one table cell
+            out.append(f"| {name} | {_pct(a)} | failed: {err} |" + " |" * (len(header) - 3))
             continue
         delta = "—" if a is None or ref_acc is None else f"{100 * (a - ref_acc):+.2f}"
         ratio = f"{cell[head] / ref[head]:.3f}" if head in cell and head in ref else "—"
