@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.engines.onnxruntime import OrtEngine, transformer_fusions
 from pipeline.schema import EngineConfig
-from pipeline.stages.benchmark import interleaved
+from pipeline.timing import interleaved
 
 
 def graphs(run: Path, tmp: Path) -> dict[str, Path]:

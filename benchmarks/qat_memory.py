@@ -16,9 +16,9 @@ import torch
 from pipeline.models import load_model
 from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
-from pipeline.schema import validate
 from pipeline.testing import compose_cfg
 from pipeline.training import kd_loss
+from pipeline.validation import validate
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 
 from pipeline.engines.onnxruntime import OrtEngine
 from pipeline.engines.trt_graphs import retype_qdq
-from pipeline.schema import EngineConfig, validate
-from pipeline.stages._common import accuracy, engine_logits
+from pipeline.inference import accuracy, engine_logits
+from pipeline.schema import EngineConfig
+from pipeline.validation import validate
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from pipeline.distributed import is_main_process
 from pipeline.objective import evaluate_objective
 from pipeline.outputs import write_json
 from pipeline.run import run_pipeline
-from pipeline.schema import ConfigError, validate
+from pipeline.schema import ConfigError
+from pipeline.validation import validate
 
 log = logging.getLogger("pipeline")
 # The configs ship inside the package: pipeline/conf is a symlink to the top-level conf/ (the one copy

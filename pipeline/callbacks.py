@@ -46,7 +46,8 @@ class RunDirGuard(Callback):
         # folder: nothing is written for a run that cannot start. run_pipeline checks again (it is
         # also called without Hydra, e.g. by tests and scripts); the checks are cheap.
         from pipeline.run import preflight
-        from pipeline.schema import ConfigError, validate
+        from pipeline.schema import ConfigError
+        from pipeline.validation import validate
 
         try:
             preflight(validate(config))

@@ -27,7 +27,6 @@ StageStatus = Literal["done", "skipped", "cached", "failed"]
 class StageRecord:
     status: StageStatus
     seconds: float
-    note: str = ""
 
 
 @dataclass
@@ -36,8 +35,6 @@ class Artifacts:
 
     finetuned: Path | None = None
     quantizers: Path | None = None
-    onnx_fp32: Path | None = None
-    onnx_int8: Path | None = None
     onnx: dict[str, Path] = field(default_factory=dict)  # every exported graph by file name
     engine_files: dict[str, Path] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)
@@ -51,6 +48,11 @@ class Metrics:
     parity: dict[str, float | None] = field(default_factory=lambda: {"argmax_agreement": None, "cosine": None})
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     speedup: float | None = None
+    # engine=auto's resolution: {asked, chosen, why} (run.py _resolve_engine).
+    engine_choice: dict[str, str] = field(default_factory=dict)
+    # The quantized engine vs the fastest float engine timed on this machine (headline shape):
+    # {baseline, p50, ratio, candidates} (stages/benchmark.py best_float).
+    speedup_vs_best_float: dict[str, Any] | None = None
     benchmark: dict[str, Any] = field(default_factory=lambda: {"grid": []})
     quantization: dict[str, Any] = field(default_factory=dict)  # counts: quantizers, int8 kernels, ...
     training: dict[str, Any] = field(default_factory=dict)  # per training stage: steps, loss, seconds

@@ -22,12 +22,13 @@ from pipeline import __version__, distributed
 from pipeline.cache import StageCache
 from pipeline.context import RunContext, StageRecord
 from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits
-from pipeline.engines import ENGINES
+from pipeline.engines import ENGINES, auto_engine
 from pipeline.outputs import config_hash, write_json, write_text
-from pipeline.schema import ConfigError, RunConfig, validate
+from pipeline.schema import ConfigError, RunConfig
 from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report, tune
 from pipeline.tasks import Task, make_task
 from pipeline.training import seed_everything
+from pipeline.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def resolve_device(name: str) -> torch.device:
 def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     """Validate `raw`, then run every stage into `run_dir`. Raises ConfigError before any work."""
     cfg = validate(raw)
+    choice = _resolve_engine(cfg)
     task = make_task(cfg)  # one task object for the run: it may learn from the data (e.g. the tag names)
     splits = preflight(cfg, task)
     digest = config_hash(raw)
@@ -91,6 +93,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     seed_everything(cfg.seed)  # before load: random_init weights and fresh task heads depend on it
     device = distributed.device_for_rank(resolve_device(cfg.device))
     ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from, task=task)
+    ctx.metrics.engine_choice = choice
     _resolve_weight_range(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     # Off under torchrun: a hit on one rank and a miss on another would hang the collectives.
@@ -126,13 +129,28 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     return ctx
 
 
+def _resolve_engine(cfg: RunConfig) -> dict:
+    """engine=auto -> the CPU engine for this machine, before any stage (weight range, peers and graphs
+    follow the resolved engine); metrics.json engine_choice records what was asked, chosen and why."""
+    asked = cfg.engine.name
+    if asked != "auto":
+        return {"asked": asked, "chosen": asked, "why": "set by engine"}
+    chosen, why = auto_engine()
+    cfg.engine.name = chosen
+    log.info("engine=auto -> %s (%s)", chosen, why)
+    return {"asked": asked, "chosen": chosen, "why": why}
+
+
 def _resolve_weight_range(cfg: RunConfig, ctx: RunContext) -> None:
     """quant.weight_range=auto -> full or reduced for this engine on this machine, before any stage (the
     calibrate stage's cache key holds the resolved value); metrics.json records the choice and why."""
-    from pipeline.engines.onnxruntime import weight_range_for
-
     asked = cfg.quant.weight_range
-    resolved, why = weight_range_for(cfg.engine) if asked == "auto" else (asked, "set by quant.weight_range")
+    if asked != "auto":
+        resolved, why = asked, "set by quant.weight_range"
+    elif cfg.engine.name == "none":
+        resolved, why = "full", "engine=none: no int8 kernels run"
+    else:
+        resolved, why = ENGINES[cfg.engine.name]().weight_range(cfg.engine)
     if cfg.quant.format != "int8":
         resolved, why = "full", f"quant.format={cfg.quant.format}: the weight range applies to int8 only"
     cfg.quant.weight_range = resolved

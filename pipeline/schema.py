@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -202,7 +203,9 @@ class ExportConfig:
 
 @dataclass
 class EngineConfig:
-    name: Literal["onnxruntime", "tensorrt", "none"]
+    # auto: the CPU engine measured fastest for CPUs like this one (pipeline/engines auto_engine), chosen
+    # before any stage and recorded in metrics.json engine_choice.
+    name: Literal["auto", "onnxruntime", "openvino", "tensorrt", "none"]
     providers: list[Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]] = field(
         default_factory=lambda: ["CPUExecutionProvider"]
     )
@@ -215,8 +218,13 @@ class EngineConfig:
     # AVX2 CPU measured, ORT's CPU SkipLayerNormalization took longer than the Add + LayerNormalization it
     # replaces (benchmarks/ort_int8_speed.py --profile); measure on your CPU before turning it on.
     transformer_fusions: bool = False
-    # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_int8_enable: true}} (ORT only).
+    # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_builder_optimization_level: 5}} (ORT only; the
+    # TensorRT provider's profile and caches come from engine.* below).
     provider_options: dict[str, Any] = field(default_factory=dict)
+    # OpenVINO (engine=openvino): precision of the layers that are not quantized (INFERENCE_PRECISION_HINT).
+    # default = the plugin's own choice (bf16 on CPUs with AMX / AVX512_BF16, else f32); f32 for an exact
+    # float baseline; bf16 / f16 only where the CPU has them (engine.check refuses them otherwise).
+    inference_precision: Literal["default", "f32", "bf16", "f16"] = "default"
     # TensorRT (engine=tensorrt). No precision keys: networks are strongly typed (TensorRT 11 has no other mode),
     # so each plan's precision is its graph's (model_fp16.onnx, model_int8_trt.onnx, model_fp8.onnx).
     device_id: int = field(default=0, metadata=_range(0))
@@ -231,6 +239,20 @@ class EngineConfig:
     max_seq: int = field(default=512, metadata=_range(1))
 
 
+PeerName = Literal[
+    "ort_fp32_fused",
+    "ort_dynamic",
+    "ort_dynamic_fused",
+    "ort_static",
+    "nncf_ptq",
+    "int8_onnxruntime",
+    "int8_openvino",
+    "ov_fp32",
+    "ov_bf16",
+    "ov_fp16",
+]
+
+
 @dataclass
 class BenchmarkConfig:
     enabled: bool = True
@@ -242,11 +264,10 @@ class BenchmarkConfig:
     iters: int = field(default=30, metadata=_range(1))
     # Also time the FP32 and fake-quant torch models (reference rows, same interleaving).
     include_torch: bool = False
-    # ONNX Runtime's own quantizers built from model_fp32.onnx (pipeline/engines/peers.py), evaluated on
-    # the eval split and timed interleaved with our engines. ONNX Runtime engine only; [] = off.
-    peers: list[Literal["ort_fp32_fused", "ort_dynamic", "ort_dynamic_fused", "ort_static"]] = field(
-        default_factory=lambda: ["ort_fp32_fused", "ort_dynamic", "ort_dynamic_fused", "ort_static"]
-    )
+    # Other quantizers (ONNX Runtime's, NNCF's) and float engines built from model_fp32.onnx
+    # (pipeline/engines/peers.py PEERS), evaluated on the eval split and timed interleaved with our
+    # engines. CPU engines (onnxruntime, openvino) only; [] = off.
+    peers: list[PeerName] = field(default_factory=lambda: list(typing.get_args(PeerName)))
     # The serving-shaped row: the eval split's real lengths, length-sorted batches of headline_batch
     # padded to each batch's longest example; `real_length_passes` timed passes over at most
     # `real_length_examples` examples (0 = off).
@@ -387,14 +408,51 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    # Triton model repository (stage deploy; pipeline/deploy/): deploy=triton (default) | none.
+    deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
+
+
+@dataclass
+class DynamicBatchingConfig:
+    """Triton's dynamic batcher for the served model: requests wait up to this long to form a batch."""
+
+    max_queue_delay_microseconds: int = field(default=2000, metadata=_range(0))
+    preferred_batch_size: list[int] = field(default_factory=lambda: [8, 16, 32])
+
+
+@dataclass
+class InstanceGroupConfig:
+    """Copies of the served model Triton runs at once. `kind` applies to the model of the NVIDIA variant
+    (triton/nvidia); the bundled-server variant (triton/cpu) and the tokenizer / postprocess run on CPU."""
+
+    count: int = field(default=1, metadata=_range(1))
+    kind: Literal["KIND_GPU", "KIND_CPU", "KIND_AUTO"] = "KIND_GPU"
+
+
+@dataclass
+class DeployConfig:
+    """Stage deploy (config group `deploy`): the Triton model repository written into the run folder."""
+
+    name: Literal["triton", "none"] = "triton"
+    max_batch_size: int = field(default=32, metadata=_range(1))
+    dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
+    instance_group: InstanceGroupConfig = field(default_factory=InstanceGroupConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 
 
-def validate(cfg: DictConfig) -> RunConfig:
-    """Check the composed config; return it typed, or raise ConfigError listing every problem."""
+def validate(cfg: DictConfig, cross_checks: tuple[Callable[[RunConfig], list[str]], ...] = ()) -> RunConfig:
+    """Check the composed config; return it typed, or raise ConfigError listing every problem.
+
+    `cross_checks` are the rules that live with the layers above (each task's, a tuned plan's): they run
+    on the typed config when its fields are valid. pipeline.validation.validate passes all of them;
+    call that one."""
     errors: list[str] = []
     try:
         # hydra.* is Hydra's own (and holds job-time interpolations that cannot resolve before the job).
@@ -404,6 +462,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     typed = _build(RunConfig, data, "", errors)
     if not errors:
         _check_combinations(typed, errors)
+        for check in cross_checks:
+            errors += check(typed)
     if errors:
         raise ConfigError(errors)
     return typed
@@ -536,9 +596,6 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("finetune.distill / finetune.kd_hidden: the FP32 fine-tune has no teacher; distillation is a qat option (qat=kd)")
     if c.finetune.select_by == "kl":
         errors.append("finetune.select_by: 'kl' compares to the FP32 model, which exists only for qat; valid values: accuracy")
-    from pipeline.tasks import combination_errors  # each task's rules live with the task (pipeline/tasks/)
-
-    errors += combination_errors(c)
     if c.smoothing.enabled and not quantized:
         errors.append("smoothing: needs calibrated quantizers; calibration=none cannot be combined with it (choose smoothing=none)")
     if c.smoothing.enabled and not c.smoothing.modules:
@@ -579,7 +636,3 @@ def _check_tune(c: RunConfig, errors: list[str]) -> None:
         )
     if t.method != "none" and not t.calibrators and not t.fallback:
         errors.append("tune: nothing to tune: tune.calibrators is [] and tune.fallback=false (choose tune=none, or give either)")
-    if t.plan is not None:
-        from pipeline.tune.plan import plan_errors  # lazy: pipeline.tune imports this module
-
-        errors += plan_errors(t.plan, c.calibration.method)

@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 
 import pipeline.run
+from pipeline.inference import torch_logits
 from pipeline.run import run_pipeline
-from pipeline.schema import validate
-from pipeline.stages._common import torch_logits
 from pipeline.tasks.embedding import _cosine_rows, recall_at_k
 from pipeline.testing import compose_cfg
 from pipeline.tune.calibrators import CANDIDATES, candidate_amax, load_histograms
+from pipeline.validation import validate
 
 # The FFN second Linear's input (GELU output) of BERT-style encoders: conf/calibration/percentile_ffn_mse.yaml.
 FFN2 = ["*.layer.[0-9].output.dense.input_quantizer", "*.layer.[0-9][0-9].output.dense.input_quantizer"]

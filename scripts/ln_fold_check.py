@@ -16,8 +16,8 @@ import copy
 import torch
 
 from pipeline.models import load_model
-from pipeline.schema import validate
 from pipeline.testing import compose_cfg
+from pipeline.validation import validate
 
 
 def main() -> None:

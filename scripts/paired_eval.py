@@ -20,11 +20,10 @@ from omegaconf import OmegaConf
 
 from pipeline.context import RunContext
 from pipeline.engines.onnxruntime import build
-from pipeline.schema import validate
+from pipeline.inference import engine_logits, paired_drop_ci95
 from pipeline.stages import load
-from pipeline.stages._common import engine_logits
 from pipeline.tasks import make_task
-from pipeline.tune.search import paired_drop_ci95
+from pipeline.validation import validate
 
 
 def main() -> None:

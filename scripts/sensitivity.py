@@ -34,15 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import inference
 from pipeline.context import RunContext
+from pipeline.inference import kl_per_example
 from pipeline.outputs import write_json
 from pipeline.quantization import smoothing
 from pipeline.quantization.modules import QuantLinear
 from pipeline.run import run_pipeline
-from pipeline.schema import validate
-from pipeline.stages import _common
 from pipeline.testing import compose_cfg
-from pipeline.tune.sensitivity import kl_per_example
+from pipeline.validation import validate
 
 # Tensor slots by quantizer-name glob (BERT and MPNet module names) or role; first match wins.
 SLOTS: list[tuple[str, list[str], str | None]] = [
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = cfg.evaluate.batch_size
 
     def logits(model) -> np.ndarray:
-        return _common.torch_logits(model, ctx.tokenizer, tune, bs, ctx.device)
+        return inference.torch_logits(model, ctx.tokenizer, tune, bs, ctx.device)
 
     t0 = time.perf_counter()
     ref = logits(ctx.fp32_model)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         out = logits(ctx.model)
         for q in qs.values():
             q.enabled = True
-        return {"kl": kl_fp32_to(ref, out), "accuracy": _common.accuracy(out, labels)}
+        return {"kl": kl_fp32_to(ref, out), "accuracy": inference.accuracy(out, labels)}
 
     measure.ref = ref  # type: ignore[attr-defined]
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": "tune",
         "calibration": cfg.calibration.method,
         "weight_range": cfg.quant.weight_range,
-        "fp32_accuracy": _common.accuracy(ref, labels),
+        "fp32_accuracy": inference.accuracy(ref, labels),
         "all": measure(set(qs)),
         "slots": {},
         "ffn2_input_by_layer": {},
@@ -268,10 +268,10 @@ def slot_variants(
         for n in members:
             mq2[n].load_amax(METHODS[cfg.calibration.method](mq2[n].calibrator, cfg.calibration))
             mq2[n].calibrator.reset()
-        logits = _common.torch_logits(model, ctx.tokenizer, ctx.encoded["tune"], cfg.evaluate.batch_size, ctx.device)
+        logits = inference.torch_logits(model, ctx.tokenizer, ctx.encoded["tune"], cfg.evaluate.batch_size, ctx.device)
         out[f"smoothing alpha {alpha}"] = {
             "kl": kl_fp32_to(measure.ref, logits),
-            "accuracy": _common.accuracy(logits, ctx.encoded["tune"].labels),
+            "accuracy": inference.accuracy(logits, ctx.encoded["tune"].labels),
         }
         print(label, f"smoothing alpha {alpha}", out[f"smoothing alpha {alpha}"], flush=True)
         del model

@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from pipeline.schema import ConfigError, validate
+from pipeline.schema import ConfigError
 from pipeline.testing import CONF, compose_cfg
+from pipeline.validation import validate
 
 GROUPS = [
     "model",
@@ -183,3 +184,15 @@ def test_every_sweep_composes(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper.params
+
+
+def test_calibration_methods_are_one_registry():
+    """The schema's valid values, the calibration figure and the tuned plans read the calibrate registry."""
+    import typing
+
+    from pipeline.quantization import calibrate, calibration_plot
+    from pipeline.schema import CalibrationConfig, CalibrationOverride
+
+    assert set(typing.get_args(typing.get_type_hints(CalibrationConfig)["method"])) == {*calibrate.METHODS, "none"}
+    assert set(typing.get_args(typing.get_type_hints(CalibrationOverride)["method"])) == set(calibrate.METHODS)
+    assert calibration_plot.METHODS == tuple(calibrate.METHODS)

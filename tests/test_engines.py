@@ -13,7 +13,8 @@ import torch
 
 from pipeline.engines.tensorrt import parse_inspector, profile_shapes
 from pipeline.run import run_pipeline
-from pipeline.schema import ConfigError, EngineConfig, validate
+from pipeline.schema import ConfigError, EngineConfig
+from pipeline.validation import validate
 from tests.conftest import compose_cfg
 
 DATA = Path(__file__).parent / "data"
@@ -124,7 +125,7 @@ def test_gpu_check_script_falls_back_to_cpu_and_prints_one_table(tmp_path):
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
     table = _table(out)
-    assert len(table) == 8 and set(table.values()) <= {"ok", "skipped"}, table
+    assert len(table) == 18 and set(table.values()) <= {"ok", "skipped"}, table
     for name in ("quantizer numerics on device == CPU", "calibrators fed device tensors"):
         assert table[name] == "ok"
     assert table["TensorRT availability (engine=tensorrt validation)"] == "skipped"  # absent and not asked for: never "ok"

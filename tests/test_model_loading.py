@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
 from pipeline import _embedded_model_path
 from pipeline.models import CheckpointError, load_model
-from pipeline.schema import validate
+from pipeline.validation import validate
 from tests.conftest import TINY, compose_cfg, run_tiny
 
 # Stages after load switched off: these tests are about what load accepts.

@@ -24,9 +24,10 @@ from pipeline.quantization.calibrate import calibrate, method_for
 from pipeline.quantization.calibrators import HistogramCalibrator
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
-from pipeline.schema import ConfigError, TrainConfig, validate
+from pipeline.schema import ConfigError, TrainConfig
 from pipeline.testing import compose_cfg
 from pipeline.training import train
+from pipeline.validation import validate
 
 TEXTS = ["a fine film", "dull and far too long", "the cast is wonderful", "nothing works here", "I laughed a lot", "a mess"] * 3
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from pipeline.engines import peers
-from pipeline.schema import BenchmarkConfig, ConfigError, EngineConfig, validate
-from pipeline.stages._common import engine_logits
+from pipeline.inference import engine_logits
+from pipeline.schema import BenchmarkConfig, ConfigError, EngineConfig
+from pipeline.validation import validate
 from tests.conftest import compose_cfg
 
-ALL = "benchmark.peers=[ort_fp32_fused,ort_dynamic,ort_dynamic_fused,ort_static]"
+ALL = "benchmark.peers=[" + ",".join(peers.PEERS) + "]"
 
 
 def test_schema_lists_exactly_the_registered_peers():
@@ -28,9 +29,7 @@ def test_schema_lists_exactly_the_registered_peers():
 def test_unknown_peer_is_named_with_the_valid_values():
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["benchmark.peers=[ort_dynamic,ort_qat]"]))
-    assert "benchmark.peers[1]: 'ort_qat' is not valid; valid values: ort_fp32_fused, ort_dynamic, ort_dynamic_fused, ort_static" in str(
-        e.value
-    )
+    assert "benchmark.peers[1]: 'ort_qat' is not valid; valid values: " + ", ".join(peers.PEERS) in str(e.value)
 
 
 def test_every_peer_is_built_evaluated_and_timed_in_the_run(tiny_run, tmp_path, monkeypatch):
@@ -41,7 +40,12 @@ def test_every_peer_is_built_evaluated_and_timed_in_the_run(tiny_run, tmp_path, 
     m = json.loads((ctx.run_dir / "metrics.json").read_text())
     ours = {(r["batch"], r["seq"]) for r in m["benchmark"]["grid"]}
     assert [p["name"] for p in m["peers"]] == list(peers.PEERS)
+    caps = _ov_capabilities()
     for p in m["peers"]:
+        needs = {"ov_bf16": "BF16", "ov_fp16": "FP16"}.get(p["name"])
+        if needs and needs not in caps:  # a CPU without bf16 / f16: a row saying so, not a mislabelled f32 row
+            assert p["error"].startswith("RuntimeError: OpenVINO runs f32") and p["grid"] == [], p
+            continue
         assert p["error"] is None, p
         assert 0.0 <= p["accuracy"] <= 1.0
         assert {(r["batch"], r["seq"]) for r in p["grid"]} == ours and all(r["p50"] > 0 for r in p["grid"])
@@ -52,6 +56,23 @@ def test_every_peer_is_built_evaluated_and_timed_in_the_run(tiny_run, tmp_path, 
     assert kernels["ort_dynamic_fused"].get("QAttention", 0) > 0
     assert kernels["ort_static"].get("QLinearMatMul", 0) + kernels["ort_static"].get("MatMulIntegerToFloat", 0) > 0
     assert not any(k.startswith(("Q", "DynamicQuantize", "MatMulInteger")) for k in kernels["ort_fp32_fused"])
+    # NNCF's model on OpenVINO: every encoder Linear an int8 FullyConnected; the OpenVINO float rows none.
+    assert sum(v for k, v in kernels["nncf_ptq"].items() if k.startswith("FullyConnected:") and k.endswith(("i8", "u8"))) >= 12
+    assert not any(k.endswith((":i8", ":u8")) and k.startswith("FullyConnected") for k in kernels["ov_fp32"])
+    assert kernels["ov_fp32"].get("FullyConnected:f32", 0) > 0
+    # The speed claim against the fastest float engine timed at the headline shape.
+    best = m["speedup_vs_best_float"]
+    head = (m["benchmark"]["headline_batch"], m["benchmark"]["headline_seq"])
+    floats = {
+        p["name"]: r["p50"]
+        for p in m["peers"]
+        if p["precision"] in peers.FLOAT_PRECISIONS and not p["error"]
+        for r in p["grid"]
+        if (r["batch"], r["seq"]) == head
+    }
+    assert set(floats) <= set(best["candidates"]) and len(best["candidates"]) == len(floats) + 1
+    assert best["p50"] == min(best["candidates"].values()) == best["candidates"][best["baseline"]]
+    assert best["ratio"] == pytest.approx(best["p50"] / m["latency_ms"]["int8"]["p50"])
     # The FP32 peer is the same function as our FP32 engine: same decisions on the eval split.
     assert m["peers"][0]["accuracy"] == m["accuracy"]["engine_fp32"]
     report = (ctx.run_dir / "report.md").read_text()
@@ -69,7 +90,7 @@ def test_a_peer_that_fails_to_build_is_a_row_with_its_error(tiny_run, monkeypatc
     def broken(p):
         raise RuntimeError("unsupported op in this graph")
 
-    monkeypatch.setitem(peers.PEERS, "ort_static", (broken, "int8", "broken on purpose"))
+    monkeypatch.setitem(peers.PEERS, "ort_static", peers.Peer(broken, "int8", "broken on purpose"))
     ctx = tiny_run(["benchmark.peers=[ort_dynamic,ort_static]"])
     m = json.loads((ctx.run_dir / "metrics.json").read_text())
     by = {p["name"]: p for p in m["peers"]}
@@ -148,7 +169,7 @@ def _fails_at_run(p: peers.PeerInputs):
 
 
 def test_a_peer_that_fails_at_evaluation_is_a_row_and_the_run_finishes(tiny_run, monkeypatch):
-    monkeypatch.setitem(peers.PEERS, "ort_static", (_fails_at_run, "int8", "raises at run time on purpose"))
+    monkeypatch.setitem(peers.PEERS, "ort_static", peers.Peer(_fails_at_run, "int8", "raises at run time on purpose"))
     ctx = tiny_run(["benchmark.peers=[ort_dynamic,ort_static]"])
     m = json.loads((ctx.run_dir / "metrics.json").read_text())
     by = {p["name"]: p for p in m["peers"]}
@@ -175,3 +196,9 @@ def test_ort_static_quantizes_only_the_gemms(tiny_run):
     activation_dq = [n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in q_outputs]
     assert activation_dq
     assert all(consumers.get(o, set()) & set(peers.STATIC_OPS) for o in activation_dq)
+
+
+def _ov_capabilities() -> list[str]:
+    from pipeline.engines.openvino import cpu_capabilities
+
+    return cpu_capabilities()

@@ -20,8 +20,9 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.objective import INFEASIBLE, PERCENTILES, conditional_space, objective_value
-from pipeline.schema import ConfigError, validate
+from pipeline.schema import ConfigError
 from pipeline.testing import TINY, compose_cfg
+from pipeline.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 # The launcher tests compare launchers, not pipelines: the cheapest whole run (no training stages).

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import _embedded_model_path
 from pipeline.data.batching import IGNORE, Encoded
-from pipeline.schema import ConfigError, validate
+from pipeline.schema import ConfigError
 from pipeline.tasks.embedding import knn_accuracy, neighbours, pool, read_sentence_transformers_pooling, recall_at_k
 from pipeline.tasks.question_answering import (
     SYNTH_QUESTIONS,
@@ -33,6 +33,7 @@ from pipeline.tasks.token_classification import (
     word_predictions,
 )
 from pipeline.testing import CONF, TINY, compose_cfg, run_tiny
+from pipeline.validation import validate
 
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 
@@ -122,11 +123,8 @@ def test_embedding_defaults_to_no_finetune_and_refuses_one():
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["task=embedding", "task.pooling=avg"]))
     assert e.value.errors == ["task.pooling: 'avg' is not valid; valid values: auto, mean, cls, max"]
-    with pytest.raises(ConfigError) as e:
-        validate(compose_cfg(["task=embedding", "tune=accuracy"]))
-    assert e.value.errors == [
-        "tune: the accuracy budget scores classification accuracy; task=embedding cannot be combined with tune=accuracy (choose tune=none)"
-    ]
+    # the accuracy budget scores every task in its own terms (Task.score / Task.divergence)
+    assert validate(compose_cfg(["task=embedding", "tune=accuracy"])).tune.method == "accuracy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,3 +379,23 @@ def test_embedding_probe_runs_on_a_tiny_model(tmp_path):
     metrics = [{k: v for k, v in r.items() if k not in ("variant", "seconds")} for r in rows]
     assert metrics[0] == metrics[-1]
     assert metrics[2]["cosine_p1"] > 0.99999  # every quantizer off: the FP32 embedding
+
+
+@pytest.mark.parametrize("task", ["embedding", "token_classification"])
+def test_tune_calibrator_scores_each_task_in_its_own_terms(tmp_path, task):
+    """tune=calibrator on a task other than classification: the calibrators are ranked by the task's own
+    divergence from FP32 (embedding 1 - cosine, token tasks per-token KL) and scored by its own score."""
+    ctx = run_tiny(tmp_path, [f"task={task}", "tune=calibrator", "tune.calibrators=[max,percentile_99_99,mse]", "qat=none", *FAST])
+    t = json.loads((ctx.run_dir / "metrics.json").read_text())["tune"]
+    scores = t["calibrator_scores"]
+    assert set(scores) == {"max", "percentile_99_99", "mse"}
+    assert t["calibrator"] == min(scores, key=lambda c: (scores[c]["kl"], -scores[c]["accuracy"]))
+    assert all(0.0 <= s["kl"] < float("inf") for s in scores.values()) and len({s["kl"] for s in scores.values()}) > 1
+    assert t["fp32_tune_accuracy"] == pytest.approx(ctx.task.score(_fp32_tune_outputs(ctx), ctx.encoded["tune"]))
+    assert t["drop_ci95"] is None  # no per-example correctness for these scores: no paired interval claimed
+
+
+def _fp32_tune_outputs(ctx):
+    from pipeline.inference import torch_logits
+
+    return torch_logits(ctx.fp32_model, ctx.tokenizer, ctx.encoded["tune"], 64, ctx.device, token_level=ctx.task.token_level)

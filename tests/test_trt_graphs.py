@@ -18,10 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.engines import trt_graphs, trt_rules
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
-from pipeline.schema import validate
 from pipeline.stages.export import tensorrt_graphs_wanted
 from pipeline.stages.report import summary_table
 from pipeline.testing import compose_cfg, run_tiny
+from pipeline.validation import validate
 
 TRT_FILES = ("model_fp16.onnx", "model_int8_trt.onnx")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline import graphs
 from pipeline.context import RunContext
 from pipeline.engines import ENGINES
 from pipeline.models import load_model
@@ -20,8 +21,7 @@ from pipeline.quantization import calibration_plot
 from pipeline.quantization.calibrate import calibrate, method_for
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
-from pipeline.schema import ConfigError, validate
-from pipeline.stages import export as export_stage
+from pipeline.schema import ConfigError
 from pipeline.testing import TINY, compose_cfg
 from pipeline.tune import plan as plan_file
 from pipeline.tune.calibrators import (
@@ -35,6 +35,7 @@ from pipeline.tune.calibrators import (
 )
 from pipeline.tune.groups import FusionGroup, fusion_groups, set_float
 from pipeline.tune.search import Budget, Score, search
+from pipeline.validation import validate
 
 # ---------------------------------------------------------------------------------------------
 # A tiny calibrated model with every quantizer kind (Linear, attention, residual), shared by the tests.
@@ -88,7 +89,7 @@ def _lone_qdq_gemms(path) -> int:
 def _int8_engine(cfg, ctx, example, name):
     dest = ctx.run_dir / name
     dest.mkdir()
-    export_stage.quantized_graph(cfg, ctx, example, "model_int8.onnx", dest / "model_int8.onnx")
+    graphs.quantized_graph(ctx.model, example, "model_int8.onnx", dest / "model_int8.onnx", cfg.export.opset, cfg.export.fold_weights, ctx.device)
     engine = ENGINES["onnxruntime"]().build(dest / "model_int8.onnx", "int8", cfg.engine, dest)
     return sum(v for k, v in engine.kernels.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul")), dest / "model_int8.onnx"
 
@@ -379,7 +380,7 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     b = tiny_run(a_over + [f"tune.plan={a.run_dir / 'tuned_quant.yaml'}"], name="b")
     assert (a.run_dir / "quantizers.safetensors").read_bytes() == (b.run_dir / "quantizers.safetensors").read_bytes()
     assert json.loads((a.run_dir / "quant_map.json").read_text()) == json.loads((b.run_dir / "quant_map.json").read_text())
-    from pipeline.stages._common import torch_logits
+    from pipeline.inference import torch_logits
 
     la, lb = (torch_logits(c.model, c.tokenizer, c.encoded["tune"], 16, c.device) for c in (a, b))
     assert np.array_equal(la, lb)

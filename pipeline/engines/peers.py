@@ -1,18 +1,19 @@
-"""Peers: ONNX Runtime's own quantizers applied to the run's `model_fp32.onnx`, as comparison rows.
+"""Peers: other quantizers (ONNX Runtime's, NNCF's) applied to the run's `model_fp32.onnx`, and the other
+float engines of this CPU, as comparison rows.
 
-A user's first question is "why not call ONNX Runtime's quantize_dynamic / quantize_static on my FP32
-ONNX?". Every run answers it on the user's own model and data: each peer below is built from the
-run's FP32 graph through ONNX Runtime's public API, then evaluated on the same eval split and timed
-interleaved with the project's engines on the same grid (benchmark.peers, ONNX Runtime engine only).
+A user's first question is "why not call ONNX Runtime's quantize_static, or NNCF, on my FP32 model?".
+Every run answers it on the user's own model and data: each peer is built from the run's FP32 graph
+through that tool's public API, evaluated on the same eval split and timed interleaved with the
+project's engines on the same grid (benchmark.peers; CPU engines only). The float peers (ov_fp32,
+ov_bf16, ov_fp16, ort_fp32_fused) make the speed claim honest: the report compares the INT8 engine with
+the fastest float engine on this CPU, not only with ONNX Runtime FP32.
 
-Settings follow ONNX Runtime's own guidance for x86 CPUs (docstring of `quantize_static`): u8
-activations, s8 weights, and `reduce_range=True` (7-bit weights) on CPUs without VNNI, the same
-decision `quant.weight_range=auto` makes for this project's graph (engines.onnxruntime.weight_range_for),
-so both sides get the same treatment on the machine at hand. Per-channel weights everywhere.
-quantize_static uses QDQ with u8 asymmetric activations and MinMax calibration: the best of ORT's
-static variants measured on the default run (s8 symmetric lost 2-4 pt and was no faster than FP32;
-Entropy matched MinMax's accuracy at many times the calibration cost), on the run's own calibration
-examples.
+Settings follow each tool's guidance for x86 CPUs: u8 activations, s8 per-channel weights, and 7-bit
+weights (ONNX Runtime reduce_range, NNCF overflow_fix) on CPUs without VNNI, the same decision
+`quant.weight_range=auto` makes for this project's graph, so both sides get the same treatment on the
+machine at hand. quantize_static: QDQ on the GEMM inputs only, u8 asymmetric activations, MinMax on the
+run's own calibration examples (s8 symmetric lost 2-4 pt; Entropy matched MinMax at many times the
+cost, measured on the default run).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PeerInputs:
     hidden_size: int
     reduce_range: bool
     calibration: Callable[[], Iterable[dict[str, np.ndarray]]]  # fresh iterator of feeds per call
+    int8_onnx: Path | None = None  # this run's model_int8.onnx (the rows of our graph on the other CPU engine)
 
 
 def _fused_fp32(p: PeerInputs) -> Path:
@@ -128,20 +130,106 @@ def ort_static(p: PeerInputs) -> Path:
 STATIC_OPS = ("MatMul", "Gemm")
 
 
-# name -> (builder, precision the peer computes its GEMMs in, one-line description for the report).
-PEERS: dict[str, tuple[Callable[[PeerInputs], Path], str, str]] = {
-    "ort_fp32_fused": (ort_fp32_fused, "fp32", "FP32 + ONNX Runtime transformer fusions (optimize_model)"),
-    "ort_dynamic": (ort_dynamic, "int8", "ONNX Runtime quantize_dynamic, per-channel s8 weights"),
-    "ort_dynamic_fused": (ort_dynamic_fused, "int8", "quantize_dynamic on the fused graph (QAttention)"),
-    "ort_static": (ort_static, "int8", "ONNX Runtime quantize_static, QDQ u8 asym activations, MinMax"),
+def nncf_ptq(p: PeerInputs) -> Path:
+    """nncf.quantize on the OpenVINO model of p.fp32_onnx -> p.out_dir / "nncf_ptq.xml" (+ .bin).
+
+    Settings, from NNCF's documentation of `nncf.quantize` for transformers (the same call Optimum-Intel
+    makes for OVQuantizer full int8 quantization):
+    - model_type=TRANSFORMER: transformer-specific quantizer placement (no quantizers on the add / norm
+      branches, symmetric activations for matmuls between activations) and SmoothQuant on MatMuls
+      (NNCF's default alpha 0.95 for transformers).
+    - preset=MIXED: symmetric per-channel s8 weights, asymmetric activations: NNCF's documented default
+      for model_type=TRANSFORMER, stated here so an NNCF default change does not silently change the row.
+    - subset_size = every calibration feed of the run (NNCF's default of 300 would stop short or ask
+      for more than there is); one feed is one batch, as in the ONNX Runtime quantize_static peer.
+    - fast_bias_correction=True (NNCF's default).
+    - overflow_fix: ENABLE (7-bit weights) when p.reduce_range, i.e. on x86 CPUs without VNNI, where
+      OpenVINO's int8 FullyConnected saturates with full-range weights (measured: engines.openvino.
+      weight_range_for); DISABLE otherwise. NNCF's own default (FIRST_LAYER) only protects the first
+      Convolution, which a transformer encoder does not have. Same treatment as the project's graph
+      and the ONNX Runtime peers on the machine at hand.
+    """
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    from pipeline.engines.openvino import save_ir
+
+    model = ov.Core().read_model(str(p.fp32_onnx))
+    names = [i.get_any_name() for i in model.inputs]
+    feeds = [{k: feed[k] for k in names} for feed in p.calibration()]
+    if not feeds:
+        raise ValueError("nncf_ptq: no calibration feeds")
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(feeds),
+        model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED,
+        subset_size=len(feeds),
+        fast_bias_correction=True,
+        advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if p.reduce_range else OverflowFix.DISABLE),
+    )
+    out = save_ir(quantized, p.out_dir / "nncf_ptq.xml")
+    log.info("nncf_ptq: %s (%d calibration feeds, overflow_fix=%s)", out, len(feeds), "enable" if p.reduce_range else "disable")
+    return out
+
+
+def our_int8_graph(p: PeerInputs) -> Path:
+    """This run's own model_int8.onnx, for the CPU engine the run did not choose (its row stays in the report)."""
+    if p.int8_onnx is None:
+        raise ValueError("this run exported no model_int8.onnx")
+    return p.int8_onnx
+
+
+def fp32_graph(p: PeerInputs) -> Path:
+    """The run's own FP32 graph, for the float engines built with other settings (OpenVINO f32 / bf16 / f16)."""
+    return p.fp32_onnx
+
+
+@dataclass(frozen=True)
+class Peer:
+    build: Callable[[PeerInputs], Path]  # the graph (or OpenVINO IR) the peer runs
+    precision: str  # what its GEMMs compute in: int8, or a float baseline (fp32 / bf16 / fp16)
+    description: str  # one line for the report
+    engine: str = "onnxruntime"  # the engine that runs it
+    settings: tuple[tuple[str, object], ...] = ()  # engine config keys set for this peer
+    ours: bool = False  # this project's graph on another engine: skipped when it is the run's own engine
+
+
+# Peers: other people's ways to the same goal (ONNX Runtime's and NNCF's quantizers) and the other float
+# engines this CPU offers (the strongest float baseline is the fastest of them, metrics speedup_vs_best_float).
+PEERS: dict[str, Peer] = {
+    "ort_fp32_fused": Peer(ort_fp32_fused, "fp32", "FP32 + ONNX Runtime transformer fusions (optimize_model)"),
+    "ort_dynamic": Peer(ort_dynamic, "int8", "ONNX Runtime quantize_dynamic, per-channel s8 weights"),
+    "ort_dynamic_fused": Peer(ort_dynamic_fused, "int8", "quantize_dynamic on the fused graph (QAttention)"),
+    "ort_static": Peer(ort_static, "int8", "ONNX Runtime quantize_static, QDQ on MatMul/Gemm inputs, u8 asym activations, MinMax"),
+    "nncf_ptq": Peer(nncf_ptq, "int8", "NNCF post-training quantization (model_type=TRANSFORMER, SmoothQuant) on OpenVINO", "openvino"),
+    "int8_onnxruntime": Peer(our_int8_graph, "int8", "this run's model_int8.onnx on ONNX Runtime", ours=True),
+    "int8_openvino": Peer(our_int8_graph, "int8", "this run's model_int8.onnx on OpenVINO", "openvino", ours=True),
+    "ov_fp32": Peer(fp32_graph, "fp32", "OpenVINO, model_fp32.onnx in f32", "openvino", (("inference_precision", "f32"),)),
+    "ov_bf16": Peer(
+        fp32_graph,
+        "bf16",
+        "OpenVINO, model_fp32.onnx in bf16 (CPUs with AMX / AVX512_BF16)",
+        "openvino",
+        (("inference_precision", "bf16"),),
+    ),
+    "ov_fp16": Peer(
+        fp32_graph,
+        "fp16",
+        "OpenVINO, model_fp32.onnx in f16 (CPUs with AVX512_FP16 / AMX-FP16)",
+        "openvino",
+        (("inference_precision", "f16"),),
+    ),
 }
+FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def build_peers(names: list[str], inputs: PeerInputs, build_engine: Callable[[Path, str], object]) -> tuple[dict, list[dict]]:
-    """Build each peer's graph and engine. Returns (engines by name, metrics rows).
+def build_peers(names: list[str], inputs: PeerInputs, build_engine: Callable[[Peer, Path], object]) -> tuple[dict, list[dict]]:
+    """Build each peer's graph and engine (`build_engine(peer, path)`). Returns (engines by name, metrics rows).
 
-    A peer that fails to build is a row with its error (ONNX Runtime's quantizers do not support every
-    graph), never a failed run.
+    A peer that fails to build is a row with its error (the quantizers do not support every graph, a CPU
+    lacks bf16), never a failed run.
     """
     inputs.out_dir.mkdir(parents=True, exist_ok=True)
     inputs = dataclasses.replace(inputs, fp32_onnx=inputs.fp32_onnx.resolve(), out_dir=inputs.out_dir.resolve())
@@ -164,13 +252,22 @@ def _cwd(path: str):
         os.chdir(old)
 
 
-def _build_one(name: str, inputs: PeerInputs, build_engine: Callable[[Path, str], object], engines: dict) -> dict:
-    builder, precision, description = PEERS[name]
-    row = {"name": name, "description": description, "precision": precision, "file": None, "accuracy": None, "error": None, "grid": []}
+def _build_one(name: str, inputs: PeerInputs, build_engine: Callable[[Peer, Path], object], engines: dict) -> dict:
+    peer = PEERS[name]
+    row = {
+        "name": name,
+        "description": peer.description,
+        "precision": peer.precision,
+        "engine": peer.engine,
+        "file": None,
+        "accuracy": None,
+        "error": None,
+        "grid": [],
+    }
     t0 = time.perf_counter()
     try:
-        path = builder(inputs)
-        engines[name] = build_engine(path, precision)
+        path = peer.build(inputs)
+        engines[name] = build_engine(peer, path)
         row["file"] = str(path.relative_to(inputs.out_dir.parent))
         row["kernels"] = getattr(engines[name], "kernels", {})
     except Exception as exc:  # a peer's own failure is a result, reported in its row

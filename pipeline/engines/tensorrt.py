@@ -1,4 +1,4 @@
-"""TensorRT engine (engine=tensorrt), written for TensorRT 11.x; 10.x works where the same calls exist.
+"""TensorRT engine (engine=tensorrt), written for TensorRT 11.x; 10.x from 10.12 works where the same calls exist.
 
 Strongly typed only. TensorRT 11 removed weak typing (migration guide 10.x -> 11.x, "Strongly Typed Networks Are
 Now Required"): no precision builder flags, no INT8 calibrator; every tensor's type comes from the graph. So the
@@ -6,23 +6,32 @@ precision of a plan is the precision of the ONNX graph it is built from:
 
     fp16  model_fp16.onnx      FP32 -> FP16 converted graph (LayerNorm / softmax / reductions kept FP32)
     int8  model_int8_trt.onnx  signed INT8 Q/DQ on every quantized GEMM input, FP16 elsewhere
-    fp8   model_fp8.onnx       FLOAT8E4M3FN Q/DQ (Hopper and later)
+    fp8   model_fp8.onnx       FLOAT8E4M3FN Q/DQ (compute capability 8.9 or later: Ada, Hopper and later)
 
 Every graph is checked statically first (pipeline.engines.trt_rules): a graph TensorRT would refuse, or would run
 in a precision other than the one asked for, stops here with the rule and node named, before TensorRT is imported.
-Build: optimization profile (min/opt/max batch and sequence, from config), workspace limit, builder optimization
-level, a timing cache file reused across runs, detailed profiling verbosity so the engine inspector states each
-layer's tensor types. Inference: torch CUDA tensors as I/O (no pycuda), execute_async_v3 on the current torch
-stream, dynamic shapes per call.
+Build (on engine.device_id, made current first): optimization profile (min/opt/max batch and sequence, from
+config), workspace limit, builder optimization level, detailed profiling verbosity so the engine inspector states
+each layer's tensor types, and a timing cache file keyed by GPU name and TensorRT version; a cache TensorRT refuses
+(another GPU or version: set_timing_cache returns False) is replaced by a fresh one. The inspector reads a context
+whose input shapes are set (the profile's opt), without which TensorRT prints no format information. Inference:
+torch CUDA tensors as I/O (no pycuda), execute_async_v3 on the engine's own CUDA stream, dynamic shapes per call
+checked against the profile; `time()` measures back-to-back enqueues with CUDA events.
 
 TensorRT is imported lazily: where it or a GPU is missing, `check()` reports it at validation, before any stage
-runs. Not executed on these CPU machines: see README "Where each feature was verified".
+runs. Not executed on these CPU machines: see docs/results/verification.md and scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
@@ -37,25 +46,44 @@ log = logging.getLogger(__name__)
 
 TARGET = "TensorRT 11.x (10.x accepted)"
 MIN_MAJOR = 10
+# On 10.x: 10.12 or later. Weak typing was deprecated in 10.12 ("APIs related to weak typing have been deprecated.
+# TensorRT will be using strong-typing exclusively in the future": TensorRT 10.12.0 release notes); the strongly
+# typed Q/DQ path this engine relies on is NVIDIA's guidance from that release on.
+MIN_10X = (10, 12)
 PRECISIONS = ("fp16", "int8", "fp8")
 INSTALL_HINT = "pip install tensorrt on a machine with an NVIDIA GPU"
+# FP8 (E4M3) kernels: compute capability 8.9 (Ada) and 9.0+ (Hopper and later), TensorRT support matrix.
+FP8_MIN_CAPABILITY = (8, 9)
+# TensorRT 11's CUDA 13 wheels (pip `tensorrt` / `tensorrt-cu13`) need driver r580 or later ("r580+ on Linux and
+# Windows for the CUDA 13.x packages ... r535+ ... applies only to CUDA 12.x pip wheels": TensorRT 11.4.0,
+# Installing > Prerequisites).
+MIN_DRIVER = {13: 580, 12: 535}
 
 
 def check(cfg: EngineConfig) -> list[str]:
-    """Problems that stop engine=tensorrt before any stage runs (missing or too old TensorRT, no GPU).
+    """Problems that stop engine=tensorrt before any stage runs (missing or too old TensorRT, no GPU, old driver).
 
     Args:
         cfg: the engine config (unused today; the registry's check signature).
 
     Returns:
-        One message per problem; empty when TensorRT >= 10 and a CUDA GPU are present.
+        One message per problem; empty when TensorRT 11.x (or 10.x from 10.12), a CUDA GPU and a driver new
+        enough for TensorRT's CUDA build are present.
     """
     problems = []
+    trt_version = None
     try:
         import tensorrt as trt
 
+        trt_version = str(trt.__version__)
         if _major(trt) < MIN_MAJOR:
             problems.append(f"engine=tensorrt: TensorRT {trt.__version__} found; this engine targets {TARGET}; {INSTALL_HINT}")
+        elif _major(trt) == 10 and version_tuple(trt_version)[:2] < MIN_10X:
+            problems.append(
+                f"engine=tensorrt: TensorRT {trt.__version__} found; on 10.x this engine needs 10.12 or later (weak typing "
+                f"deprecated, strongly typed Q/DQ networks are NVIDIA's guidance from 10.12); install TensorRT 11.x or "
+                f"'tensorrt-cu12>=10.12,<11'"
+            )
     except ImportError:
         problems.append(f"engine=tensorrt: the tensorrt Python package is not installed; this engine targets {TARGET}; {INSTALL_HINT}")
     import torch
@@ -64,7 +92,61 @@ def check(cfg: EngineConfig) -> list[str]:
         problems.append(
             "engine=tensorrt: no CUDA GPU visible to torch; TensorRT engines build and run on NVIDIA GPUs only (use engine=onnxruntime here)"
         )
+    elif trt_version is not None:
+        problems += driver_problems(trt_version, tensorrt_cuda_major(), driver_version())
     return problems
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'11.1.0.106' -> (11, 1, 0, 106); non-numeric parts end it ('1.27.0.dev1' -> (1, 27, 0))."""
+    out = []
+    for part in str(version).split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group()))
+        if m.group() != part:
+            break
+    return tuple(out)
+
+
+def driver_problems(trt_version: str, cuda_major: int | None, driver: str | None) -> list[str]:
+    """The driver check for TensorRT's CUDA build: empty when unknown (no metadata, no nvidia-smi) or new enough."""
+    if cuda_major not in MIN_DRIVER or not driver:
+        return []
+    need = MIN_DRIVER[cuda_major]
+    have = version_tuple(driver)
+    if have and have[0] < need:
+        return [
+            f"engine=tensorrt: TensorRT {trt_version} is the CUDA {cuda_major} build, which needs NVIDIA driver r{need} or later; "
+            f"this machine has {driver}: update the driver or install the CUDA 12 build (tensorrt-cu12)"
+        ]
+    return []
+
+
+def tensorrt_cuda_major() -> int | None:
+    """CUDA major of the installed TensorRT wheels, from their distribution names (tensorrt-cu13-libs, tensorrt_cu12...)."""
+    majors = set()
+    for dist in metadata.distributions():
+        m = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_].*)?", str(dist.metadata.get("Name", "")).lower())
+        if m:
+            majors.add(int(m.group(1)))
+    return majors.pop() if len(majors) == 1 else None
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver version from nvidia-smi ('580.65.06'), or None where nvidia-smi is absent or fails."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[0] if lines else None
 
 
 def _major(trt: ModuleType) -> int:
@@ -230,8 +312,164 @@ def _fused(name: str, kind: str) -> bool:
     return kind.lower() == "myelin" or "foreignnode" in name.lower()
 
 
+def require_fp8(capability: tuple[int, int], gpu: str = "this GPU") -> None:
+    """Refuses an FP8 build on a GPU without FP8 kernels (compute capability below 8.9), before TensorRT builds.
+
+    Raises:
+        RuntimeError: naming the GPU, its capability and what FP8 needs.
+    """
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        cc = ".".join(map(str, capability))
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        raise RuntimeError(
+            f"FP8 plan on {gpu} (compute capability {cc}): TensorRT's FP8 kernels need compute capability {need} or later "
+            f"(Ada, Hopper and later); build quant.format=int8 here"
+        )
+
+
+def timing_cache_path(cfg: EngineConfig, gpu_name: str, trt_version: str) -> Path | None:
+    """The timing cache file for this GPU and TensorRT version, next to engine.timing_cache; None when caching is off.
+
+    A timing cache holds kernel timings of one GPU model under one TensorRT version; TensorRT refuses a cache from
+    another (set_timing_cache returns False). Keying the file by both lets H100 and H200 runs, or two TensorRT
+    versions, share a cache folder without evicting each other's caches.
+
+        outputs/.cache/tensorrt/timing.cache -> outputs/.cache/tensorrt/timing.nvidia-h100-80gb-hbm3.trt11.1.0.106.cache
+    """
+    if not cfg.timing_cache:
+        return None
+    base = Path(cfg.timing_cache).expanduser()
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    trt = re.sub(r"[^A-Za-z0-9.]+", "-", trt_version).strip("-")
+    return base.with_name(f"{base.stem}.{gpu}.trt{trt}{base.suffix}")
+
+
+def attach_timing_cache(config: object, cache_path: Path | None) -> object | None:
+    """Attaches the timing cache stored at `cache_path` to the builder config, or a fresh one when TensorRT refuses it.
+
+    `IBuilderConfig.set_timing_cache(cache, ignore_mismatch=False)` returns False for a cache whose device properties
+    (another GPU) or version do not match; TensorRT then has no cache attached. `create_timing_cache(b"")` creates a
+    new, empty cache (Python API, IBuilderConfig).
+
+    Returns:
+        The attached ITimingCache (to serialize after the build), or None when caching is off or no cache attaches.
+    """
+    if cache_path is None:
+        return None
+    data = cache_path.read_bytes() if cache_path.exists() else b""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception:  # bytes TensorRT cannot even read as a cache: refused like a mismatch
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        log.warning(
+            "tensorrt: timing cache %s was refused (made on another GPU or TensorRT version); building with a fresh cache that replaces it",
+            cache_path,
+        )
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("tensorrt: TensorRT attached no timing cache, not even a fresh one; building without a timing cache")
+        return None
+    return cache
+
+
+def save_timing_cache(config: object, attached: object | None, cache_path: Path | None) -> None:
+    """Writes the timing cache the build used (and extended) to `cache_path`, atomically; nothing when none is attached."""
+    if cache_path is None or attached is None:
+        return
+    cache = config.get_timing_cache() or attached
+    data = bytes(cache.serialize())
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_path, lambda p: p.write_bytes(data))
+
+
+def build_plan(trt: ModuleType, logger: object, onnx_path: Path, cfg: EngineConfig, cache_path: Path | None) -> bytes:
+    """Parses the ONNX graph into a strongly typed network and builds the serialized plan.
+
+    Args:
+        trt: the tensorrt module.
+        logger: a tensorrt.Logger.
+        onnx_path: the TensorRT graph (already checked by `check_graph`).
+        cfg: workspace, optimization level and the optimization profile.
+        cache_path: the timing cache file (`timing_cache_path`), or None.
+
+    Returns:
+        The serialized plan.
+
+    Raises:
+        RuntimeError: the parser or the builder failed (the parser's errors in the message).
+    """
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    input_names = [network.get_input(i).name for i in range(network.num_inputs)]
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * (1 << 30)))
+    config.builder_optimization_level = cfg.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    # No precision flags: in a strongly typed network the ONNX types (FP16 tensors, INT8/FP8 Q/DQ) are the precision.
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(cfg, input_names).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = attach_timing_cache(config, cache_path)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    save_timing_cache(config, cache, cache_path)
+    return bytes(plan)
+
+
+def inspect_engine(trt: ModuleType, engine: object, context: object, input_names: list[str]) -> dict:
+    """The engine inspector's JSON for `context`, with every input shape set to the profile's opt shape first.
+
+    "Setting the execution context and specifying all the input shapes allows the inspector to calculate concrete
+    dimensions for any dynamic shapes and display their format information. Otherwise, values dependent on input
+    shapes will be displayed as -1 and format information will not be shown" (NvInferRuntime.h,
+    IEngineInspector::setExecutionContext): without the shapes every layer's precision would read "unknown".
+
+    Raises:
+        RuntimeError: TensorRT refused an opt shape, or still reports inputs without shapes (infer_shapes).
+    """
+    for name in input_names:
+        opt = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[1])
+        if not context.set_input_shape(name, opt):
+            raise RuntimeError(f"TensorRT refused the profile's opt shape {opt} for input {name}")
+    missing = list(context.infer_shapes())
+    if missing:
+        raise RuntimeError(f"inputs without a shape before inspecting the engine: {missing}")
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def check_in_profile(name: str, shape: tuple[int, ...], profile: tuple[tuple[int, ...], ...]) -> None:
+    """Refuses an input shape outside the plan's optimization profile (min, opt, max), naming the allowed range.
+
+    Raises:
+        ValueError: e.g. "input input_ids shape (65, 128) is outside the plan's optimization profile: min (1, 1),
+        max (64, 512) ...".
+    """
+    lo, _, hi = profile
+    if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi, strict=True)):
+        raise ValueError(
+            f"input {name} shape {shape} is outside the plan's optimization profile: min {tuple(lo)}, max {tuple(hi)} "
+            f"(engine.min_batch/max_batch, engine.min_seq/max_seq); rebuild with a wider profile or split the batch"
+        )
+
+
 class TrtEngine:
-    """A serialized, deserialized TensorRT plan with its execution context (strongly typed)."""
+    """A serialized, deserialized TensorRT plan with its execution context (strongly typed).
+
+    Every enqueue goes to the engine's own CUDA stream (`self.stream`), never to the legacy default stream
+    (handle 0), on which TensorRT adds device synchronizations ("Using default stream may lead to performance
+    issues due to additional cudaDeviceSynchronize() calls": Python API, IExecutionContext.execute_async_v3).
+    """
 
     def __init__(self, onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path):
         check_graph(onnx_path, precision)
@@ -242,96 +480,133 @@ class TrtEngine:
         self.emulated = False  # real INT8 / FP8 / FP16 kernels: timed like any engine
         self._torch = torch
         self.device = torch.device("cuda", cfg.device_id)
+        # The builder tunes kernels for, and the runtime loads the plan on, the *current* CUDA device: make
+        # engine.device_id current before anything of TensorRT's is created.
+        torch.cuda.set_device(self.device)
+        gpu = torch.cuda.get_device_name(self.device)
+        if precision == "fp8":
+            require_fp8(tuple(torch.cuda.get_device_capability(self.device)), gpu)
         logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(network_flags(trt))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
-        self.input_names = [network.get_input(i).name for i in range(network.num_inputs)]
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * (1 << 30)))
-        config.builder_optimization_level = cfg.optimization_level
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        # No precision flags: in a strongly typed network the ONNX types (FP16 tensors, INT8/FP8 Q/DQ) are the precision.
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile_shapes(cfg, self.input_names).items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        cache_path = Path(cfg.timing_cache).expanduser() if cfg.timing_cache else None
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-        if cache_path:
-            data = bytes(config.get_timing_cache().serialize())
-            atomic_write(cache_path, lambda p: p.write_bytes(data))
-        plan_path = atomic_write(run_dir / f"model_{precision}.plan", lambda p: p.write_bytes(bytes(plan)))
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
+        cache_path = timing_cache_path(cfg, gpu, str(trt.__version__))
+        plan = build_plan(trt, logger, onnx_path, cfg, cache_path)
+        plan_path = atomic_write(run_dir / f"model_{precision}.plan", lambda p: p.write_bytes(plan))
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize the plan it built from {onnx_path} (see the TensorRT log above)")
         self.context = self.engine.create_execution_context()
-        inspector = self.engine.create_engine_inspector()
-        inspector.execution_context = self.context
-        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        # (min, opt, max) of every input in the plan's only optimization profile (index 0).
+        self.profile = {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
+        info = inspect_engine(trt, self.engine, self.context, self.input_names)
         inspect_path = write_json(run_dir / f"model_{precision}.inspector.json", info)
         summary = parse_inspector(info)
         write_json(run_dir / f"model_{precision}.layers.json", summary)
         self.files = {"plan": plan_path, "inspector": inspect_path}
+        if cache_path:
+            self.files["timing_cache"] = cache_path
         # gemm_int8 / gemm_fp8 / gemm_unknown always present (0 included) so reports can read them unconditionally.
         self.kernels = (
             {f"layers_{k}": v for k, v in summary["by_precision"].items()}
             | {f"gemm_{k}": v for k, v in summary["gemm_by_precision"].items()}
             | {k: summary[k] for k in ("gemm_layers", "gemm_int8", "gemm_fp8", "gemm_unknown")}
         )
-        self.output_name = next(
-            self.engine.get_tensor_name(i)
-            for i in range(self.engine.num_io_tensors)
-            if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT
-        )
         out_dtype = self.engine.get_tensor_dtype(self.output_name)
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
         if out_dtype not in dtypes:
             raise RuntimeError(f"{onnx_path}: output {self.output_name} is {out_dtype}; the graph must end in float32/float16 logits")
         self._out_dtype = dtypes[out_dtype]
+        # The engine's own stream: inputs are copied, outputs allocated and the plan enqueued on it.
+        self.stream = torch.cuda.Stream(device=self.device)
 
-    def run_torch(self, inputs: dict) -> object:
-        """Device tensors in (batch, seq) -> logits on the device; asynchronous on the current stream."""
+    @contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """The engine's device current and its stream the current stream (copies, allocations, enqueues)."""
         torch = self._torch
-        for name in self.input_names:
-            t = inputs[name].contiguous()
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self._out_dtype, device=self.device)
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        return out
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
 
     def _on_device(self, inputs: dict[str, np.ndarray]) -> dict:
-        """int64 (batch, seq) arrays -> CUDA tensors for the engine's inputs."""
+        """int64 (batch, seq) arrays -> device tensors for the engine's inputs (call inside `_on_stream`)."""
         torch = self._torch
         return {
             k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, torch.int64) for k, v in inputs.items() if k in self.input_names
         }
 
+    def _bind(self, dev: dict, out=None):
+        """Sets every input's shape and address and the output's address; allocates the output when not given.
+
+        Raises:
+            ValueError: a shape outside the plan's optimization profile (named, with the profile's range).
+            RuntimeError: TensorRT refused a shape or an address (set_input_shape / set_tensor_address returned False).
+        """
+        for name in self.input_names:
+            t = dev[name]
+            shape = tuple(int(d) for d in t.shape)
+            check_in_profile(name, shape, self.profile[name])
+            if not self.context.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused input {name} of shape {shape} (set_input_shape returned False; see the TensorRT log)")
+            if not self.context.set_tensor_address(name, t.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of input {name}")
+        if out is None:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+            out = self._torch.empty(shape, dtype=self._out_dtype, device=self.device)
+        if not self.context.set_tensor_address(self.output_name, out.data_ptr()):
+            raise RuntimeError(f"TensorRT refused the address of output {self.output_name}")
+        return out
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """(batch, seq) int64 arrays by input name -> logits (batch, num_labels) float32 on the host."""
-        torch = self._torch
-        out = self.run_torch(self._on_device(inputs))
-        torch.cuda.current_stream(self.device).synchronize()
-        return out.float().cpu().numpy()
+        with self._on_stream():
+            dev = self._on_device(inputs)  # referenced until the stream is synchronized: TensorRT reads them
+            out = self._bind(dev)
+            self._enqueue()
+            self.stream.synchronize()
+            return out.float().cpu().numpy()
 
     def bind(self, inputs: dict[str, np.ndarray]):
-        """Inputs placed on the GPU once; the returned call times only the engine (+ a stream sync)."""
-        torch = self._torch
-        dev = self._on_device(inputs)
+        """Inputs and output placed on the GPU once; the call re-binds them (other bound calls share the context),
+        enqueues on the engine's stream and waits for it. For host-clock timing; `time` is the precise one."""
+        with self._on_stream():
+            dev = self._on_device(inputs)
+            out = self._bind(dev)
+        self.stream.synchronize()
 
         def call() -> None:
-            self.run_torch(dev)
-            torch.cuda.current_stream(self.device).synchronize()
+            with self._on_stream():
+                self._bind(dev, out)
+                self._enqueue()
+            self.stream.synchronize()
 
         return call
+
+    def time(self, inputs: dict[str, np.ndarray], warmup: int, iters: int) -> list[float]:
+        """Milliseconds of each of `iters` back-to-back enqueues, measured with CUDA events on the engine's stream.
+
+        Inputs, output, shapes and addresses are bound once; `warmup` enqueues run first; then each timed
+        enqueue sits between a start and an end event recorded on the same stream, with no host synchronization
+        in between, and the stream is synchronized once at the end. The result has no host binding work and no
+        per-call synchronization in it (both bias small shapes when timed with a host clock).
+        """
+        torch = self._torch
+        with self._on_stream():
+            dev = self._on_device(inputs)  # inputs and output stay referenced until the final synchronize
+            out = self._bind(dev)
+            for _ in range(warmup):
+                self._enqueue()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+            for start, end in events:
+                start.record(self.stream)
+                self._enqueue()
+                end.record(self.stream)
+        self.stream.synchronize()
+        del dev, out
+        return [float(start.elapsed_time(end)) for start, end in events]
 
 
 def build(onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path) -> TrtEngine:

@@ -7,7 +7,8 @@ documentation states, one rule per group below, each citing where it comes from:
     qdq-type      signed INT8 / FP8 (E4M3FN) Q/DQ only; no UINT8 tensor anywhere in the graph
     zero-point    every Q/DQ has a constant, all-zero zero point of INT8 / FP8 type
     scale         scales are constant, finite, strictly positive, float32 / float16 / bfloat16
-    per-channel   per-channel scales only on constant weights, along the consuming GEMM's output-channel axis
+    per-channel   per-channel scales only on constant weights, with an explicit axis (ONNX defaults it to 1, TensorRT
+                  to 0), along the consuming GEMM's output-channel axis
     qdq-pairs     every Q feeds only DQs; every activation DQ reads a Q
     gemm-inputs   a MatMul / Gemm with exactly one Q/DQ input (TensorRT runs it in float)
     opset         opset within what TensorRT 10.x and 11.x parse; FP8 / FP16 scales need opset >= 19
@@ -33,7 +34,7 @@ RULES: dict[str, str] = {
     "qdq-type": "signed INT8 or FP8 (E4M3FN) Q/DQ only; no UINT8 tensor, initializer, Cast target or graph I/O",
     "zero-point": "Q/DQ zero point present, constant, INT8/FP8 typed and all zeros",
     "scale": "Q/DQ scale constant, finite, strictly positive, float32/float16/bfloat16",
-    "per-channel": "per-channel scales only on constant weights, on the consuming GEMM's output-channel axis; no block quantization",
+    "per-channel": "per-channel scales only on constant weights, with an explicit axis, on the consuming GEMM's output-channel axis; no block quantization",
     "qdq-pairs": "each QuantizeLinear feeds only DequantizeLinear; each activation DequantizeLinear reads a QuantizeLinear",
     "gemm-inputs": "a MatMul/Gemm has both or neither of its inputs quantized",
     "opset": "default-domain opset within the TensorRT 10.x/11.x parsers' range; >= 19 for FP8 or FP16/BF16 scales",
@@ -401,6 +402,21 @@ def _rule_per_channel(g: _Graph) -> list[Violation]:
             )
             continue
         rank = len(g.const[weight].dims)
+        if _attr(n, "axis") is None:
+            # ONNX reads a missing axis as 1; TensorRT's parser reads it as 0 for a per-channel scale (onnx-tensorrt
+            # QuantDequantLinearHelper: axis defaults to the input's rank, which per-channel quantization maps to 0).
+            # On a square weight both fit, and one of them applies every scale to the wrong channel, silently.
+            expected = _output_channel_axis(g, _dq_output(g, n), 1) if _dq_output(g, n) else None
+            where = f"axis={expected}" if isinstance(expected, int) else "the output-channel axis"
+            out.append(
+                Violation(
+                    "per-channel",
+                    name,
+                    f"per-channel scale ({dims[0]} values) without an explicit axis: ONNX reads it as axis 1, TensorRT's parser "
+                    f"as axis 0; write {where} explicitly",
+                )
+            )
+            continue
         axis = _attr(n, "axis", 1)
         axis = axis + rank if axis < 0 else axis
         if axis >= rank or g.const[weight].dims[axis] != dims[0]:
@@ -412,14 +428,10 @@ def _rule_per_channel(g: _Graph) -> list[Violation]:
                 )
             )
             continue
-        dq = (
-            n
-            if n.op_type == "DequantizeLinear"
-            else next(iter(c for c in g.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"), None)
-        )
-        if dq is None:
+        dq_out = _dq_output(g, n)
+        if dq_out is None:
             continue  # reported by qdq-pairs
-        expected = _output_channel_axis(g, dq.output[0], axis)
+        expected = _output_channel_axis(g, dq_out, axis)
         if isinstance(expected, str):
             out.append(Violation("per-channel", name, expected))
         elif expected != axis:
@@ -431,6 +443,14 @@ def _rule_per_channel(g: _Graph) -> list[Violation]:
                 )
             )
     return out
+
+
+def _dq_output(g: _Graph, n: onnx.NodeProto) -> str | None:
+    """The dequantized tensor of a weight's Q/DQ: a DQ's own output, or the output of the DQ after a Q."""
+    if n.op_type == "DequantizeLinear":
+        return n.output[0]
+    dq = next(iter(c for c in g.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"), None)
+    return dq.output[0] if dq is not None else None
 
 
 def _weight_of(g: _Graph, n: onnx.NodeProto) -> str | None:

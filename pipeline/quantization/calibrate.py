@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from pipeline import distributed
-from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
+from pipeline.quantization.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 from pipeline.schema import CalibrationConfig
 
@@ -34,6 +34,8 @@ def _hist(method: str) -> Callable:
     return compute
 
 
+# The one registry of calibration methods: name -> amax from a calibrator's statistics. The calibrate stage,
+# the tuner, the calibration figure and tuned plans read it; tests check the schema's valid values against it.
 METHODS: dict[str, Callable[[MaxCalibrator | HistogramCalibrator, CalibrationConfig], torch.Tensor | None]] = {
     "max": _max,
     "percentile": _hist("percentile"),
@@ -91,7 +93,6 @@ def calibrate(
     return {"calibrated": len(quantizers) - unreached, "unreached": unreached}
 
 
-HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 
 
 def needs_histogram(cfg: CalibrationConfig) -> bool:

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.quantization import calibrate
 from pipeline.quantization.calibrators import HistogramCalibrator
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
 HISTOGRAMS = "calibration_histograms.safetensors"
 FIGURE = "calibration.png"
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = tuple(calibrate.METHODS)  # the figure draws every registered method
 COLORS = {"max": "tab:red", "percentile": "tab:blue", "entropy": "tab:green", "mse": "tab:purple"}
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by stages: evaluation forward passes, the training-stage wrapper, plots."""
+"""What the two training stages (finetune, qat) share: run the training loop with the task's own
+best-state selection on the tuning split, record its curve, and cache / restore the trained state."""
 
 from __future__ import annotations
 
@@ -12,49 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cache import link_or_copy
 from pipeline.context import RunContext
-from pipeline.data import batches
-from pipeline.data.batching import Encoded
 from pipeline.outputs import atomic_write
 from pipeline.schema import RunConfig, TrainConfig
-from pipeline.tasks import Outputs, collect
+from pipeline.tasks import Models
 from pipeline.training import latest_checkpoint, state_for_safetensors, train
-from pipeline.tune.sensitivity import kl_per_example
 
 log = logging.getLogger(__name__)
-
-
-def _ordered_logits(tokenizer, data: Encoded, batch_size: int, limit: int | None, forward, token_level: bool = False) -> Outputs:
-    """forward(batch) -> outputs over length-sorted batches (less padding), returned in split order
-    (token-level outputs: one array per example, cut to its length; see pipeline.tasks.collect)."""
-    return collect(forward, batches(tokenizer, data, batch_size, sort_by_length=True, limit=limit), data, token_level)
-
-
-@torch.no_grad()
-def torch_logits(
-    model: torch.nn.Module,
-    tokenizer,
-    data: Encoded,
-    batch_size: int,
-    device: torch.device,
-    limit: int | None = None,
-    token_level: bool = False,
-) -> Outputs:
-    """The graph output of a torch model (logits (N, num_labels); the task's output), in the split's order."""
-    model.eval()
-    return _ordered_logits(
-        tokenizer, data, batch_size, limit, lambda b: model(**b.to(device).inputs).logits.float().cpu().numpy(), token_level
-    )
-
-
-def engine_logits(engine, tokenizer, data: Encoded, batch_size: int, limit: int | None = None, token_level: bool = False) -> Outputs:
-    """The output of an engine (logits (N, num_labels); the task's output), in the split's order."""
-    return _ordered_logits(
-        tokenizer, data, batch_size, limit, lambda b: engine.run({k: v.numpy() for k, v in b.inputs.items()}), token_level
-    )
-
-
-def accuracy(logits: np.ndarray, labels: list[int]) -> float:
-    return float((logits.argmax(-1) == np.asarray(labels[: len(logits)])).mean())
 
 
 def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, teacher: torch.nn.Module | None) -> None:
@@ -67,22 +31,11 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     if evaluates and tune is None:
         log.warning("%s: no tuning split (data.num_tune=0): no evaluation during training, no best-state selection", name)
     elif evaluates:
-        reference: dict = {}  # FP32 outputs on the tuning split, computed once (tasks that select by fidelity)
+        reference: dict = {}  # FP32 outputs on the tuning split, computed once (fidelity measures)
+        models = Models(ctx.model, ctx.fp32_model, ctx.tokenizer, ctx.device)
 
         def eval_fn() -> dict:
-            # Tasks other than classification select in their own terms (Task.selection; None = the code below).
-            own = getattr(ctx.task, "selection", lambda *a: None)(ctx, tune, cfg.evaluate.batch_size, reference)
-            if own is not None:
-                return own
-            logits = torch_logits(ctx.model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
-            labels = torch.as_tensor(tune.labels[: len(logits)])
-            loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels))
-            r = {"accuracy": accuracy(logits, tune.labels), "loss": loss}
-            if name == "qat" and ctx.fp32_model is not None:  # fidelity to the FP32 model (qat.select_by=kl)
-                if "fp32" not in reference:
-                    reference["fp32"] = torch_logits(ctx.fp32_model, ctx.tokenizer, tune, cfg.evaluate.batch_size, ctx.device)
-                r["kl"] = float(kl_per_example(reference["fp32"], logits).mean())
-            return r
+            return ctx.task.selection(models, tune, cfg.evaluate.batch_size, reference)
 
     # The newest complete checkpoint of this stage in the run being resumed (None: start afresh).
     resume = latest_checkpoint(ctx.resume_from / "checkpoints" / name) if ctx.resume_from is not None else None

@@ -1,22 +1,19 @@
-"""benchmark: engine latency over a batch x sequence grid, FP32 and INT8 interleaved in one run.
-
-Interleaving (fp32 call, int8 call, fp32 call, ...) exposes both engines to the same machine noise,
-so their ratio is fair on a shared, noisy machine even when absolute numbers drift.
-"""
+"""benchmark: engine latency over a batch x sequence grid, FP32 and INT8 interleaved in one run
+(pipeline/timing.py), peers and the real-length row included."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from pipeline.context import RunContext
-from pipeline.data import batches
 from pipeline.data.batching import Encoded
+from pipeline.engines.peers import FLOAT_PRECISIONS
 from pipeline.schema import RunConfig
+from pipeline.timing import interleaved, real_length, summary, synthetic_inputs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +35,7 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     engines = {k: e for k, e in ctx.engines.items() if not getattr(e, "emulated", False)}
     skipped = sorted(set(ctx.engines) - set(engines))
     if skipped:
-        log.info("benchmark: not timing %s: ONNX Runtime's CPU provider has no kernels for that precision (emulated)", skipped)
+        log.info("benchmark: not timing %s: the engine has no kernels for that precision here (emulated)", skipped)
     rng = np.random.default_rng(ctx.seed)
     vocab = len(ctx.tokenizer)
     grid = []
@@ -47,11 +44,15 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
         for seq in b.seq_lens:
             inputs = synthetic_inputs(rng, vocab, batch, seq)
             # label -> timed call; labels are the engines' precisions (fp32 / fp16 / int8), then peer names
-            calls = {e.precision: e.bind(inputs) for e in engines.values()}
+            # Engines that time themselves on the device (TensorRT: CUDA events over back-to-back enqueues on
+            # its own stream); host-timed calls take turns (pipeline/timing.py).
+            device_timed = {e.precision: e for e in engines.values() if callable(getattr(e, "time", None))}
+            calls = {e.precision: e.bind(inputs) for e in engines.values() if e.precision not in device_timed}
             if b.include_torch:
                 calls.update(_torch_calls(ctx, inputs, torch_threads))
             peer_calls = _working_peer_calls(ctx, inputs, f"b{batch}xs{seq}")
             times = interleaved({**calls, **peer_calls}, b.warmup, b.iters)
+            times = {**{p: e.time(inputs, b.warmup, b.iters) for p, e in device_timed.items()}, **times}
             for label, ts in times.items():
                 row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
                 (peers[label]["grid"] if label in peer_calls else grid).append(row)
@@ -66,7 +67,9 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
         "headline_seq": b.headline_seq,
     }
     if b.real_length_examples:
-        real, failed = real_length(ctx, engines | ctx.peers, b)
+        data = ctx.encoded["eval"]
+        data = Encoded(data.features[: b.real_length_examples], data.labels[: b.real_length_examples])
+        real, failed = real_length(engines | ctx.peers, ctx.tokenizer, data, b.headline_batch, b.real_length_passes)
         for name, exc in failed.items():
             if name not in ctx.peers:  # our own engines must run every real shape
                 raise exc
@@ -82,7 +85,24 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
     base, quant = ctx.metrics.engine_precisions["baseline"], ctx.metrics.engine_precisions["quantized"]
     if base in head and quant in head:
         ctx.metrics.speedup = head[base]["p50"] / head[quant]["p50"]
+        ctx.metrics.speedup_vs_best_float = best_float(
+            f"{cfg.engine.name} {base} (this run's baseline)", head[base]["p50"], head[quant]["p50"], ctx.metrics.peers, b
+        )
     ctx.artifacts.plots["benchmark"] = plot(grid + [r for p in ctx.metrics.peers for r in p["grid"]], ctx.path("benchmark.png"))
+
+
+def best_float(baseline: str, baseline_p50: float, quantized_p50: float, peer_rows: list[dict], b) -> dict:
+    """The quantized engine against the fastest float engine timed at the headline shape: our baseline
+    engine or a float peer (ONNX Runtime FP32 + fusions, OpenVINO f32 / bf16 / f16 where the CPU has them).
+    {baseline, p50, ratio (baseline p50 / quantized p50), candidates: {name: p50}}."""
+    cands = {baseline: baseline_p50}
+    for row in peer_rows:
+        if row["precision"] in FLOAT_PRECISIONS and not row["error"]:
+            for r in row["grid"]:
+                if (r["batch"], r["seq"]) == (b.headline_batch, b.headline_seq):
+                    cands[row["name"]] = r["p50"]
+    name = min(cands, key=cands.get)
+    return {"baseline": name, "p50": cands[name], "ratio": cands[name] / quantized_p50, "candidates": cands}
 
 
 def _working_peer_calls(ctx: RunContext, inputs: dict[str, np.ndarray], where: str) -> dict[str, Callable[[], None]]:
@@ -101,84 +121,6 @@ def _working_peer_calls(ctx: RunContext, inputs: dict[str, np.ndarray], where: s
             continue
         calls[name] = call
     return calls
-
-
-def synthetic_inputs(rng: np.random.Generator, vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
-    """Random token ids, no padding: a (batch, seq) grid cell's inputs."""
-    return {
-        "input_ids": rng.integers(1000, vocab, size=(batch, seq), dtype=np.int64),
-        "attention_mask": np.ones((batch, seq), dtype=np.int64),
-        "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
-    }
-
-
-def interleaved(calls: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each labelled call, the calls taking turns (one noise for all)."""
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    for _ in range(iters):
-        for label, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[label].append((time.perf_counter() - t0) * 1000)
-    return times
-
-
-def real_length(ctx: RunContext, engines: dict, b) -> dict:
-    """The latency a serving system sees: the eval split's real sentence lengths, length-sorted
-    batches of `headline_batch` padded to their longest example (dynamic padding), every engine on
-    every batch in turn; `real_length_passes` timed passes after one warm-up pass.
-
-    Returns, per label, the milliseconds of one pass over the examples (median over passes), the
-    median batch latency and the throughput; and the labels whose call raised, with the error."""
-    data = ctx.encoded["eval"]
-    data = Encoded(data.features[: b.real_length_examples], data.labels[: b.real_length_examples])
-    feeds = [
-        {k: v.numpy() for k, v in batch.inputs.items()} for batch in batches(ctx.tokenizer, data, b.headline_batch, sort_by_length=True)
-    ]
-    calls = [{label: e.bind(feed) for label, e in engines.items()} for feed in feeds]
-    # Warm-up pass, each call on its own: an engine that fails on some real shape leaves the row
-    # (failed[label] = the error) instead of stopping the run.
-    failed: dict[str, Exception] = {}
-    for batch_calls in calls:
-        for label, call in batch_calls.items():
-            if label not in failed:
-                try:
-                    call()
-                except Exception as exc:
-                    failed[label] = exc
-    engines = {label: e for label, e in engines.items() if label not in failed}
-    calls = [{label: c for label, c in batch_calls.items() if label in engines} for batch_calls in calls]
-    per_pass: dict[str, list[float]] = {label: [] for label in engines}
-    per_batch: dict[str, list[float]] = {label: [] for label in engines}
-    for _ in range(b.real_length_passes):
-        totals = dict.fromkeys(engines, 0.0)
-        for batch_calls in calls:
-            for label, ms in interleaved(batch_calls, 0, 1).items():
-                totals[label] += ms[0]
-                per_batch[label].append(ms[0])
-        for label, t in totals.items():
-            per_pass[label].append(t)
-    lengths = [len(f["input_ids"]) for f in data.features]
-    info = {"examples": len(data), "batch": b.headline_batch, "mean_len": float(np.mean(lengths)), "max_len": int(max(lengths))}
-    out = {}
-    for label in engines:
-        total = float(np.median(per_pass[label]))
-        out[label] = {
-            **info,
-            "pass_ms": total,
-            "p50_batch_ms": float(np.median(per_batch[label])),
-            "throughput_seq_s": len(data) * 1000 / total,
-        }
-    log.info(
-        "benchmark real lengths (%d examples, mean %.1f tokens): %s",
-        len(data),
-        info["mean_len"],
-        {k: round(v["pass_ms"], 1) for k, v in out.items()},
-    )
-    return out, failed
 
 
 def _torch_calls(ctx: RunContext, inputs: dict[str, np.ndarray], threads: int) -> dict:
@@ -205,16 +147,6 @@ def _torch_calls(ctx: RunContext, inputs: dict[str, np.ndarray], threads: int) -
 
 def _uses_token_types(ctx: RunContext) -> bool:
     return "token_type_ids" in ctx.encoded["eval"].features[0]
-
-
-def summary(ts: list[float]) -> dict[str, float]:
-    a = np.asarray(ts)
-    return {
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-        "mean": float(a.mean()),
-    }
 
 
 def plot(grid: list[dict], path):

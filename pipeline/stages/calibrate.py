@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from pipeline.cache import cached
 from pipeline.context import RunContext
 from pipeline.data import batches
-from pipeline.outputs import atomic_write, write_json
+from pipeline.outputs import atomic_write
 from pipeline.quantization import calibration_plot, smoothing
 from pipeline.quantization.calibrate import calibrate, method_for
 from pipeline.quantization.placement import insert_quantizers
-from pipeline.quantization.tensor_quantizer import TensorQuantizer
+from pipeline.quantization.state import amax_state, enabled_counts, load_quantizer_state, save_quantizer_state
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         )
 
     def save(tmp: Path) -> None:
-        save_file(_amax_state(ctx), str(tmp / "quantizers.safetensors"))
+        save_file(amax_state(ctx.quantizers), str(tmp / "quantizers.safetensors"))
         (tmp / "counts.json").write_text(json.dumps(counts))
         if hists:
             save_file(hists, str(tmp / hist_file))
@@ -57,7 +57,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         if (hit / "smoothing.safetensors").exists():
             scales.update(load_file(str(hit / "smoothing.safetensors")))
             smoothing.restore(ctx.model, scales)
-        load_quantizer_state(ctx, load_file(str(hit / "quantizers.safetensors")))
+        load_quantizer_state(ctx.quantizers, load_file(str(hit / "quantizers.safetensors")))
         counts.update(json.loads((hit / "counts.json").read_text()))
         if (hit / hist_file).exists():
             hists.update(load_file(str(hit / hist_file)))
@@ -66,14 +66,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     if hists:
         atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
-    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), **enabled_counts(ctx), **counts})
+    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), **enabled_counts(ctx.quantizers), **counts})
     if c.overrides:
         ctx.metrics.quantization["calibration_overrides"] = {
             n: method_for(n, q.role, c).method for n, q in ctx.quantizers.items() if method_for(n, q.role, c) is not c
         }
     if cfg.smoothing.enabled:
         ctx.metrics.quantization["smoothing"] = smoothing.summary(scales, cfg.smoothing.alpha)
-    save_quantizer_state(ctx)
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
     log.info(
         "calibrate: %s on %d batches -> %d quantizers %s",
         c.method,
@@ -82,64 +82,3 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         ctx.metrics.quantization["enabled_by_role"],
     )
     return "cached" if hit else None
-
-
-def _amax_state(ctx: RunContext) -> dict[str, torch.Tensor]:
-    return {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in ctx.quantizers.items() if q.amax is not None}
-
-
-def enabled_counts(ctx: RunContext) -> dict[str, dict[str, int]]:
-    """Enabled quantizers by role and the GEMMs with both inputs quantized, by kind (modules; a shared ALBERT
-    layer counts once): metrics.json quantization.enabled_by_role / quantized_gemms, recounted by every stage
-    that switches quantizers on or off (calibrate, tune)."""
-    roles: dict[str, int] = {}
-    for q in ctx.quantizers.values():
-        roles[q.role] = roles.get(q.role, 0) + int(q.enabled)
-    gemms = {
-        "linear": roles.get("linear_weight", 0),
-        "attention_qk": roles.get("attn_q", 0),
-        "attention_pv": roles.get("attn_probs", 0),
-        "attention_rel": roles.get("attn_rel", 0) // 2,
-    }
-    return {"enabled_by_role": roles, "quantized_gemms": gemms}
-
-
-def save_quantizer_state(ctx: RunContext) -> None:
-    """quantizers.safetensors (amax of every quantizer) and quant_map.json (the human-readable map)."""
-    state = _amax_state(ctx)
-    ctx.artifacts.quantizers = atomic_write(ctx.path("quantizers.safetensors"), lambda p: save_file(state, str(p)))
-    write_json(ctx.path("quant_map.json"), quant_map(ctx.quantizers))
-
-
-def quant_map(quantizers: dict[str, TensorQuantizer]) -> list[dict]:
-    rows = []
-    for name, q in quantizers.items():
-        amax: float | dict | None = None
-        if q.amax is not None:
-            a = q.amax.detach().float()
-            amax = (
-                float(a) if a.dim() == 0 else {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "channels": a.numel()}
-            )
-        rows.append(
-            {
-                "name": name,
-                "role": q.role,
-                "axis": q.axis,
-                "unsigned": q.unsigned,
-                "num_bits": q.num_bits,
-                "amax": amax,
-                "enabled": q.enabled and q.amax is not None,
-            }
-        )
-    return rows
-
-
-@torch.no_grad()
-def load_quantizer_state(ctx: RunContext, state: dict[str, torch.Tensor]) -> None:
-    """Set every quantizer's amax from a saved state; quantizers without one (never reached during
-    calibration) are disabled, as calibrate() leaves them."""
-    for name, q in ctx.quantizers.items():
-        if f"{name}.amax" in state:
-            q.load_amax(state[f"{name}.amax"])
-        elif q.role != "linear_weight":
-            q.enabled = False

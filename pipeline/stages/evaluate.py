@@ -19,9 +19,8 @@ from pathlib import Path
 from pipeline.cache import cached, file_digests
 from pipeline.context import RunContext
 from pipeline.data.batching import Encoded
+from pipeline.inference import engine_logits, torch_logits
 from pipeline.schema import RunConfig
-from pipeline.stages._common import engine_logits, torch_logits
-from pipeline.tasks.sequence_classification import logits_parity
 
 log = logging.getLogger(__name__)
 BASELINES = ("fp32", "fp16")
@@ -108,7 +107,3 @@ def _evaluate(cfg: RunConfig, ctx: RunContext) -> None:
     ctx.metrics.task = task.task_metrics(outputs, ev)
     log.info("evaluate: peers %s", {r["name"]: r["accuracy"] for r in ctx.metrics.peers})
     log.info("evaluate: accuracy %s parity %s", {k: v if v is None else round(v, 4) for k, v in acc.items()}, ctx.metrics.parity)
-
-
-# Sequence classification's parity (argmax agreement, mean logit cosine), kept under its old name.
-parity = logits_parity

@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline import graphs
 from pipeline.cache import cached, link_or_copy
 from pipeline.context import RunContext
 from pipeline.data import batches
-from pipeline.engines import trt_graphs
-from pipeline.onnx_export import count_qdq, dedicate_qdq, export, fold_weight_quantization, rewrite
+from pipeline.engines import graphs_for, trt_graphs
+from pipeline.graphs import FILES
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
-FILES = ("model_fp32.onnx", "model_int8.onnx", "model_fp16.onnx", "model_int8_trt.onnx", "model_fp8.onnx")
 _INFO = ("onnx_int8", "onnx_tensorrt")  # what export records in metrics.quantization (cached with the files)
 
 
 def tensorrt_graphs_wanted(cfg: RunConfig) -> bool:
-    return cfg.export.tensorrt_graphs or cfg.engine.name == "tensorrt"
+    return cfg.export.tensorrt_graphs or "model_int8_trt.onnx" in graphs_for(cfg.engine, "int8").values()
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
@@ -55,73 +54,27 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
 
     hit = cached(ctx.cache, "export", key, compute=lambda: _export(cfg, ctx), save=save, restore=restore)
     ctx.artifacts.onnx = {f: ctx.path(f) for f in FILES if ctx.path(f).exists()}
-    ctx.artifacts.onnx_fp32 = ctx.artifacts.onnx.get("model_fp32.onnx")
-    ctx.artifacts.onnx_int8 = ctx.artifacts.onnx.get("model_int8.onnx")
     return "cached" if hit else None
 
 
 def _export(cfg: RunConfig, ctx: RunContext) -> None:
     # Example: two eval sentences of different lengths, so the traced graph carries a real padding mask.
     example = next(batches(ctx.tokenizer, ctx.encoded["eval"], 2)).inputs
-    export_fp32(cfg, ctx, example, ctx.path("model_fp32.onnx"))
+    opset, fold = cfg.export.opset, cfg.export.fold_weights
+    fp32 = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
+    graphs.export_fp32(fp32, example, ctx.path("model_fp32.onnx"), opset, ctx.device)
     trt: dict[str, dict] = {}
     if tensorrt_graphs_wanted(cfg):
         trt["model_fp16.onnx"] = trt_graphs.fp16_graph(ctx.path("model_fp32.onnx"), ctx.path("model_fp16.onnx"))
     if ctx.quantized:
         with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export_") as tmp:
-            qdq = export(ctx.model.cpu(), example, Path(tmp) / "model_qdq.onnx", cfg.export.opset)
-            ctx.model.to(ctx.device)
+            qdq = graphs.qdq_export(ctx.model, example, Path(tmp) / "model_qdq.onnx", opset, ctx.device)
             if cfg.quant.format == "fp8":
-                trt["model_fp8.onnx"] = convert_quantized(cfg, qdq, "model_fp8.onnx", ctx.path("model_fp8.onnx"))
+                trt["model_fp8.onnx"] = graphs.convert_quantized(qdq, "model_fp8.onnx", ctx.path("model_fp8.onnx"), fold)
             else:
                 if tensorrt_graphs_wanted(cfg):
-                    trt["model_int8_trt.onnx"] = convert_quantized(cfg, qdq, "model_int8_trt.onnx", ctx.path("model_int8_trt.onnx"))
-                ctx.metrics.quantization["onnx_int8"] = convert_quantized(cfg, qdq, "model_int8.onnx", ctx.path("model_int8.onnx"))
+                    trt["model_int8_trt.onnx"] = graphs.convert_quantized(qdq, "model_int8_trt.onnx", ctx.path("model_int8_trt.onnx"), fold)
+                ctx.metrics.quantization["onnx_int8"] = graphs.convert_quantized(qdq, "model_int8.onnx", ctx.path("model_int8.onnx"), fold)
                 log.info("export: model_int8.onnx %s", ctx.metrics.quantization["onnx_int8"])
     if trt:
         ctx.metrics.quantization["onnx_tensorrt"] = trt
-
-
-def export_fp32(cfg: RunConfig, ctx: RunContext, example: dict, dest: Path) -> Path:
-    """The FP32 baseline graph of the run's FP32 model."""
-    fp32 = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
-    attn = fp32.config._attn_implementation
-    # Eager attention for the FP32 graph: SDPA exports with IsNaN/Where guards that cost ~10 % of the
-    # FP32 engine's time on ORT CPU; the baseline should be the fastest honest FP32 graph.
-    fp32.set_attn_implementation("eager")
-    export(fp32.cpu(), example, dest, cfg.export.opset)
-    fp32.set_attn_implementation(attn)
-    fp32.to(ctx.device)
-    return dest
-
-
-def baseline_graph(cfg: RunConfig, ctx: RunContext, example: dict, name: str, dest_dir: Path) -> Path:
-    """The baseline graph `name` (model_fp32.onnx, or model_fp16.onnx for TensorRT) into dest_dir."""
-    fp32 = export_fp32(cfg, ctx, example, dest_dir / "model_fp32.onnx")
-    if name == "model_fp16.onnx":
-        trt_graphs.fp16_graph(fp32, dest_dir / name)
-    return dest_dir / name
-
-
-def quantized_graph(cfg: RunConfig, ctx: RunContext, example: dict, name: str, dest: Path) -> dict:
-    """One quantized graph (`name`: model_int8.onnx | model_int8_trt.onnx | model_fp8.onnx) of the model
-    as it is now, into `dest`: the same export and conversion as this stage (the tune stage re-times
-    the engine after each fallback step with it)."""
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".export_") as tmp:
-        qdq = export(ctx.model.cpu(), example, Path(tmp) / "model_qdq.onnx", cfg.export.opset)
-        ctx.model.to(ctx.device)
-        return convert_quantized(cfg, qdq, name, dest)
-
-
-def convert_quantized(cfg: RunConfig, qdq: Path, name: str, dest: Path) -> dict:
-    """The Q/DQ export of the fake-quant model -> the graph `name` an engine builds from."""
-    if name == "model_int8.onnx":
-        return _ort_int8(cfg, qdq, dest)
-    return trt_graphs.quantized_graph(qdq, dest, "fp8" if name == "model_fp8.onnx" else "int8")
-
-
-def _ort_int8(cfg: RunConfig, qdq: Path, int8: Path) -> dict:
-    """model_int8.onnx for ONNX Runtime: folded int8 weights (export.fold_weights), dedicated pairs."""
-    shutil.copyfile(qdq, int8)
-    folded, dedicated = rewrite(int8, fold_weight_quantization if cfg.export.fold_weights else (lambda m: 0), dedicate_qdq)
-    return {**count_qdq(int8), "folded_weights": folded, "dedicated_qdq_pairs": dedicated}

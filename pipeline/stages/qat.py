@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pipeline.cache import cached
 from pipeline.context import RunContext
+from pipeline.quantization.state import save_quantizer_state
 from pipeline.schema import RunConfig
 from pipeline.stages import _common
-from pipeline.stages.calibrate import save_quantizer_state
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
@@ -35,5 +35,5 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         save=lambda tmp: _common.save_trained(ctx, "qat", tmp),
         restore=lambda h: _common.restore_trained(ctx, "qat", h, key),
     )
-    save_quantizer_state(ctx)  # amax may have moved (learn_amax); weights certainly did
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)  # amax may have moved (learn_amax); weights certainly did
     return "cached" if hit else None

@@ -28,6 +28,8 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "parity": m.parity,
         "latency_ms": m.latency_ms,
         "speedup": m.speedup,
+        "speedup_vs_best_float": m.speedup_vs_best_float,
+        "engine_choice": m.engine_choice,
         "engine_precisions": m.engine_precisions,
         "tensorrt_graphs": m.tensorrt_graphs,
         "benchmark": m.benchmark,
@@ -91,6 +93,14 @@ def summary_table(d: dict, run_dir: Path, task=None) -> str:
         head = _headline(d)
         rows += [(f"latency p50 {B} ({head})", _ms(d, base)), (f"latency p50 {Q} ({head})", _ms(d, quant))]
         rows.append((f"speedup ({B} p50 / {Q} p50)", "—" if d["speedup"] is None else f"{d['speedup']:.2f}x"))
+        best = d.get("speedup_vs_best_float")
+        if best:
+            rows.append(
+                (f"speedup vs the fastest float engine here ({best['baseline']}, p50 {best['p50']:.2f} ms)", f"{best['ratio']:.2f}x")
+            )
+    prec = d["quantization"].get("engine_inference_precision")
+    if prec:
+        rows.append(("OpenVINO float-layer precision", ", ".join(f"{PRECISION_NAMES.get(k, k)} engine: {v}" for k, v in prec.items())))
     kern = d["quantization"].get("engine_kernels", {}).get(quant)
     if kern:
         rows.append((f"{Q} engine GEMM kernels", ", ".join(f"{k} {v}" for k, v in kern.items())))

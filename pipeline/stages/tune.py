@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.context import RunContext
+from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
+from pipeline.quantization.state import enabled_counts, save_quantizer_state
 from pipeline.schema import ConfigError, RunConfig
-from pipeline.stages._common import accuracy, torch_logits
-from pipeline.stages.calibrate import enabled_counts, save_quantizer_state
+from pipeline.tasks import Models
 from pipeline.tune import plan as plan_file
 from pipeline.tune import plots
 from pipeline.tune.calibrators import (
@@ -41,7 +42,7 @@ from pipeline.tune.calibrators import (
 from pipeline.tune.groups import FusionGroup, active_groups, fusion_groups, set_float
 from pipeline.tune.latency import LatencyProbe
 from pipeline.tune.search import Budget, Score, SearchResult, TraceRow, search
-from pipeline.tune.sensitivity import Sensitivity, hardest, kl_per_example, rank_groups
+from pipeline.tune.sensitivity import Sensitivity, hardest, rank_groups
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,22 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         raise ConfigError(["tune: the run has no tuning split (data.num_tune resolved to 0 for this data); set data.num_tune >= 1"])
     bs = cfg.evaluate.batch_size
 
-    def logits(model, split=data) -> np.ndarray:
-        return torch_logits(model, ctx.tokenizer, split, bs, ctx.device)
+    task = ctx.task
+
+    def logits(model, split=data):
+        return torch_logits(model, ctx.tokenizer, split, bs, ctx.device, token_level=task.token_level)
 
     fp32_logits = logits(ctx.fp32_model)
 
-    def score(out: np.ndarray) -> Score:
-        return Score(accuracy(out, data.labels), float(kl_per_example(fp32_logits, out).mean()))
+    # The task's own score and its divergence from FP32 (classification: accuracy and KL of the softmax).
+    def score(out) -> Score:
+        return Score(float(task.score(out, data)), float(task.divergence(fp32_logits, out).mean()))
 
     evaluations = 1
-    budget = Budget(accuracy(fp32_logits, data.labels), t.max_drop, t.drop_type)
+    fp32_score = task.score(fp32_logits, data)
+    if fp32_score is None:
+        raise ConfigError([f"tune: task={task.name} cannot score a tuning split of {len(data)} examples; set data.num_tune higher"])
+    budget = Budget(float(fp32_score), t.max_drop, t.drop_type)
     hists = load_histograms(ctx.run_dir)
     start_cal = own_candidate(cfg.calibration) or cfg.calibration.method
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
@@ -85,8 +92,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         ranked: list[Sensitivity] = []
         groups_all = active_groups(ctx.quantizers)
         if t.fallback:
-            subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples)
-            ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref)
+            subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples, task.divergence)
+            ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref, task.divergence)
             info.update(proxy_examples=len(subset), proxy_forwards=len(groups_all) + 1, proxy_kl_all_quantized=base_kl)
             log.info(
                 "tune: %d fusion groups ranked on %d hardest tuning examples; top %s",
@@ -94,7 +101,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
                 len(subset),
                 [s.group.name for s in ranked[:5]],
             )
-        probe = LatencyProbe(cfg, ctx, ctx.path(".tune_work"))
+        probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
         try:
             result = search(
                 [s.group for s in ranked],
@@ -133,8 +140,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             fusion_groups=len(groups_all),
         )
     met = budget.met(chosen.accuracy)
-    labels = np.asarray(data.labels)
-    ci = budget.drop_ci95(fp32_logits.argmax(-1) == labels, final_logits.argmax(-1) == labels)
+    ref_correct, q_correct = task.correct(fp32_logits, data), task.correct(final_logits, data)
+    ci = None if ref_correct is None else budget.drop_ci95(ref_correct, q_correct)
     ctx.metrics.tune = {
         "met": met,
         "max_drop": t.max_drop,
@@ -162,8 +169,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )
-    ctx.metrics.quantization.update(enabled_counts(ctx))  # the plan's groups in float are off now
-    save_quantizer_state(ctx)
+    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))  # the plan's groups in float are off now
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
     ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
@@ -172,7 +179,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         t.max_drop,
         say,
         chosen.drop,
-        ci,
+        float("nan") if ci is None else ci,
         t.drop_type,
         len(data),
         calibrator,
@@ -300,3 +307,7 @@ def _csv(rows: list[list]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
+
+
+def _probe_models(ctx: RunContext) -> Models:
+    return Models(ctx.model, ctx.fp32_model, ctx.tokenizer, ctx.device)

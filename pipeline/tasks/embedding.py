@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
+from pipeline.tasks.base import Models
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +210,28 @@ class Embedding:
             return F.mse_loss(out, target)
         return (1 - F.cosine_similarity(out, target, dim=-1)).mean()
 
-    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
-        """QAT best state on the tuning split: fidelity to the FP32 embeddings (mean cosine; loss 1 - cosine)."""
-        from pipeline.stages._common import torch_logits
-
+    def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
+        """Best state on the tuning split: fidelity to the FP32 embeddings (mean cosine; loss 1 - cosine)."""
         if "fp32" not in reference:
-            reference["fp32"] = torch_logits(ctx.fp32_model, ctx.tokenizer, data, batch_size, ctx.device)
-        cos = float(_cosine_rows(torch_logits(ctx.model, ctx.tokenizer, data, batch_size, ctx.device), reference["fp32"]).mean())
-        return {"accuracy": cos, "loss": 1.0 - cos, "measure": "mean cosine to FP32"}
+            reference["fp32"] = models.outputs(data, batch_size, token_level=False, fp32=models.fp32 is not None)
+        out = models.outputs(data, batch_size, token_level=False)
+        d = self.divergence(reference["fp32"], out)
+        return {"accuracy": 1.0 - float(d.mean()), "loss": float(d.mean()), "measure": "mean cosine to FP32"}
+
+    def divergence(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """1 - cosine to the FP32 embedding, per example."""
+        return 1.0 - _cosine_rows(outputs, reference)
+
+    def correct(self, outputs: np.ndarray, data: Encoded) -> None:
+        return None  # k-NN accuracy depends on the other examples: no per-example paired interval
+
+    def config_errors(self, cfg) -> list[str]:
+        if cfg.finetune.enabled:
+            return [
+                "finetune: task=embedding uses the checkpoint's own embedding and has no labelled training objective; "
+                "finetune=default cannot be combined with it (choose finetune=none, the task's default)"
+            ]
+        return []
 
     def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
         return knn_accuracy(outputs, data.labels, self.cfg.knn_k) if len(outputs) > self.cfg.knn_k else None

@@ -32,8 +32,9 @@ from transformers.utils import ModelOutput
 from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import Encoded
 from pipeline.data.sources import cut_splits, raw_rows
+from pipeline.inference import kl_per_example
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
-from pipeline.tasks import token_level_selection
+from pipeline.tasks.base import Models, token_level_selection
 from pipeline.training import kd_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -332,8 +333,18 @@ class QuestionAnswering:
         examples = sorted({data.example[f] for f in range(len(outputs))})
         return squad_scores(preds, [data.references[ex] for ex in examples])
 
-    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
-        return token_level_selection(self, ctx, data, batch_size)
+    def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
+        return token_level_selection(self, models, data, batch_size, reference)
+
+    def divergence(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> np.ndarray:
+        """KL of the start distribution + KL of the end distribution over the example's positions."""
+        return np.array([float(kl_per_example(r.T, o.T).sum()) for r, o in zip(reference, outputs)])
+
+    def correct(self, outputs: list[np.ndarray], data: Encoded) -> None:
+        return None  # entity F1 / span F1 are not per-example means
+
+    def config_errors(self, cfg) -> list[str]:
+        return []
 
     def score(self, outputs: list[np.ndarray], data: QAEncoded) -> float | None:
         return self.squad(outputs, data)["f1"]

@@ -15,9 +15,10 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
 from pipeline.engines import PRECISION_NAMES
+from pipeline.inference import kl_per_example, paired_drop_ci95
 from pipeline.schema import DataConfig, ModelConfig
+from pipeline.tasks.base import Models
 from pipeline.training import classification_objective
-from pipeline.tune.search import paired_drop_ci95
 
 
 def logits_parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -56,13 +57,30 @@ class SequenceClassification:
         return ()  # the default task: cache keys as before tasks existed (earlier runs' caches stay valid)
 
     def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
-        return float((outputs.argmax(-1) == np.asarray(data.labels[: len(outputs)])).mean())
+        return float(self.correct(outputs, data).mean())
 
     def parity(self, quantized: np.ndarray, fake_quant: np.ndarray) -> dict[str, Any]:
         return logits_parity(quantized, fake_quant)
 
-    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> None:
-        return None  # training-time evaluation: accuracy and cross-entropy (stages/_common.py)
+    def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
+        """Accuracy and cross-entropy on the tuning split; KL to the FP32 model once there is one (QAT)."""
+        logits = models.outputs(data, batch_size, token_level=False)
+        labels = torch.as_tensor(data.labels[: len(logits)])
+        r = {"accuracy": self.score(logits, data), "loss": float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels))}
+        if models.fp32 is not None:
+            if "fp32" not in reference:
+                reference["fp32"] = models.outputs(data, batch_size, token_level=False, fp32=True)
+            r["kl"] = float(self.divergence(reference["fp32"], logits).mean())
+        return r
+
+    def divergence(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        return kl_per_example(reference, outputs)
+
+    def correct(self, outputs: np.ndarray, data: Encoded) -> np.ndarray:
+        return outputs.argmax(-1) == np.asarray(data.labels[: len(outputs)])
+
+    def config_errors(self, cfg) -> list[str]:
+        return []
 
     def task_metrics(self, outputs: dict, data: Encoded) -> dict:
         """Each quantized output against the baseline engine on the same examples: the accuracy drop, its

@@ -28,7 +28,7 @@ from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import IGNORE, Encoded
 from pipeline.data.sources import cut_splits, raw_rows
 from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
-from pipeline.tasks import token_level_selection
+from pipeline.tasks.base import Models, token_divergence, token_level_selection
 from pipeline.training import kd_loss
 
 
@@ -256,8 +256,17 @@ class TokenClassification:
             "token_accuracy": float(np.mean([a == b for a, b in zip(flat_t, flat_p)])) if flat_t else 0.0,
         }
 
-    def selection(self, ctx, data: Encoded, batch_size: int, reference: dict) -> dict:
-        return token_level_selection(self, ctx, data, batch_size)
+    def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
+        return token_level_selection(self, models, data, batch_size, reference)
+
+    def divergence(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> np.ndarray:
+        return token_divergence(reference, outputs)
+
+    def correct(self, outputs: list[np.ndarray], data: Encoded) -> None:
+        return None  # entity F1 / span F1 are not per-example means
+
+    def config_errors(self, cfg) -> list[str]:
+        return []
 
     def score(self, outputs: list[np.ndarray], data: Encoded) -> float | None:
         return self.entity_scores(outputs, data)["f1"]

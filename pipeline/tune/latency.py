@@ -21,20 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.context import RunContext
+from pipeline import distributed, graphs
 from pipeline.data import batches
-from pipeline.engines import ENGINES, GRAPHS
+from pipeline.data.batching import Encoded
+from pipeline.engines import ENGINES, graphs_for
 from pipeline.schema import RunConfig
-from pipeline.stages import export as export_stage
-from pipeline.stages.benchmark import interleaved, synthetic_inputs
+from pipeline.tasks import Models
+from pipeline.timing import interleaved, synthetic_inputs
 
 log = logging.getLogger(__name__)
 
 
 class LatencyProbe:
-    def __init__(self, cfg: RunConfig, ctx: RunContext, workdir: Path):
-        self.cfg, self.ctx, self.workdir = cfg, ctx, workdir
+    def __init__(self, cfg: RunConfig, models: Models, tokenizer, tune: Encoded, seed: int, workdir: Path):
+        self.cfg, self.models, self.workdir = cfg, models, workdir
         self.note: str | None = None
         self.calls = 0
         self.seconds = 0.0
@@ -52,16 +52,17 @@ class LatencyProbe:
         if not cfg.export.enabled:
             self.note = "latency not measured: export=none"
             return
-        (self.base_label, base_name), (self.quant_label, self.quant_name) = list(GRAPHS[cfg.engine.name][cfg.quant.format].items())
+        (self.base_label, base_name), (self.quant_label, self.quant_name) = list(graphs_for(cfg.engine, cfg.quant.format).items())
         workdir.mkdir(parents=True, exist_ok=True)
         # Graph example from the tuning split (shapes and a real padding mask; no data decision).
-        self.example = next(batches(ctx.tokenizer, ctx.encoded["tune"], 2)).inputs
+        self.example = next(batches(tokenizer, tune, 2)).inputs
         b = cfg.benchmark
-        self.inputs = synthetic_inputs(np.random.default_rng(ctx.seed), len(ctx.tokenizer), b.headline_batch, b.headline_seq)
+        self.inputs = synthetic_inputs(np.random.default_rng(seed), len(tokenizer), b.headline_batch, b.headline_seq)
         self.shape = f"batch {b.headline_batch} x seq {b.headline_seq}"
         try:
             self.kind = ENGINES[cfg.engine.name]()
-            path = export_stage.baseline_graph(cfg, ctx, self.example, base_name, workdir)
+            fp32 = models.fp32 if models.fp32 is not None else models.model
+            path = graphs.baseline_graph(fp32, self.example, base_name, workdir, cfg.export.opset, models.device)
             self._baseline = self.kind.build(path, self.base_label, cfg.engine, workdir)
         except Exception as exc:  # e.g. TensorRT not installed on this machine
             self.note = f"latency not measured: engine={cfg.engine.name} could not build here ({type(exc).__name__}: {exc})"
@@ -82,7 +83,8 @@ class LatencyProbe:
         self.calls += 1
         try:
             dest = step / self.quant_name
-            export_stage.quantized_graph(self.cfg, self.ctx, self.example, self.quant_name, dest)
+            m, e = self.models, self.cfg.export
+            graphs.quantized_graph(m.model, self.example, self.quant_name, dest, e.opset, e.fold_weights, m.device)
             engine = self.kind.build(dest, self.quant_label, self.cfg.engine, step)
             if getattr(engine, "emulated", False):
                 self.note = f"latency not measured: {self.cfg.engine.name} emulates {self.quant_label} here (no kernels to time)"

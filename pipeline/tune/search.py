@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.inference import paired_drop_ci95
 from pipeline.tune.groups import FusionGroup
 
 
@@ -44,16 +45,6 @@ class Budget:
         """paired_drop_ci95 in the budget's unit."""
         points = paired_drop_ci95(ref_correct, q_correct)
         return points if self.drop_type == "absolute" else 100 * points / (100 * self.fp32_accuracy or 1.0)
-
-
-def paired_drop_ci95(ref_correct: np.ndarray, q_correct: np.ndarray) -> float:
-    """Half-width (percentage points) of the 95 % interval of an accuracy drop, paired over the same
-    examples: the per-example difference (reference right) - (quantized right) in {-1, 0, 1}, normal
-    approximation. Tells how far a measured drop can be from the drop on new data of the same kind."""
-    d = ref_correct.astype(np.float64) - q_correct.astype(np.float64)
-    if len(d) < 2:
-        return float("inf")
-    return 100 * 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d))
 
 
 @dataclass(frozen=True)

@@ -16,25 +16,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data.batching import Encoded
+from pipeline.inference import kl_per_example
 from pipeline.tune.groups import FusionGroup, set_float
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+# Per-example distance of outputs from the FP32 reference (the task's divergence; classification: KL).
+Divergence = Callable[[object, object], np.ndarray]
 
 
-def kl_per_example(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(logits)) per row, (N,)."""
-    lp, lq = log_softmax(ref_logits.astype(np.float64)), log_softmax(logits.astype(np.float64))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def hardest(data: Encoded, ref_logits: np.ndarray, logits: np.ndarray, n: int) -> tuple[Encoded, np.ndarray]:
-    """The n examples with the largest KL between FP32 and quantized logits (and their FP32 logits)."""
-    idx = np.argsort(-kl_per_example(ref_logits, logits), kind="stable")[:n]
+def hardest(data: Encoded, ref_logits, logits, n: int, divergence: Divergence = kl_per_example) -> tuple[Encoded, object]:
+    """The n examples whose outputs depart most from FP32 (and their FP32 outputs)."""
+    idx = np.argsort(-divergence(ref_logits, logits), kind="stable")[:n]
     idx = np.sort(idx)  # split order: the same batches every time
-    return Encoded([data.features[i] for i in idx], [data.labels[i] for i in idx]), ref_logits[idx]
+    ref = [ref_logits[i] for i in idx] if isinstance(ref_logits, list) else ref_logits[idx]
+    return Encoded([data.features[i] for i in idx], [data.labels[i] for i in idx]), ref
 
 
 @dataclass
@@ -46,16 +40,20 @@ class Sensitivity:
 
 
 def rank_groups(
-    groups: list[FusionGroup], quantizers: dict, subset_logits: Callable[[], np.ndarray], ref_logits: np.ndarray
+    groups: list[FusionGroup],
+    quantizers: dict,
+    subset_logits: Callable[[], object],
+    ref_logits,
+    divergence: Divergence = kl_per_example,
 ) -> tuple[list[Sensitivity], float]:
     """Score every group (one forward over the hardest subset each); returns them most sensitive
-    first, and the KL with every group quantized."""
-    base = float(kl_per_example(ref_logits, subset_logits()).mean())
+    first, and the divergence with every group quantized."""
+    base = float(divergence(ref_logits, subset_logits()).mean())
     out = []
     for g in groups:
         set_float(quantizers, g, True)
         try:
-            kl = float(kl_per_example(ref_logits, subset_logits()).mean())
+            kl = float(divergence(ref_logits, subset_logits()).mean())
         finally:
             set_float(quantizers, g, False)
         out.append(Sensitivity(g, base - kl, kl))
