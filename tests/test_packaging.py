@@ -65,3 +65,14 @@ def test_wheel_installs_and_runs_from_any_folder(tmp_path):
     _run([exe, *TINY, "benchmark=none", f"cache.dir={tmp_path}/cache", f"hydra.run.dir={run_dir}"], work, env)
     assert (run_dir / "metrics.json").exists() and (run_dir / "model_int8.onnx").exists()
     assert not list(work.iterdir())  # nothing written into the folder it was started from
+
+
+def test_layer_contracts_hold():
+    """Each layer imports only the layers under it and no stage imports another (pyproject [tool.importlinter];
+    docs/architecture.md). An import back up, or a stage importing a stage, fails here."""
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "import-linter is in the test extra"
+    out = subprocess.run([exe], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "Layers: each layer imports only the layers under it KEPT" in out.stdout
+    assert "Stages only orchestrate: no stage imports another stage KEPT" in out.stdout
