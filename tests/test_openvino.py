@@ -4,6 +4,7 @@ key, the saved IR, the weight-range measurement and the missing-package message.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -230,3 +231,26 @@ def test_weight_range_measurement_full_range_saturates_without_vnni():
     assert (err / ref > 0.05) == (expected_here == "reduced"), (err, ref, expected_here)
     assert _capped_error("AVX2", 127) > 0.05  # vpmaddubsw pairs saturate in int16
     assert _capped_error("AVX2", 64) < 1e-5  # 7-bit weights: exact
+
+
+def test_engine_auto_follows_the_measured_rule(monkeypatch):
+    from pipeline.engines import auto_engine
+
+    assert auto_engine({"avx512_vnni", "amx_int8", "amx_bf16"})[0] == "openvino"
+    assert auto_engine({"avx2", "fma"})[0] == "onnxruntime"
+    assert auto_engine(set())[0] == "onnxruntime"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed: the engine that is
+    chosen, why = auto_engine({"amx_int8"})
+    assert chosen == "onnxruntime" and "not installed" in why
+
+
+def test_engine_auto_is_resolved_before_any_stage_and_recorded(tmp_path, monkeypatch):
+    import pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "auto_engine", lambda: ("openvino", "test rule"))
+    ctx = run_tiny(tmp_path, ["engine=auto", "qat=none", "benchmark=none", "export.tensorrt_graphs=false"])
+    m = json.loads((ctx.run_dir / "metrics.json").read_text())
+    assert m["engine_choice"] == {"asked": "auto", "chosen": "openvino", "why": "test rule"}
+    assert set(m["quantization"]["engine_kernels"]) == {"fp32", "int8"}
+    assert any(k.startswith("FullyConnected:") for k in m["quantization"]["engine_kernels"]["int8"])  # OpenVINO's layers
+    assert m["quantization"]["weight_range"]["why"].find("OpenVINO") >= 0
