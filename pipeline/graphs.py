@@ -32,9 +32,11 @@ def export_fp32(fp32: torch.nn.Module, example: dict, dest: Path, opset: int, de
     # Eager attention for the FP32 graph: SDPA exports with IsNaN/Where guards that cost ~10 % of the
     # FP32 engine's time on ORT CPU; the baseline should be the fastest honest FP32 graph.
     fp32.set_attn_implementation("eager")
-    export(fp32.cpu(), example, dest, opset)
-    fp32.set_attn_implementation(attn)
-    fp32.to(device)
+    try:
+        export(fp32.cpu(), example, dest, opset)
+    finally:  # the model goes on as it was, export or not (the tuner's probe survives a failed export)
+        fp32.set_attn_implementation(attn)
+        fp32.to(device)
     return dest
 
 

@@ -25,7 +25,7 @@ from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits
 from pipeline.engines import ENGINES, auto_engine
 from pipeline.outputs import config_hash, write_json, write_text
 from pipeline.schema import ConfigError, RunConfig
-from pipeline.stages import benchmark, build_engine, calibrate, evaluate, export, finetune, load, qat, report, tune
+from pipeline.stages import benchmark, build_engine, calibrate, deploy, evaluate, export, finetune, load, qat, report, tune
 from pipeline.tasks import Task, make_task
 from pipeline.training import seed_everything
 from pipeline.validation import validate
@@ -43,6 +43,7 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
     ("build_engine", build_engine.run, lambda c: c.engine.name != "none"),
     ("evaluate", evaluate.run, lambda c: c.evaluate.enabled),
     ("benchmark", benchmark.run, lambda c: c.benchmark.enabled),
+    ("deploy", deploy.run, lambda c: c.deploy.enabled and c.export.enabled),
     ("report", report.run, lambda c: True),
 ]
 

@@ -1,9 +1,11 @@
 """Structured-config schemas (one dataclass per config group) and the start-up validation.
 
 The YAML files under conf/ hold values; these dataclasses hold the keys, types, allowed values and
-ranges. `validate(cfg)` checks the whole composed config against them, collects *every* problem and
-raises one ConfigError naming each key and what is allowed, before any stage runs. It returns the
-typed `RunConfig` the stages read (attribute access, defaults filled in).
+ranges. `validate(cfg)` checks the composed config against them, collects *every* problem and raises
+one ConfigError naming each key and what is allowed, before any stage runs. It returns the typed
+`RunConfig` the stages read (attribute access, defaults filled in). The rules that live with the layers
+above (each task's, a tuned plan's) come in as `cross_checks`: call pipeline.validation.validate, which
+passes them all (a finished run's config, reloaded by the predictor, needs only this module's checks).
 
 The schemas are applied by this validator rather than registered in Hydra's ConfigStore on purpose:
 Hydra's own type checks stop at the first error; users fixing a config want them all at once.

@@ -23,6 +23,7 @@ GROUPS = [
     "export",
     "engine",
     "benchmark",
+    "deploy",
     "experiment",
     "task",
     "tune",

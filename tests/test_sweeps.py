@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from pipeline.sweep_report import main as report_main
 from pipeline.testing import TINY, run_tiny
@@ -121,6 +120,8 @@ def test_cache_reuses_every_stage_and_rebuilds_a_corrupted_entry(tmp_path):
 
 def test_cache_off_computes_everything(tmp_path):
     run_tiny(tmp_path, name="a")
+    entries = lambda: sorted((tmp_path / "cache").rglob("entry.json"))  # noqa: E731  (the cache run_tiny points at)
+    before = entries()
     ctx = run_tiny(tmp_path, ["cache=off"], name="b")
     assert "cached" not in _status(ctx).values()
-    assert not Path(tmp_path / "b" / "cache").exists()
+    assert before and entries() == before  # the cache was neither read nor written

@@ -89,7 +89,9 @@ def _lone_qdq_gemms(path) -> int:
 def _int8_engine(cfg, ctx, example, name):
     dest = ctx.run_dir / name
     dest.mkdir()
-    graphs.quantized_graph(ctx.model, example, "model_int8.onnx", dest / "model_int8.onnx", cfg.export.opset, cfg.export.fold_weights, ctx.device)
+    graphs.quantized_graph(
+        ctx.model, example, "model_int8.onnx", dest / "model_int8.onnx", cfg.export.opset, cfg.export.fold_weights, ctx.device
+    )
     engine = ENGINES["onnxruntime"]().build(dest / "model_int8.onnx", "int8", cfg.engine, dest)
     return sum(v for k, v in engine.kernels.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul")), dest / "model_int8.onnx"
 

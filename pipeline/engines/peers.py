@@ -232,7 +232,12 @@ def build_peers(names: list[str], inputs: PeerInputs, build_engine: Callable[[Pe
     lacks bf16), never a failed run.
     """
     inputs.out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = dataclasses.replace(inputs, fp32_onnx=inputs.fp32_onnx.resolve(), out_dir=inputs.out_dir.resolve())
+    inputs = dataclasses.replace(
+        inputs,
+        fp32_onnx=inputs.fp32_onnx.resolve(),
+        out_dir=inputs.out_dir.resolve(),
+        int8_onnx=inputs.int8_onnx.resolve() if inputs.int8_onnx is not None else None,
+    )
     engines, rows = {}, []
     with tempfile.TemporaryDirectory() as scratch, _cwd(scratch):
         for name in names:
@@ -267,9 +272,10 @@ def _build_one(name: str, inputs: PeerInputs, build_engine: Callable[[Peer, Path
     t0 = time.perf_counter()
     try:
         path = peer.build(inputs)
-        engines[name] = build_engine(peer, path)
-        row["file"] = str(path.relative_to(inputs.out_dir.parent))
-        row["kernels"] = getattr(engines[name], "kernels", {})
+        engine = build_engine(peer, path)
+        row["file"] = os.path.relpath(path, inputs.out_dir.parent)
+        row["kernels"] = getattr(engine, "kernels", {})
+        engines[name] = engine  # only once its row is complete
     except Exception as exc:  # a peer's own failure is a result, reported in its row
         row["error"] = f"{type(exc).__name__}: {exc}"
         log.warning("peer %s failed to build: %s", name, row["error"])

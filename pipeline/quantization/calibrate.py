@@ -93,8 +93,6 @@ def calibrate(
     return {"calibrated": len(quantizers) - unreached, "unreached": unreached}
 
 
-
-
 def needs_histogram(cfg: CalibrationConfig) -> bool:
     """Activation quantizers collect histograms when the method or any override needs one."""
     return cfg.method in HISTOGRAM_METHODS or any(o.method in HISTOGRAM_METHODS for o in cfg.overrides)

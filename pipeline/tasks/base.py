@@ -66,8 +66,8 @@ class Task(Protocol):
 
     def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
         """Training-time evaluation on the tuning split (best-state selection): {"accuracy": higher is
-        better, "loss": lower is better, and "kl" (lower is better) where models.fp32 exists};
-        `reference` caches the FP32 outputs between calls."""
+        better, "loss": lower is better, optionally "kl" (lower is better; qat.select_by=kl uses it where
+        present, else the task's own score)}; `reference` caches the FP32 outputs between calls."""
         ...
 
     def divergence(self, reference: Outputs, outputs: Outputs) -> np.ndarray:

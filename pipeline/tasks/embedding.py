@@ -212,8 +212,10 @@ class Embedding:
 
     def selection(self, models: Models, data: Encoded, batch_size: int, reference: dict) -> dict:
         """Best state on the tuning split: fidelity to the FP32 embeddings (mean cosine; loss 1 - cosine)."""
+        if models.fp32 is None:
+            raise ValueError("embedding: best-state selection compares to the FP32 model, which exists only once quantized (qat)")
         if "fp32" not in reference:
-            reference["fp32"] = models.outputs(data, batch_size, token_level=False, fp32=models.fp32 is not None)
+            reference["fp32"] = models.outputs(data, batch_size, token_level=False, fp32=True)
         out = models.outputs(data, batch_size, token_level=False)
         d = self.divergence(reference["fp32"], out)
         return {"accuracy": 1.0 - float(d.mean()), "loss": float(d.mean()), "measure": "mean cosine to FP32"}
@@ -226,12 +228,19 @@ class Embedding:
         return None  # k-NN accuracy depends on the other examples: no per-example paired interval
 
     def config_errors(self, cfg) -> list[str]:
+        errors = []
         if cfg.finetune.enabled:
-            return [
+            errors.append(
                 "finetune: task=embedding uses the checkpoint's own embedding and has no labelled training objective; "
                 "finetune=default cannot be combined with it (choose finetune=none, the task's default)"
-            ]
-        return []
+            )
+        num_tune = getattr(cfg.data, "num_tune", None)
+        if cfg.tune.enabled and num_tune is not None and 0 < num_tune <= self.cfg.knn_k:
+            errors.append(
+                f"data.num_tune: {num_tune} examples cannot score task=embedding's k-NN accuracy (task.knn_k={self.cfg.knn_k}) "
+                f"for tune={cfg.tune.method}; set data.num_tune > {self.cfg.knn_k}"
+            )
+        return errors
 
     def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
         return knn_accuracy(outputs, data.labels, self.cfg.knn_k) if len(outputs) > self.cfg.knn_k else None

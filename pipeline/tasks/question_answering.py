@@ -341,7 +341,7 @@ class QuestionAnswering:
         return np.array([float(kl_per_example(r.T, o.T).sum()) for r, o in zip(reference, outputs)])
 
     def correct(self, outputs: list[np.ndarray], data: Encoded) -> None:
-        return None  # entity F1 / span F1 are not per-example means
+        return None  # SQuAD F1 is a mean over questions, but outputs here are per window: no paired interval yet
 
     def config_errors(self, cfg) -> list[str]:
         return []

@@ -1,0 +1,84 @@
+"""Triton Python backend: this project's engine (an ONNX Runtime session on the run's graph, with the
+run's session options) behind Triton's dynamic batcher.
+
+The batcher hands over several requests at once (inputs marked allow_ragged_batch: each request keeps
+its own sequence length); they are padded to the longest of them, run as one batch and split back, each
+request's token-level output cut to its own length. A request with wrong inputs gets an error response;
+the others are answered.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[p.get("graph_optimization", "all")])
+        if int(p.get("intra_op_threads", "0")):
+            so.intra_op_num_threads = int(p["intra_op_threads"])
+        if p.get("allow_spinning", "false") != "true":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(os.path.join(folder, p.get("onnx_file", "model.onnx")), so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.output = config["output"][0]["name"]
+        self.graph_output = self.session.get_outputs()[0].name
+        self.pad = json.loads(p["pad_values"])
+        self.token_level = p.get("token_level", "false") == "true"
+
+    def _read(self, request):
+        arrays = {}
+        for name in self.inputs:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                raise ValueError(f"missing input {name}")
+            a = t.as_numpy()
+            if a.ndim != 2:
+                raise ValueError(f"{name}: expected (batch, sequence), got shape {a.shape}")
+            arrays[name] = a.astype(np.int64, copy=False)
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"inputs of different shapes: {sorted(shapes)}")
+        return arrays
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch = []
+        for n, request in enumerate(requests):
+            try:
+                batch.append((n, self._read(request)))
+            except Exception as exc:
+                responses[n] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"engine: {exc}"))
+        if batch:
+            seq = max(a["input_ids"].shape[1] for _, a in batch)
+            feed = {}
+            for name in self.inputs:
+                parts = []
+                for _, a in batch:
+                    x = a[name]
+                    parts.append(np.pad(x, ((0, 0), (0, seq - x.shape[1])), constant_values=self.pad[name]) if x.shape[1] < seq else x)
+                feed[name] = np.concatenate(parts)
+            try:
+                out = self.session.run([self.graph_output], feed)[0]
+                row = 0
+                for n, a in batch:
+                    b, s = a["input_ids"].shape
+                    part = out[row : row + b]
+                    row += b
+                    if self.token_level:
+                        part = part[:, :s]
+                    responses[n] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, np.ascontiguousarray(part))])
+            except Exception as exc:
+                for n, _ in batch:
+                    responses[n] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"engine: {exc}"))
+        return responses
