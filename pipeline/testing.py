@@ -35,6 +35,8 @@ TINY = [
     "calibration.batch_size=16",
     # ONNX Runtime's own quantizers are built and timed only where a test asks (tests/test_peers.py).
     "benchmark.peers=[]",
+    # One engine on every machine (engine=auto picks by CPU); tests of other engines ask for them.
+    "engine=onnxruntime",
 ]
 
 

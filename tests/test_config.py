@@ -139,7 +139,7 @@ def test_bad_combinations():
     ]
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(["export=none"]))
-    assert e.value.errors == ["engine=onnxruntime needs the ONNX files: export=none cannot be combined with an engine (choose engine=none)"]
+    assert e.value.errors == ["engine=auto needs the ONNX files: export=none cannot be combined with an engine (choose engine=none)"]
 
 
 def test_missing_required_value():
