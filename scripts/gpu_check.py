@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.engines import ENGINES  # noqa: E402
+from pipeline.engines.base import cpu_model_name  # noqa: E402
 from pipeline.engines.trt_rules import check_tensorrt, gemm_quantization  # noqa: E402
 from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator  # noqa: E402
 from pipeline.quantization.tensor_quantizer import TensorQuantizer  # noqa: E402
@@ -170,18 +171,8 @@ def probe() -> dict:
         info["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
         info["onnxruntime"], info["onnxruntime_providers"] = None, []
-    info["cpu"] = _cpu_model()
+    info["cpu"] = cpu_model_name()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engines.base import cpu_model_name
+
 
 @dataclass
 class Cell:
@@ -142,15 +144,7 @@ def run(
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return cpu_model_name()
 
 
 def table(cells: list[Cell]) -> str:

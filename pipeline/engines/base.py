@@ -82,6 +82,17 @@ def cpu_flags() -> set[str] | None:
     return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo "model name"), recorded beside every timing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def x86_int8_saturation(engine: str, flags: set[str] | None = None, machine: str | None = None) -> tuple[str, str]:
     """("reduced" | "full", why) for an x86 CPU engine whose int8 GEMMs saturate without VNNI."""
     machine = machine or platform.machine()
