@@ -254,3 +254,13 @@ def test_engine_auto_is_resolved_before_any_stage_and_recorded(tmp_path, monkeyp
     assert set(m["quantization"]["engine_kernels"]) == {"fp32", "int8"}
     assert any(k.startswith("FullyConnected:") for k in m["quantization"]["engine_kernels"]["int8"])  # OpenVINO's layers
     assert m["quantization"]["weight_range"]["why"].find("OpenVINO") >= 0
+
+
+def test_the_tuners_latency_probe_times_openvino(tmp_path):
+    """tune=accuracy with engine=openvino: the probe exports and builds OpenVINO engines (the start timed
+    against the FP32 baseline), as it does for ONNX Runtime."""
+    over = ["engine=openvino", "tune=accuracy", "tune.calibrators=[max]", "tune.max_drop=100", "qat=none", "benchmark=none"]
+    ctx = run_tiny(tmp_path, over + ["export.tensorrt_graphs=false", "tune.latency_warmup=1", "tune.latency_iters=2"])
+    t = json.loads((ctx.run_dir / "metrics.json").read_text())["tune"]
+    assert not t.get("latency_note") and t["start"]["latency_ratio"] > 0
+    assert not (ctx.run_dir / ".tune_work").exists()  # the probe's engines and graphs are gone

@@ -203,3 +203,21 @@ def _ov_capabilities() -> list[str]:
     from pipeline.engines.openvino import cpu_capabilities
 
     return cpu_capabilities()
+
+
+def test_a_peer_far_below_the_baseline_gets_its_why_in_the_report():
+    from pipeline.stages.report import peer_table
+
+    grid = [{"batch": 8, "seq": 128, "precision": p, "p50": v} for p, v in (("fp32", 80.0), ("int8", 20.0))]
+    row = {"description": "d", "error": None, "grid": [{"batch": 8, "seq": 128, "p50": 30.0}]}
+    d = {
+        "task": "sequence_classification",
+        "benchmark": {"grid": grid, "headline_batch": 8, "headline_seq": 128},
+        "accuracy": {"engine_fp32": 0.8375, "int8": 0.837},
+        "engine_precisions": {"baseline": "fp32", "quantized": "int8"},
+        "peers": [{**row, "name": "ort_static", "accuracy": 0.715}, {**row, "name": "ort_dynamic", "accuracy": 0.83}],
+        "sequence_classification": {"ort_static": {"drop_pt": 12.25, "drop_ci95_pt": 1.61, "changed": 300, "n": 2000}},
+    }
+    text = "\n".join(peer_table(d))
+    assert "**`ort_static` is 12.25 pt below the baseline engine** (paired 95 % interval ± 1.61 pt): MinMax ranges" in text
+    assert "`ort_dynamic` is" not in text  # 0.75 pt below: within what a peer may lose without comment

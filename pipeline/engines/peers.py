@@ -194,16 +194,41 @@ class Peer:
     engine: str = "onnxruntime"  # the engine that runs it
     settings: tuple[tuple[str, object], ...] = ()  # engine config keys set for this peer
     ours: bool = False  # this project's graph on another engine: skipped when it is the run's own engine
+    # What its recipe does that can cost accuracy: printed when the peer ends > 2 pt below the baseline.
+    caveat: str = ""
 
 
 # Peers: other people's ways to the same goal (ONNX Runtime's and NNCF's quantizers) and the other float
 # engines this CPU offers (the strongest float baseline is the fastest of them, metrics speedup_vs_best_float).
 PEERS: dict[str, Peer] = {
     "ort_fp32_fused": Peer(ort_fp32_fused, "fp32", "FP32 + ONNX Runtime transformer fusions (optimize_model)"),
-    "ort_dynamic": Peer(ort_dynamic, "int8", "ONNX Runtime quantize_dynamic, per-channel s8 weights"),
-    "ort_dynamic_fused": Peer(ort_dynamic_fused, "int8", "quantize_dynamic on the fused graph (QAttention)"),
-    "ort_static": Peer(ort_static, "int8", "ONNX Runtime quantize_static, QDQ on MatMul/Gemm inputs, u8 asym activations, MinMax"),
-    "nncf_ptq": Peer(nncf_ptq, "int8", "NNCF post-training quantization (model_type=TRANSFORMER, SmoothQuant) on OpenVINO", "openvino"),
+    "ort_dynamic": Peer(
+        ort_dynamic,
+        "int8",
+        "ONNX Runtime quantize_dynamic, per-channel s8 weights",
+        caveat="activations quantized per tensor to u8 at run time from each batch's min/max: an outlier token widens every step",
+    ),
+    "ort_dynamic_fused": Peer(
+        ort_dynamic_fused,
+        "int8",
+        "quantize_dynamic on the fused graph (QAttention)",
+        caveat="as ort_dynamic, and QAttention quantizes the Q/K/V projection inputs with one shared per-batch range",
+    ),
+    "ort_static": Peer(
+        ort_static,
+        "int8",
+        "ONNX Runtime quantize_static, QDQ on MatMul/Gemm inputs, u8 asym activations, MinMax",
+        caveat="MinMax ranges (no percentile clipping) on a few calibration batches: LayerNorm outputs with outlier "
+        "channels get coarse steps; a LayerNorm output read by one MatMul and the residual Add shares its Q/DQ pair, "
+        "so the residual stream is rounded too",
+    ),
+    "nncf_ptq": Peer(
+        nncf_ptq,
+        "int8",
+        "NNCF post-training quantization (model_type=TRANSFORMER, SmoothQuant) on OpenVINO",
+        "openvino",
+        caveat="NNCF's MinMax-based ranges and SmoothQuant alpha 0.95 on the run's calibration batches, no QAT",
+    ),
     "int8_onnxruntime": Peer(our_int8_graph, "int8", "this run's model_int8.onnx on ONNX Runtime", ours=True),
     "int8_openvino": Peer(our_int8_graph, "int8", "this run's model_int8.onnx on OpenVINO", "openvino", ours=True),
     "ov_fp32": Peer(fp32_graph, "fp32", "OpenVINO, model_fp32.onnx in f32", "openvino", (("inference_precision", "f32"),)),

@@ -226,4 +226,23 @@ def peer_table(d: dict) -> list[str]:
             fastest.append(f"b{c[0]}×s{c[1]}: {min(timed, key=timed.get)}")
     out += ["", f"Fastest per cell: {'; '.join(fastest)}.", ""]
     out += [f"- `{p['name']}`: {p['description']}" for p in d["peers"]] + [""]
+    out += _peers_below(d, ref_acc)
     return out
+
+
+def _peers_below(d: dict, ref_acc: float | None) -> list[str]:
+    """Why a peer ends more than 2 pt below the baseline engine: its drop with the paired interval (is it
+    real?) and what its recipe does that costs accuracy (engines/peers.py Peer.caveat)."""
+    from pipeline.engines.peers import PEERS
+
+    lines = []
+    for p in d["peers"]:
+        if ref_acc is None or p["accuracy"] is None or ref_acc - p["accuracy"] <= 0.02:
+            continue
+        paired = (d.get(d.get("task") or "", {}) or {}).get(p["name"]) or {}
+        ci = f" (paired 95 % interval ± {paired['drop_ci95_pt']:.2f} pt)" if paired.get("drop_ci95_pt") is not None else ""
+        caveat = PEERS[p["name"]].caveat if p["name"] in PEERS else ""
+        lines.append(
+            f"- **`{p['name']}` is {100 * (ref_acc - p['accuracy']):.2f} pt below the baseline engine**{ci}: {caveat or 'no known cause recorded'}."
+        )
+    return lines + [""] if lines else []
