@@ -39,7 +39,7 @@ smoke: install
 # so two workers nearly halve the suite on the 2-core CI machine. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # ruff, and the layer contracts of pyproject.toml [tool.importlinter] (docs/architecture.md).
 lint: install-test

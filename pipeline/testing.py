@@ -37,6 +37,8 @@ TINY = [
     "benchmark.peers=[]",
     # One engine on every machine (engine=auto picks by CPU); tests of other engines ask for them.
     "engine=onnxruntime",
+    # The Triton repository is written where a test asks (tests/test_predict.py, tests/test_serving.py).
+    "deploy=none",
 ]
 
 

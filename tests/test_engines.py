@@ -96,7 +96,7 @@ def test_tensorrt_profile_must_cover_benchmark_and_eval_shapes():
 
 def test_unavailable_ort_provider_is_reported(tmp_path):
     with pytest.raises(ConfigError) as e:
-        run_pipeline(compose_cfg(["engine.providers=[TensorrtExecutionProvider]"]), tmp_path / "run")
+        run_pipeline(compose_cfg(["engine=onnxruntime", "engine.providers=[TensorrtExecutionProvider]"]), tmp_path / "run")
     assert e.value.errors[0].startswith(
         "engine.providers: TensorrtExecutionProvider is not available in this onnxruntime build; available:"
     )

@@ -116,6 +116,7 @@ def test_switched_off_stages_are_recorded_skipped(tmp_path):
         "build_engine": "skipped",
         "evaluate": "done",
         "benchmark": "skipped",
+        "deploy": "skipped",
         "report": "done",
     }
     assert ctx.metrics.accuracy["fp32"] is not None and ctx.metrics.accuracy["int8"] is None
@@ -161,7 +162,7 @@ def test_smoke_on_the_embedded_model(tmp_path):
     from pipeline.run import run_pipeline
     from tests.conftest import compose_cfg
 
-    ctx = run_pipeline(compose_cfg(["experiment=smoke", "benchmark.iters=2"]), tmp_path / "run")
+    ctx = run_pipeline(compose_cfg(["experiment=smoke", "benchmark.iters=2", "engine=onnxruntime"]), tmp_path / "run")
     k = ctx.metrics.quantization["engine_kernels"]["int8"]
     assert k["MatMulIntegerToFloat"] + k["QLinearMatMul"] == 6 * 6 + 6 * 2  # 36 Linear + 12 attention matmuls
     assert ctx.metrics.parity["cosine"] > 0.95

@@ -166,7 +166,7 @@ def test_deploy_stage_writes_the_repository_once(cls_run):
     import pipeline.stages.deploy as deploy
 
     ctx = cls_run
-    cfg = validate(compose_cfg(TINY))  # the run's config, deploy at its defaults (deploy=triton)
+    cfg = validate(compose_cfg([*TINY, "deploy=triton"]))  # the run's config, deploy at its defaults (deploy=triton)
     deploy.run(cfg, ctx)
     repo = ctx.run_dir / "triton"
     info = json.loads((repo / "deploy.json").read_text())

@@ -47,7 +47,7 @@ def serve_env():
 def _deployed(root: Path, overrides: list[str] | None = None):
     """A tiny run with its Triton repository (the deploy stage called on the finished run's context)."""
     ctx = run_tiny(root, overrides)
-    deploy_stage.run(validate(compose_cfg(TINY + (overrides or []))), ctx)
+    deploy_stage.run(validate(compose_cfg([*TINY, "deploy=triton", *(overrides or [])])), ctx)
     return ctx.run_dir
 
 

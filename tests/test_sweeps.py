@@ -99,6 +99,7 @@ def test_cache_reuses_every_stage_and_rebuilds_a_corrupted_entry(tmp_path):
         "build_engine": "done",
         "evaluate": "cached",
         "benchmark": "done",
+        "deploy": "skipped",
         "report": "done",
     }
     assert second.metrics.accuracy == first.metrics.accuracy
