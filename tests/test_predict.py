@@ -183,3 +183,21 @@ def test_deploy_stage_writes_the_repository_once(cls_run):
     with pytest.raises(FileExistsError):
         deploy.run(cfg, ctx)  # never over an existing repository
     assert not [p for p in ctx.run_dir.iterdir() if p.name.startswith(".triton")]  # no temporary folder left
+
+
+def test_a_run_made_with_engine_auto_predicts_on_the_engine_it_resolved_to(cls_run, tmp_path):
+    """config.resolved.yaml keeps engine.name=auto; the predictor must use what the run measured (metrics.json
+    engine_choice), never look up an engine called "auto"."""
+    from omegaconf import OmegaConf
+
+    from pipeline.deploy.predictor import load_run_config
+
+    raw = OmegaConf.load(cls_run.run_dir / "config.resolved.yaml")
+    raw.engine.name = "auto"
+    OmegaConf.save(raw, tmp_path / "config.resolved.yaml")
+    (tmp_path / "metrics.json").write_text(json.dumps({"engine_choice": {"asked": "auto", "chosen": "openvino", "why": "t"}}))
+    assert load_run_config(tmp_path).engine.name == "openvino"
+    (tmp_path / "metrics.json").unlink()  # an unfinished run: the rule engine=auto applies on this machine
+    from pipeline.engines import auto_engine
+
+    assert load_run_config(tmp_path).engine.name == auto_engine()[0]

@@ -110,7 +110,20 @@ def load_run_config(run_dir: Path):
     path = Path(run_dir) / "config.resolved.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.resolved.yaml)")
-    return validate(OmegaConf.load(path))
+    cfg = validate(OmegaConf.load(path))
+    if cfg.engine.name == "auto":  # the engine the run resolved it to (metrics.json engine_choice), as measured
+        cfg.engine.name = _chosen_engine(Path(run_dir))
+    return cfg
+
+
+def _chosen_engine(run_dir: Path) -> str:
+    import json
+
+    from pipeline.engines import auto_engine
+
+    metrics = run_dir / "metrics.json"
+    chosen = json.loads(metrics.read_text()).get("engine_choice", {}).get("chosen") if metrics.is_file() else None
+    return chosen or auto_engine()[0]
 
 
 def run_tokenizer(cfg):
