@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import link_or_copy
 from pipeline.deploy.predictor import RunServing
 
 HERE = Path(__file__).resolve().parent
@@ -233,7 +234,7 @@ def _cpu(spec: RunServing, repo: Path, s: TritonSettings) -> dict[str, dict]:
         model = f"model_{precision}"
         (repo / model / "1").mkdir(parents=True)
         shutil.copyfile(TEMPLATES / "engine.py", repo / model / "1" / "model.py")
-        _link(graph, repo / model / "1" / "model.onnx")
+        link_or_copy(graph, repo / model / "1" / "model.onnx")
         inputs, outputs = _model_io(spec, ragged=True)
         params = {
             "onnx_file": "model.onnx",
@@ -270,33 +271,17 @@ def _nvidia(spec: RunServing, repo: Path, s: TritonSettings) -> dict[str, dict]:
         model = f"model_{precision}"
         inputs, outputs = _model_io(spec, ragged=False)
         plan = spec.plans.get(precision)
-        if plan is not None:
-            (repo / model / "1").mkdir(parents=True)
-            _link(plan, repo / model / "1" / "model.plan")
-            mb = min(s.max_batch_size, int(spec.engine_settings.get("max_batch", s.max_batch_size)))
-            cfg = _model_config(
-                model,
-                platform="tensorrt_plan",
-                max_batch_size=mb,
-                inputs=inputs,
-                outputs=outputs,
-                batching=s,
-                instances=(s.instance_count, s.instance_kind),
-            )
-            backend = "tensorrt_plan"
-        else:
-            (repo / model / "1").mkdir(parents=True)
-            _link(graph, repo / model / "1" / "model.onnx")
-            cfg = _model_config(
-                model,
-                backend="onnxruntime",
-                max_batch_size=s.max_batch_size,
-                inputs=inputs,
-                outputs=outputs,
-                batching=s,
-                instances=(s.instance_count, s.instance_kind),
-            )
-            backend = "onnxruntime"
+        # A TensorRT plan where the run built one, else the ONNX graph on the onnxruntime backend.
+        source, file, kind = (
+            (plan, "model.plan", {"platform": "tensorrt_plan"}) if plan else (graph, "model.onnx", {"backend": "onnxruntime"})
+        )
+        (repo / model / "1").mkdir(parents=True)
+        link_or_copy(source, repo / model / "1" / file)
+        mb = min(s.max_batch_size, int(spec.engine_settings.get("max_batch", s.max_batch_size))) if plan else s.max_batch_size
+        cfg = _model_config(
+            model, **kind, max_batch_size=mb, inputs=inputs, outputs=outputs, batching=s, instances=(s.instance_count, s.instance_kind)
+        )
+        backend = next(iter(kind.values()))
         _write(repo / model / "config.pbtxt", cfg)
         name = ensemble_name(spec.task, precision, quantized)
         _ensemble(spec, repo, name, model, s)
@@ -306,7 +291,7 @@ def _nvidia(spec: RunServing, repo: Path, s: TritonSettings) -> dict[str, dict]:
     for precision, graph in spec.cpu_graphs.items():
         model = f"openvino_{precision}"
         (repo / model / "1").mkdir(parents=True)
-        _link(graph, repo / model / "1" / "model.onnx")
+        link_or_copy(graph, repo / model / "1" / "model.onnx")
         inputs, outputs = _model_io(spec, ragged=False)
         _write(
             repo / model / "config.pbtxt",
@@ -394,15 +379,6 @@ def _readme(spec: RunServing, info: dict) -> str:
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def _link(src: Path, dst: Path) -> None:
-    """A hard link to the run's file (no copy of the weights), a copy across file systems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def config_files(repo: Path) -> list[Path]:
