@@ -75,6 +75,16 @@ def kl_per_example(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
+def expected_loss_softmax(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """Per row: p_FP32(FP32's answer) - p_FP32(quantized answer) — the accuracy FP32's own probabilities
+    expect the quantized answer to lose (0 where the answers agree), for (N, classes) logits."""
+    ref = np.asarray(reference, dtype=np.float64)
+    p = np.exp(ref - ref.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    rows = np.arange(len(p))
+    return p[rows, ref.argmax(-1)] - p[rows, np.asarray(outputs).argmax(-1)]
+
+
 def paired_drop_ci95(ref_correct: np.ndarray, q_correct: np.ndarray) -> float:
     """Half-width (percentage points) of the 95 % interval of an accuracy drop, paired over the same
     examples: the per-example difference (reference right) - (quantized right) in {-1, 0, 1}, normal

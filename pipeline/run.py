@@ -37,7 +37,7 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
     ("load", load.run, lambda c: True),
     ("finetune", finetune.run, lambda c: c.finetune.enabled),
     ("calibrate", calibrate.run, lambda c: c.calibration.method != "none"),
-    ("tune", tune.run, lambda c: c.tune.enabled),
+    ("tune", tune.run, lambda c: c.tune.enabled and c.calibration.method != "none"),
     ("qat", qat.run, lambda c: c.qat.enabled),
     ("export", export.run, lambda c: c.export.enabled),
     ("build_engine", build_engine.run, lambda c: c.engine.name != "none"),

@@ -304,6 +304,10 @@ class TaskConfig:
     distill_loss: Literal["cosine", "mse"] = "cosine"
     recall_k: int = field(default=10, metadata=_range(1))
     knn_k: int = field(default=10, metadata=_range(1))
+    # embedding: what the accuracy budget (tune) also requires of the quantized embeddings against FP32's
+    # on the tuning split: mean cosine and recall@recall_k of the nearest neighbours.
+    min_cosine: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    min_recall: float = field(default=0.90, metadata=_range(0.0, 1.0))
     # token_classification: the columns holding each row's word list and tag list (CSV cells / JSON lists / hub).
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
@@ -346,7 +350,9 @@ class TuneConfig:
     Every decision is made on the tuning split (data.num_tune); the eval split only reports.
     """
 
-    method: Literal["none", "accuracy"] = "none"
+    # auto = the adaptive recipe (pipeline/tune/auto.py): calibrator, then QAT, then fallback, each only while
+    # the budget is not met; accuracy = calibrator + fallback search; none = the run's settings as they are.
+    method: Literal["none", "accuracy", "auto"] = "none"
     # Allowed accuracy drop of fake-quant vs FP32 on the tuning split: percentage points (absolute) or
     # percent of the FP32 accuracy (relative).
     max_drop: float = field(default=0.5, metadata=_range(0.0, 100.0))
@@ -617,16 +623,23 @@ def _check_tune(c: RunConfig, errors: list[str]) -> None:
     if not t.enabled:
         return
     which = f"tune={t.method}" if t.plan is None else "tune.plan"
-    if c.calibration.method == "none":
+    if t.method == "auto" and c.calibration.method in ("none", "max"):
+        # The adaptive default adapts: nothing to tune without quantizers (the stage is off), and with
+        # calibration=max (no histograms) its calibrator step has the one candidate.
+        if c.calibration.method == "none":
+            return
+    elif c.calibration.method == "none":
         errors.append(
             f"{which}: needs calibrated quantizers; calibration=none cannot be combined with it (choose tune=none or a calibration method)"
         )
         return
     num_tune = getattr(c.data, "num_tune", None)
     if num_tune is not None and num_tune == 0:
-        errors.append(f"{which}: decides on the tuning split; data.num_tune=0 cannot be combined with it (set data.num_tune >= 1)")
+        errors.append(
+            f"{which}: decides on the tuning split; data.num_tune=0 cannot be combined with it (set data.num_tune >= 1, or tune=none)"
+        )
     histogram = [m for m in t.calibrators if m != "max"]
-    if c.calibration.method == "max" and t.method != "none" and histogram:
+    if c.calibration.method == "max" and t.method == "accuracy" and histogram:
         errors.append(
             f"tune.calibrators: {histogram} need activation histograms; calibration=max collects none "
             "(valid with calibration=max: [max]; or choose calibration=percentile|entropy|mse)"

@@ -39,6 +39,9 @@ TINY = [
     "engine=onnxruntime",
     # The Triton repository is written where a test asks (tests/test_predict.py, tests/test_serving.py).
     "deploy=none",
+    # The recipe as configured (tune=auto, the default, decides per model: tests of it ask for it).
+    "tune=none",
+    "qat=default",
 ]
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.cache import link_or_copy
+from pipeline.cache import cached, link_or_copy
 from pipeline.context import RunContext
 from pipeline.outputs import atomic_write
+from pipeline.quantization.state import save_quantizer_state
 from pipeline.schema import RunConfig, TrainConfig
 from pipeline.tasks import Models
 from pipeline.training import latest_checkpoint, state_for_safetensors, train
@@ -65,6 +66,37 @@ def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, t
     }
     if result.losses:
         ctx.artifacts.plots[f"loss_{name}"] = plot_loss(result.losses, ctx.path(f"loss_{name}.png"), name)
+
+
+def run_qat(cfg: RunConfig, ctx: RunContext) -> bool:
+    """QAT from the model as it is (the calibrated or tuned quantizers), cached by everything upstream +
+    the qat config; the quantizer state file is written again (weights moved; amax too with learn_amax).
+    Returns whether the cache had it. Called by the qat stage, and by tune=auto as its second step."""
+    key = ctx.chain_key("qat", cfg.qat)
+
+    def compute() -> None:
+        for q in ctx.quantizers.values():
+            # Weight amax follows the calibrated per-channel max; learnable amax trains every range.
+            q.set_learnable(cfg.qat.learn_amax and q.amax is not None)
+        ctx.model.to(ctx.device)
+        # The task may learn from the FP32 model alone (embedding: distillation, no labels).
+        teacher = ctx.fp32_model if cfg.qat.distill or getattr(ctx.task, "distills", False) else None
+        try:
+            train_stage("qat", cfg.qat, cfg, ctx, teacher=teacher)
+        finally:
+            for q in ctx.quantizers.values():
+                q.set_learnable(False)  # plain buffers again for export and the cache
+
+    hit = cached(
+        ctx.cache,
+        "qat",
+        key,
+        compute=compute,
+        save=lambda tmp: save_trained(ctx, "qat", tmp),
+        restore=lambda h: restore_trained(ctx, "qat", h, key),
+    )
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
+    return hit
 
 
 def save_trained(ctx: RunContext, stage: str, tmp: Path) -> None:

@@ -58,8 +58,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
 
 
 def _export(cfg: RunConfig, ctx: RunContext) -> None:
-    # Example: two eval sentences of different lengths, so the traced graph carries a real padding mask.
-    example = next(batches(ctx.tokenizer, ctx.encoded["eval"], 2)).inputs
+    # Example: two calibration sentences of different lengths, so the traced graph carries a real padding
+    # mask (the eval split is read by evaluate alone).
+    example = next(batches(ctx.tokenizer, ctx.encoded["calib"], 2)).inputs
     opset, fold = cfg.export.opset, cfg.export.fold_weights
     fp32 = ctx.fp32_model if ctx.fp32_model is not None else ctx.model
     graphs.export_fp32(fp32, example, ctx.path("model_fp32.onnx"), opset, ctx.device)

@@ -27,9 +27,10 @@ from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
 from pipeline.quantization.state import enabled_counts, save_quantizer_state
 from pipeline.schema import ConfigError, RunConfig
+from pipeline.stages import _common
 from pipeline.tasks import Models
+from pipeline.tune import auto, plots
 from pipeline.tune import plan as plan_file
-from pipeline.tune import plots
 from pipeline.tune.calibrators import (
     apply_amax,
     calibration_groups,
@@ -74,6 +75,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     hists = load_histograms(ctx.run_dir)
     start_cal = own_candidate(cfg.calibration) or cfg.calibration.method
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
+    if t.method == "auto":
+        return _auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0)
 
     if t.plan is not None:
         calibrator, overrides, groups = _apply_plan(cfg, ctx, hists)
@@ -89,36 +92,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         if q_logits is None:
             q_logits = logits(ctx.model)
             evaluations += 1
-        ranked: list[Sensitivity] = []
-        groups_all = active_groups(ctx.quantizers)
-        if t.fallback:
-            subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples, task.divergence)
-            ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref, task.divergence)
-            info.update(proxy_examples=len(subset), proxy_forwards=len(groups_all) + 1, proxy_kl_all_quantized=base_kl)
-            log.info(
-                "tune: %d fusion groups ranked on %d hardest tuning examples; top %s",
-                len(ranked),
-                len(subset),
-                [s.group.name for s in ranked[:5]],
-            )
-        probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
-        try:
-            result = search(
-                [s.group for s in ranked],
-                budget=budget,
-                evaluate=lambda: score(logits(ctx.model)),
-                set_float=lambda g, f: set_float(ctx.quantizers, g, f),
-                latency=probe,
-                retime=probe.retime,
-                start=score(q_logits),
-                criterion=t.criterion,
-                fallback=t.fallback,
-                refine=t.refine,
-                max_trials=t.max_trials,
-                timeout_s=max(0.0, t.timeout_s - (time.perf_counter() - t0)),
-            )
-        finally:
-            probe.close()
+        result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, t0)
+        info.update(fb_info)
         evaluations += result.evaluations
         final_logits = logits(ctx.model)  # the chosen state, for the drop's confidence interval
         evaluations += 1
@@ -135,8 +110,6 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             start={"accuracy": start.accuracy, "kl": start.kl, "drop": start.drop, "latency_ratio": start.speed},
             stopped=result.stopped,
             trace_steps=len(result.trace) - 1,
-            latency_note=probe.note,
-            latency_seconds=round(probe.seconds, 1),
             fusion_groups=len(groups_all),
         )
     met = budget.met(chosen.accuracy)
@@ -196,16 +169,189 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
+def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, hists, fp32_logits, info: dict, t0: float) -> None:
+    """tune=auto (pipeline/tune/auto.py): calibrator (global, then per slot) -> QAT -> fallback, each taken
+    only while the budget is not met on the tuning split; with tune.plan, the plan's steps replayed."""
+    t, task = cfg.tune, ctx.task
+    checks: list[auto.Check] = []
+    evaluations = 1
+    clock = [time.perf_counter()]
+
+    def check(step: str, note: str = "") -> auto.Check:
+        nonlocal evaluations
+        out = logits(ctx.model)
+        evaluations += 1
+        c = auto.judge(task, budget, fp32_logits, out, data, step=step)
+        now = time.perf_counter()
+        c.seconds, c.note, clock[0] = round(now - clock[0], 1), note, now
+        checks.append(c)
+        log.info(
+            "tune=auto: after %s: budget %s (%s; %s) KL %.5f, %.1f s", step, "met" if c.met else "not met", c.basis, c.why, c.kl, c.seconds
+        )
+        return c
+
+    plan = plan_file.read(t.plan) if t.plan is not None else None
+    scores: dict = {}
+    overrides: list = []
+    if plan is not None:
+        calibrator, overrides = _plan_calibration(cfg, ctx, hists, plan)
+        last = check("plan", f"calibrator {calibrator} and {len(overrides)} override rules from {t.plan}")
+    else:
+        names = _candidates(cfg, hists)
+        calibrator = info["start_calibrator"]
+        if names:
+            calibrator, scores, kept = _global_calibrator(cfg, ctx, hists, score, logits, names)
+            evaluations += len(names)
+        last = check("calibrator", f"{calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration")
+        if not last.met and t.calibrator_per != "none" and len(names) > 1:
+            overrides, spent = _per_group(cfg, ctx, hists, score, logits, calibrator, kept, info)
+            evaluations += spent
+            last = check(f"calibrator_per_{t.calibrator_per}", f"{len(overrides)} {t.calibrator_per}s take another calibrator")
+    qat_taken = bool(plan.get("qat")) if plan is not None else (not last.met and cfg.qat.enabled)
+    if qat_taken:
+        ctx.chain_key("tune", calibrator, overrides)
+        hit = _common.run_qat(cfg, ctx)
+        sel = (ctx.metrics.training.get("qat") or {}).get("selection") or {}
+        kept_at = f"; kept the state of step {sel['best'].get('step')}" if isinstance(sel.get("best"), dict) else ""
+        last = check("qat", f"{ctx.metrics.training['qat']['steps']} steps{' (cached)' if hit else ''}{kept_at}")
+    groups: list[FusionGroup] = []
+    result = None
+    if plan is not None:
+        groups = _plan_groups(cfg, ctx, plan)
+        if groups:
+            last = check("fallback", f"{len(groups)} fusion groups in float from the plan")
+    elif not last.met and t.fallback:
+        q_logits = logits(ctx.model)
+        result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, t0)
+        evaluations += 1 + result.evaluations
+        info.update(fb_info, fusion_groups=len(groups_all), stopped=result.stopped)
+        by_name = {g.name: g for g in groups_all}
+        groups = [by_name[n] for n in result.chosen.groups_in_float]
+        _write_outputs(ctx, ranked, result, budget)
+        last = check("fallback", f"{len(groups)} fusion groups in float ({result.stopped})")
+    taken = [c.step for c in checks]
+    stopped = "met" if last.met else "not met after every step available (qat=none or tune.fallback=false remove steps)"
+    resolution = auto.resolution_note(checks[0], budget, len(data))
+    need = auto.needed_examples(checks[0].flips, budget)
+    ctx.metrics.tune = {
+        "method": "auto",
+        "met": last.met,
+        "max_drop": t.max_drop,
+        "drop_type": t.drop_type,
+        "calibrator": calibrator,
+        "calibration_overrides": overrides,
+        "qat": qat_taken,
+        "groups_in_float": [g.name for g in groups],
+        "evaluations": evaluations,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "criterion": t.criterion,
+        "tune_accuracy": last.tune_accuracy,
+        "tune_kl": last.kl,
+        "drop": last.drop,
+        "drop_ci95": last.drop_ci95,
+        "expected_drop": last.expected_drop,
+        "basis": last.basis,
+        "why": last.why,
+        "steps": [c.as_dict() for c in checks],
+        "stopped_after": taken[-1],
+        "stopped": stopped,
+        "resolution": resolution,
+        "needed_tune_examples": need,
+        "calibrator_scores": scores,
+        "latency_ratio": None if result is None else result.chosen.speed,
+        "quantizers_in_float": sum(len(g.quantizers) for g in groups),
+        **({"plan": str(t.plan)} if plan is not None else {}),
+        **info,
+    }
+    plan_file.write(
+        ctx.path("tuned_quant.yaml"),
+        calibrator=calibrator,
+        overrides=overrides,
+        groups=groups,
+        qat=qat_taken,
+        budget={
+            "max_drop": t.max_drop,
+            "drop_type": t.drop_type,
+            "met": last.met,
+            "tune_drop": round(last.drop, 4),
+            "basis": last.basis,
+            "steps": taken,
+        },  # fmt: skip
+        tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    )
+    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
+    if qat_taken:
+        ctx.chain_key("tune_fallback", sorted(q for g in groups for q in g.quantizers))
+    else:
+        ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
+    log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
+             time.perf_counter() - t0, resolution)  # fmt: skip
+
+
+def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, fp32_logits, q_logits, t0: float):
+    """Step 3 of every search: rank the fusion groups by the sensitivity proxy, then the latency-aware
+    greedy search (pipeline/tune/search.py) from the model as it is. Returns (result, ranked, all active
+    groups, info); the model is left in the chosen state."""
+    t, task = cfg.tune, ctx.task
+    info: dict = {}
+    ranked: list[Sensitivity] = []
+    groups_all = active_groups(ctx.quantizers)
+    if t.fallback:
+        subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples, task.divergence)
+        ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref, task.divergence)
+        info.update(proxy_examples=len(subset), proxy_forwards=len(groups_all) + 1, proxy_kl_all_quantized=base_kl)
+        log.info("tune: %d fusion groups ranked on %d hardest tuning examples; top %s", len(ranked), len(subset),
+                 [s.group.name for s in ranked[:5]])  # fmt: skip
+    probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
+    try:
+        result = search(
+            [s.group for s in ranked],
+            budget=budget,
+            evaluate=lambda: score(logits(ctx.model)),
+            set_float=lambda g, f: set_float(ctx.quantizers, g, f),
+            latency=probe,
+            retime=probe.retime,
+            start=score(q_logits),
+            criterion=t.criterion,
+            fallback=t.fallback,
+            refine=t.refine,
+            max_trials=t.max_trials,
+            timeout_s=max(0.0, t.timeout_s - (time.perf_counter() - t0)),
+        )
+    finally:
+        probe.close()
+    info.update(latency_note=probe.note, latency_seconds=round(probe.seconds, 1))
+    return result, ranked, groups_all, info
+
+
 def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, info: dict) -> tuple[str, dict, np.ndarray | None, list, int]:
     """Score every tune.calibrators candidate on the tuning split; keep the best by tune.criterion (the
     other measure breaks a tie); with tune.calibrator_per, then the best per role or slot. Returns (name,
     {name: {accuracy, kl}}, logits of the chosen state, calibration.overrides rules where a role/slot
     differs, evaluations spent); the per-group scores go to info["calibrator_per_group"]."""
     own = own_candidate(cfg.calibration) or cfg.calibration.method
-    names = cfg.tune.calibrators
-    crit = cfg.tune.criterion
+    names = _candidates(cfg, hists)
     if not names:
         return own, {}, None, [], 0
+    best, scores, kept = _global_calibrator(cfg, ctx, hists, score, logits, names)
+    if cfg.tune.calibrator_per == "none" or len(names) < 2:
+        return best, scores, kept[best][1], [], 0
+    rules, spent = _per_group(cfg, ctx, hists, score, logits, best, kept, info)
+    # the refined state's logits are evaluated by the caller
+    return best, scores, None, rules, spent
+
+
+def _candidates(cfg: RunConfig, hists) -> list[str]:
+    """tune.calibrators that this run can compute (calibration=max keeps no histograms: max alone)."""
+    return [n for n in cfg.tune.calibrators if n == "max" or hists]
+
+
+def _global_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, names: list[str]):
+    """Every candidate on every quantizer, scored on the tuning split; the best by tune.criterion is
+    applied. Returns (best, {name: {accuracy, kl}}, {name: (amax, logits)})."""
+    crit = cfg.tune.criterion
     scores, kept = {}, {}
     for name in names:
         amax = candidate_amax(name, hists, ctx.quantizers, cfg.calibration) if name != "max" or hists else {}
@@ -217,8 +363,14 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
         log.info("tune: calibrator %s: tuning accuracy %.4f, KL %.5f", name, s.accuracy, s.kl)
     best = max(names, key=lambda n: Score(**scores[n]).rank(crit))
     apply_amax(ctx.quantizers, kept[best][0], ctx.device)
-    if cfg.tune.calibrator_per == "none" or len(names) < 2:
-        return best, scores, kept[best][1], [], 0
+    return best, scores, kept
+
+
+def _per_group(cfg: RunConfig, ctx: RunContext, hists, score, logits, best: str, kept: dict, info: dict) -> tuple[list, int]:
+    """The best candidate per role or slot (tune.calibrator_per) on top of the global `best`: rules in the
+    calibration.overrides format and the evaluations spent; the model is left refined."""
+    crit = cfg.tune.criterion
+    names = list(kept)
     groups = calibration_groups(cfg.tune.calibrator_per, hists, ctx.quantizers)
 
     chosen, tried = choose_per_group(
@@ -235,17 +387,30 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
         for label, t in tried.items()
     }
     log.info("tune: per-%s calibrators %s (global %s)", cfg.tune.calibrator_per, chosen or "none better", best)
-    # the refined state's logits are evaluated by the caller
-    return best, scores, None, rules, 1 + sum(len(t) - 1 for t in tried.values())
+    return rules, 1 + sum(len(t) - 1 for t in tried.values())
 
 
 def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup]]:
     plan = plan_file.read(cfg.tune.plan)
+    calibrator, overrides = _plan_calibration(cfg, ctx, hists, plan)
+    groups = _plan_groups(cfg, ctx, plan)
+    log.info("tune: plan %s applied: calibrator %s, %d override rules, %d quantizers in float", cfg.tune.plan, calibrator,
+             len(overrides), sum(len(g.quantizers) for g in groups))  # fmt: skip
+    return calibrator, overrides, groups
+
+
+def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tuple[str, list]:
+    """A plan's calibrator and override rules, applied on this run's calibration histograms."""
     calibrator = plan.get("calibrator") or own_candidate(cfg.calibration) or cfg.calibration.method
     overrides = plan_file.overrides(plan)
     if plan.get("calibrator"):
         amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, overrides)
         apply_amax(ctx.quantizers, amax, ctx.device)
+    return calibrator, overrides
+
+
+def _plan_groups(cfg: RunConfig, ctx: RunContext, plan: dict) -> list[FusionGroup]:
+    """A plan's quantizers returned to float (whole fusion groups)."""
     exclude = list(plan.get("exclude", []))
     unknown = [n for n in exclude if n not in ctx.quantizers]
     if unknown:
@@ -256,9 +421,7 @@ def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list
     groups = fusion_groups({n: ctx.quantizers[n].role for n in exclude})
     for g in groups:
         set_float(ctx.quantizers, g, True)
-    log.info("tune: plan %s applied: calibrator %s, %d override rules, %d quantizers in float", cfg.tune.plan, calibrator,
-             len(overrides), len(exclude))  # fmt: skip
-    return calibrator, overrides, groups
+    return groups
 
 
 def _write_outputs(ctx: RunContext, ranked: list[Sensitivity], result: SearchResult, budget: Budget) -> None:

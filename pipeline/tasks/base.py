@@ -75,6 +75,17 @@ class Task(Protocol):
         criterion and its hardest-examples proxy)."""
         ...
 
+    def expected_loss(self, reference: Outputs, outputs: Outputs) -> np.ndarray | None:
+        """Per example, the accuracy the FP32 model's own probabilities expect the quantized answer to
+        lose (0 where the answers agree; tune=auto's label-free budget check), or None where the outputs
+        are not class probabilities of the scored answer."""
+        ...
+
+    def fidelity_targets(self, reference: Outputs, outputs: Outputs) -> dict[str, dict[str, float]]:
+        """The task's own minimums the quantized outputs must reach against FP32 for the accuracy budget
+        ({name: {"value", "minimum"}}; {} for none)."""
+        ...
+
     def correct(self, outputs: Outputs, data: Encoded) -> np.ndarray | None:
         """Per-example correctness (bool (N,)) when the score is its mean, for the paired interval of a
         drop; None where the score is not a per-example mean (F1, k-NN accuracy)."""

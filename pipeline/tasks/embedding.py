@@ -224,6 +224,17 @@ class Embedding:
         """1 - cosine to the FP32 embedding, per example."""
         return 1.0 - _cosine_rows(outputs, reference)
 
+    def expected_loss(self, reference: np.ndarray, outputs: np.ndarray) -> None:
+        return None  # vectors, not class probabilities
+
+    def fidelity_targets(self, reference: np.ndarray, outputs: np.ndarray) -> dict:
+        """Mean cosine and recall@k of the nearest neighbours against FP32's (task.min_cosine, task.min_recall)."""
+        k = self.cfg.recall_k
+        out = {"cosine_mean": {"value": float(_cosine_rows(outputs, reference).mean()), "minimum": self.cfg.min_cosine}}
+        if len(outputs) > k:
+            out[f"recall_at_{k}"] = {"value": float(recall_at_k(reference, outputs, k)), "minimum": self.cfg.min_recall}
+        return out
+
     def correct(self, outputs: np.ndarray, data: Encoded) -> None:
         return None  # k-NN accuracy depends on the other examples: no per-example paired interval
 

@@ -340,6 +340,12 @@ class QuestionAnswering:
         """KL of the start distribution + KL of the end distribution over the example's positions."""
         return np.array([float(kl_per_example(r.T, o.T).sum()) for r, o in zip(reference, outputs)])
 
+    def expected_loss(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+        return None  # SQuAD F1 is not the probability of one answer per example
+
+    def fidelity_targets(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+        return {}
+
     def correct(self, outputs: list[np.ndarray], data: Encoded) -> None:
         return None  # SQuAD F1 is a mean over questions, but outputs here are per window: no paired interval yet
 

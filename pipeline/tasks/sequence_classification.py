@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
 from pipeline.engines import PRECISION_NAMES
-from pipeline.inference import kl_per_example, paired_drop_ci95
+from pipeline.inference import expected_loss_softmax, kl_per_example, paired_drop_ci95
 from pipeline.schema import DataConfig, ModelConfig
 from pipeline.tasks.base import Models
 from pipeline.training import classification_objective
@@ -75,6 +75,12 @@ class SequenceClassification:
 
     def divergence(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         return kl_per_example(reference, outputs)
+
+    def expected_loss(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        return expected_loss_softmax(reference, outputs)
+
+    def fidelity_targets(self, reference: np.ndarray, outputs: np.ndarray) -> dict:
+        return {}
 
     def correct(self, outputs: np.ndarray, data: Encoded) -> np.ndarray:
         return outputs.argmax(-1) == np.asarray(data.labels[: len(outputs)])

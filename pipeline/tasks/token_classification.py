@@ -262,6 +262,12 @@ class TokenClassification:
     def divergence(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> np.ndarray:
         return token_divergence(reference, outputs)
 
+    def expected_loss(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+        return None  # entity F1 is not the probability of one answer per example
+
+    def fidelity_targets(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+        return {}
+
     def correct(self, outputs: list[np.ndarray], data: Encoded) -> None:
         return None  # entity F1 / span F1 are not per-example means
 

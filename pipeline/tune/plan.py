@@ -21,7 +21,7 @@ from pipeline.outputs import write_text
 from pipeline.quantization.calibrate import METHODS
 from pipeline.tune.calibrators import CANDIDATES, override_rule
 
-KEYS = ("calibrator", "overrides", "groups_in_float", "exclude", "budget", "tuned_under")
+KEYS = ("calibrator", "overrides", "qat", "groups_in_float", "exclude", "budget", "tuned_under")
 # Plans written before the rules (tune.per_role): {role: calibrator}; read as one rule per role.
 LEGACY = ("role_calibrators",)
 _RULE_KEYS = ("match", "roles", "method", "percentile")
@@ -61,6 +61,8 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
         errors.append(
             f"tune.plan: {path}: overrides / role_calibrators refine a calibrator: give calibrator (valid values: {', '.join(CANDIDATES)})"
         )
+    if not isinstance(plan.get("qat", False), bool):
+        errors.append(f"tune.plan: {path}: qat must be true or false (whether tune=auto's QAT step ran)")
     exclude = plan.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         errors.append(f"tune.plan: {path}: exclude must be a list of quantizer names (quant_map.json 'name')")
@@ -73,11 +75,23 @@ def overrides(plan: dict) -> list[dict]:
     return list(plan.get("overrides") or []) + legacy
 
 
-def write(path: Path, *, calibrator: str | None, overrides: list, groups: list, budget: dict, tuned_under: dict, command: str) -> Path:
+def write(
+    path: Path,
+    *,
+    calibrator: str | None,
+    overrides: list,
+    groups: list,
+    budget: dict,
+    tuned_under: dict,
+    command: str,
+    qat: bool | None = None,
+) -> Path:
     body = {
         # null: the run's own calibration was kept (tune.calibrators=[]), whatever it is
         "calibrator": calibrator if calibrator in CANDIDATES else None,
         "overrides": overrides,
+        # tune=auto: whether its QAT step ran (replayed with the run's qat settings, before `exclude`)
+        **({} if qat is None else {"qat": qat}),
         "groups_in_float": [g.name for g in groups],
         "exclude": [q for g in groups for q in g.quantizers],
         "budget": budget,
@@ -87,7 +101,8 @@ def write(path: Path, *, calibrator: str | None, overrides: list, groups: list, 
         "# Tuned quantization plan (accuracy budget), written by the tune stage.\n"
         "# calibrator: activation amax method (from the run's calibration histograms); overrides: the roles or\n"
         "# slots that take another one (tune.calibrator_per; calibration.overrides rules, first match wins);\n"
-        "# exclude: quantizers returned to float, whole fusion groups (groups_in_float).\n"
+        "# qat (tune=auto): QAT taken, as the qat group says; exclude: quantizers returned to float after it,\n"
+        "# whole fusion groups (groups_in_float).\n"
         "# Reproduce the tuned model bit for bit:\n"
         f"#   {command} tune.plan={path}\n"
     )

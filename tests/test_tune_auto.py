@@ -1,0 +1,184 @@
+"""tune=auto, the adaptive default recipe (pipeline/tune/auto.py, pipeline/stages/tune.py): the budget
+check on its own (real task objects, made-up outputs), then whole tiny runs: a model that meets the budget
+after calibration runs no QAT; one that does not goes on to QAT, whose kept state is never further from
+FP32 than its start; the eval split is read by nothing before the evaluate stage; the plan replays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import run as run_module
+from pipeline.data.batching import Encoded
+from pipeline.schema import TaskConfig
+from pipeline.tasks.embedding import Embedding
+from pipeline.tasks.sequence_classification import SequenceClassification
+from pipeline.testing import compose_cfg
+from pipeline.tune import auto
+from pipeline.tune.search import Budget
+
+
+def _split(labels) -> Encoded:
+    return Encoded([{"input_ids": [1]} for _ in labels], list(labels))
+
+
+def _logits(answers: np.ndarray, margin: float) -> np.ndarray:
+    """Two-class logits answering `answers` with this logit margin."""
+    out = np.zeros((len(answers), 2))
+    out[np.arange(len(answers)), answers] = margin
+    return out
+
+
+def _case(n: int, flips: int, fp32_margin: float, rng_seed: int = 0):
+    """n examples; FP32 right on 90 % of them; the quantized model flips the first `flips` right answers."""
+    rng = np.random.default_rng(rng_seed)
+    labels = rng.integers(0, 2, n)
+    fp32_answers = labels.copy()
+    fp32_answers[: n // 10] = 1 - labels[: n // 10]  # FP32 wrong on a tenth
+    q_answers = fp32_answers.copy()
+    q_answers[n // 10 : n // 10 + flips] = 1 - fp32_answers[n // 10 : n // 10 + flips]
+    ref = _logits(fp32_answers, fp32_margin)
+    q = _logits(q_answers, 0.3)
+    budget = Budget(float(np.mean(fp32_answers == labels)), 0.3)
+    return ref, q, _split(labels), budget
+
+
+def test_enough_labels_resolve_the_budget_both_ways():
+    task = SequenceClassification()
+    ref, q, data, budget = _case(20000, 0, fp32_margin=4.0)
+    c = auto.judge(task, budget, ref, ref.copy(), data, step="calibrator")
+    assert (c.met, c.basis) == (True, "labels") and c.drop == 0 and c.drop_ci95 == pytest.approx(300 / 20000)
+    ref, q, data, budget = _case(20000, 400, fp32_margin=4.0)  # 2 pt lost, interval ~0.2
+    c = auto.judge(task, budget, ref, q, data, step="calibrator")
+    assert (c.met, c.basis) == (False, "labels") and c.drop == pytest.approx(2.0)
+    assert "beyond 0.3" in c.why
+
+
+def test_a_small_split_decides_by_the_fp32_expected_drop():
+    """400 examples cannot resolve 0.3 pt: near-tie flips (FP32 unsure) pass, confident flips do not —
+    and the report says how many labelled examples the budget would need."""
+    task = SequenceClassification()
+    ref, q, data, budget = _case(400, 4, fp32_margin=0.02)  # FP32 nearly 50/50 on the flipped ones
+    c = auto.judge(task, budget, ref, q, data, step="calibrator")
+    assert (c.met, c.basis) == (True, "fp32_expected")
+    assert c.drop == pytest.approx(1.0) and c.expected_drop < 0.3 and "cannot resolve" in c.why
+    ref, q, data, budget = _case(400, 4, fp32_margin=4.0)  # FP32 sure (p 0.98): each flip costs ~1 example
+    c = auto.judge(task, budget, ref, q, data, step="calibrator")
+    assert (c.met, c.basis) == (False, "fp32_expected") and c.expected_drop == pytest.approx(100 * 4 / 400 * 0.964, abs=0.01)
+    note = auto.resolution_note(c, budget, 400)
+    need = auto.needed_examples(c.flips, budget)
+    assert need == int(np.ceil(1.96**2 * 0.01 / 0.003**2)) and str(need) in note
+
+
+def test_embedding_budget_is_its_fidelity_targets():
+    task = Embedding(TaskConfig(name="embedding", min_cosine=0.99, min_recall=0.9, recall_k=3, knn_k=3), None)
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 16))
+    data = _split(rng.integers(0, 2, 64))
+    budget = Budget(task.score(ref, data), 0.3)
+    close = auto.judge(task, budget, ref, ref + 1e-4 * rng.normal(size=ref.shape), data, step="calibrator")
+    assert close.met and close.targets["cosine_mean"]["value"] > 0.999
+    far = auto.judge(task, budget, ref, ref + 0.5 * rng.normal(size=ref.shape), data, step="calibrator")
+    assert (far.met, far.basis) == (False, "targets") and "cosine_mean" in far.why
+
+
+def test_auto_is_the_default_and_hand_chosen_sweeps_pin_it_off():
+    cfg = compose_cfg([])
+    assert cfg.tune.method == "auto" and cfg.tune.max_drop == 0.3 and cfg.qat.select_by == "kl" and cfg.qat.keep_best
+    for sweep in ("calibration", "placement", "optuna"):
+        assert compose_cfg([f"+sweep={sweep}"]).tune.method == "none"
+    assert compose_cfg(["+variant=ptq_entropy"]).tune.method == "none"
+
+
+def test_a_model_within_budget_after_calibration_runs_no_qat(tiny_run):
+    ctx = tiny_run(["tune=auto", "qat=kd_best", "data.num_tune=48"])
+    t = ctx.metrics.tune
+    assert [s["step"] for s in t["steps"]] == ["calibrator"] and t["met"] and t["qat"] is False
+    assert ctx.stages["qat"].status == "skipped" and "qat" not in ctx.metrics.training
+    assert t["calibrator"] in t["calibrator_scores"] and t["steps"][0]["seconds"] >= 0
+
+
+@pytest.fixture
+def eval_reads(monkeypatch):
+    """Which stages touch the eval split: the load stage's encoded eval split is wrapped in a recorder."""
+    reads: list[str] = []
+    current = {"stage": None}
+
+    class Recorder:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            reads.append(current["stage"])
+            return getattr(self._inner, name)
+
+        def __len__(self):
+            reads.append(current["stage"])
+            return len(self._inner)
+
+    def wrap(name, fn):
+        def stage(cfg, ctx):
+            current["stage"] = name
+            out = fn(cfg, ctx)
+            if name == "load":
+                ctx.encoded["eval"] = Recorder(ctx.encoded["eval"])
+            return out
+
+        return stage
+
+    monkeypatch.setattr(run_module, "STAGES", [(n, wrap(n, f), on) for n, f, on in run_module.STAGES])
+    return reads
+
+
+def test_a_model_over_budget_goes_on_to_qat_which_never_ends_further_from_fp32(tiny_run, eval_reads, tmp_path):
+    """task=embedding with a cosine no 8-bit model reaches (1.0): the calibrator steps cannot meet it, so QAT
+    runs (inside tune; the qat stage records skipped). The eval split is first read by evaluate."""
+    over = ["task=embedding", "tune=auto", "qat=kd_best", "task.min_cosine=1.0", "tune.fallback=false", "data.num_tune=48"]
+    ctx = tiny_run(over, name="over")
+    t = ctx.metrics.tune
+    steps = [s["step"] for s in t["steps"]]
+    assert steps == ["calibrator", "calibrator_per_slot", "qat"] and t["qat"] is True and not t["met"]
+    assert all(s["basis"] == "targets" for s in t["steps"])
+    before, after = t["steps"][-2]["kl"], t["steps"][-1]["kl"]
+    assert after <= before + 1e-12, (before, after)
+    sel = ctx.metrics.training["qat"]["selection"]
+    assert sel["best"]["accuracy"] >= sel["start"]["accuracy"]  # mean cosine to FP32, kept state vs start
+    assert ctx.stages["qat"].status == "skipped"
+    touched = [s for s in eval_reads if s is not None]
+    assert touched and touched[0] == "evaluate", sorted(set(touched))
+    plan = yaml.safe_load((ctx.run_dir / "tuned_quant.yaml").read_text())
+    assert plan["qat"] is True and plan["budget"]["steps"] == steps
+
+    # tuned_quant.yaml replays the recipe: the same calibrator, rules and QAT give the same quantized model.
+    again = tiny_run([*over, f"tune.plan={ctx.run_dir / 'tuned_quant.yaml'}"], name="replay")
+    assert [s["step"] for s in again.metrics.tune["steps"]] == ["plan", "qat"]
+    a = json.loads((ctx.run_dir / "metrics.json").read_text())["embedding"]
+    b = json.loads((again.run_dir / "metrics.json").read_text())["embedding"]
+    assert a == b
+    assert (ctx.run_dir / "quantizers.safetensors").read_bytes() == (again.run_dir / "quantizers.safetensors").read_bytes()
+
+
+def test_kd_best_keeps_a_state_no_further_from_fp32_than_its_start(tiny_run):
+    ctx = tiny_run(["tune=none", "qat=kd_best", "data.num_tune=48"])
+    sel = ctx.metrics.training["qat"]["selection"]
+    assert sel["best"]["kl"] <= sel["start"]["kl"] and sel["best"]["kl"] <= sel["end"]["kl"]
+
+
+def test_auto_with_calibration_none_or_max_needs_no_extra_settings():
+    from pipeline.validation import validate
+
+    assert validate(compose_cfg(["calibration=none", "qat=none"])).tune.method == "auto"
+    assert validate(compose_cfg(["calibration=max"])).tune.method == "auto"
+    assert run_module.STAGES[3][0] == "tune" and not run_module.STAGES[3][2](validate(compose_cfg(["calibration=none", "qat=none"])))
+
+
+def test_plan_qat_key_is_validated(tmp_path: Path):
+    from pipeline.tune.plan import plan_errors
+
+    p = tmp_path / "plan.yaml"
+    p.write_text("calibrator: percentile_99_99\nqat: maybe\n")
+    assert any("qat must be true or false" in e for e in plan_errors(str(p), "percentile"))
