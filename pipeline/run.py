@@ -56,7 +56,9 @@ def preflight(cfg: RunConfig, task: Task | None = None) -> DataSplits | None:
     """
     errors: list[str] = []
     if cfg.engine.name != "none":
-        errors += ENGINES[cfg.engine.name]().check(cfg.engine)
+        # engine=auto is resolved by run_pipeline; the Hydra callback checks before that, on the same rule
+        name = auto_engine()[0] if cfg.engine.name == "auto" else cfg.engine.name
+        errors += ENGINES[name]().check(cfg.engine)
     splits = None
     if cfg.data.source in PREFLIGHT_SOURCES:
         try:

@@ -123,6 +123,9 @@ class TrainConfig:
     # At least this many optimizer steps (epochs repeat until reached): one epoch of a small dataset is few
     # steps (1,500 examples at batch 32 = 47). null = `epochs` decides; max_steps overrides both.
     min_steps: int | None = field(default=None, metadata=_range(1))
+    # At most this many optimizer steps from epochs / min_steps (null: no cap; max_steps, when set, wins):
+    # one epoch of a small training set, a fixed amount of work on a large one.
+    cap_steps: int | None = field(default=None, metadata=_range(1))
 
 
 @dataclass
@@ -264,6 +267,10 @@ class BenchmarkConfig:
     headline_seq: int = field(default=128, metadata=_range(1))
     warmup: int = field(default=5, metadata=_range(0))
     iters: int = field(default=30, metadata=_range(1))
+    # A grid cell stops taking turns after this many seconds once every call has min_iters timings (slow
+    # cells: batch 32 x seq 128 with every peer took 88 s for 30 rounds); null = always `iters`.
+    cell_seconds: float | None = field(default=20.0, metadata=_range(0.0))
+    min_iters: int = field(default=10, metadata=_range(1))
     # Also time the FP32 and fake-quant torch models (reference rows, same interleaving).
     include_torch: bool = False
     # Other quantizers (ONNX Runtime's, NNCF's) and float engines built from model_fp32.onnx
@@ -372,6 +379,9 @@ class TuneConfig:
     # (linear_input, attn_q, ...); slot = one position in every layer (the Q/K/V Linears' input, the FFN
     # second Linear's input, ...). The result is written as calibration.overrides rules (tuned_quant.yaml).
     calibrator_per: Literal["none", "role", "slot"] = "none"
+    # tune=auto: the per-role/slot search (about 40 evaluations) compares candidates by KL on the first this
+    # many tuning examples (null = all); the budget is always checked on the whole tuning split.
+    search_examples: int | None = field(default=None, metadata=_range(16))
     # Return the most sensitive fusion groups to float until the budget is met (false = calibrator choice only).
     fallback: bool = True
     # Once the budget is met, try re-quantizing each group returned to float (fewer float groups = faster).

@@ -28,13 +28,19 @@ def synthetic_inputs(rng: np.random.Generator, vocab: int, batch: int, seq: int)
     }
 
 
-def interleaved(calls: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each labelled call, the calls taking turns (one noise for all)."""
+def interleaved(
+    calls: dict[str, Callable[[], None]], warmup: int, iters: int, max_seconds: float | None = None, min_iters: int = 1
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each labelled call, the calls taking turns (one noise for all): `iters`
+    rounds, or fewer (at least `min_iters`) once the timed rounds have taken `max_seconds`."""
     times: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(warmup):
         for call in calls.values():
             call()
-    for _ in range(iters):
+    start = time.perf_counter()
+    for n in range(iters):
+        if max_seconds is not None and n >= min_iters and time.perf_counter() - start > max_seconds:
+            break
         for label, call in calls.items():
             t0 = time.perf_counter()
             call()

@@ -219,7 +219,7 @@ def train(
     world, rank = distributed.world_size(), distributed.rank()
     net = _wrap_ddp(model, device) if distributed.is_distributed() else model
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = cfg.max_steps or max(cfg.epochs * steps_per_epoch, cfg.min_steps or 0)
+    total = cfg.max_steps or min(max(cfg.epochs * steps_per_epoch, cfg.min_steps or 0), cfg.cap_steps or math.inf)
     epochs = math.ceil(total / steps_per_epoch)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)

@@ -197,3 +197,16 @@ def test_calibration_methods_are_one_registry():
     assert set(typing.get_args(typing.get_type_hints(CalibrationConfig)["method"])) == {*calibrate.METHODS, "none"}
     assert set(typing.get_args(typing.get_type_hints(CalibrationOverride)["method"])) == set(calibrate.METHODS)
     assert calibration_plot.METHODS == tuple(calibrate.METHODS)
+
+
+def test_the_hydra_callbacks_preflight_resolves_engine_auto():
+    """The RunDirGuard callback runs preflight on the validated (unresolved) config: engine=auto, the
+    default, must be checked as the engine it resolves to, not fail with KeyError (which Hydra turns into
+    a warning, skipping the check before the run folder exists)."""
+    from pipeline.run import preflight
+
+    cfg = validate(compose_cfg(["model.name_or_path=/no/such/model"]))
+    assert cfg.engine.name == "auto"
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    assert e.value.errors == ["model.name_or_path: folder not found: /no/such/model"]

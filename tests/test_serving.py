@@ -132,6 +132,22 @@ def test_served_predictions_equal_the_predictor_and_bad_requests_leave_it_servin
 
 
 @pytest.mark.slow
+def test_the_served_model_runs_the_runs_engine_openvino(serve_env, tmp_path):
+    """A run on OpenVINO (what engine=auto picks on AMX CPUs) is served by OpenVINO in the Python backend,
+    with the run's precision hints: the served INT8 and FP32 predictions equal the predictor's."""
+    run = _deployed(tmp_path, ["engine=openvino"])
+    info = json.loads((run / "triton" / "deploy.json").read_text())
+    assert info["repositories"]["cpu"]["sequence_classification"]["backend"] == "python (OpenVINO)"
+    cfg_texts = [r["text"] for r in eval_records(validate(compose_cfg(TINY)))][:32]
+    with _server(serve_env, run / "triton" / "cpu", tmp_path / "tritonserver.log") as server:
+        for name, precision in (("sequence_classification", "int8"), ("sequence_classification_fp32", "fp32")):
+            served = _served(serve_env, server.url, name, cfg_texts, tmp_path)
+            offline = load_predictor(run, precision).predict([{"text": t} for t in cfg_texts])
+            assert [s["label"] for s in served] == [o["label"] for o in offline]
+            np.testing.assert_allclose([s["scores"] for s in served], [o["scores"] for o in offline], atol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["embedding", "token_classification"])
 def test_served_embeddings_and_entities_equal_the_predictor(serve_env, task, tmp_path):
     run = _deployed(tmp_path, [f"task={task}"])

@@ -315,7 +315,7 @@ def test_plan_file_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([f"tune.plan={bad}"]))
     msg = str(err.value)
-    assert "unknown key 'groups'; valid keys: calibrator, overrides, groups_in_float, exclude, budget, tuned_under" in msg
+    assert "unknown key 'groups'; valid keys: calibrator, overrides, qat, groups_in_float, exclude, budget, tuned_under" in msg
     assert "overrides: every rule needs a method; valid values: max, percentile, entropy, mse" in msg
     # Plans written before the rules (tune.per_role: {role: calibrator}) still apply, as one rule per role.
     legacy = tmp_path / "legacy.yaml"

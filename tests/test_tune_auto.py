@@ -33,14 +33,16 @@ def _logits(answers: np.ndarray, margin: float) -> np.ndarray:
     return out
 
 
-def _case(n: int, flips: int, fp32_margin: float, rng_seed: int = 0):
-    """n examples; FP32 right on 90 % of them; the quantized model flips the first `flips` right answers."""
-    rng = np.random.default_rng(rng_seed)
+def _case(n: int, flips: int, fp32_margin: float, fixes: int = 0):
+    """n examples; FP32 right on 90 % of them; the quantized model flips `flips` of FP32's right answers
+    (and `fixes` of its wrong ones)."""
+    rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, n)
     fp32_answers = labels.copy()
     fp32_answers[: n // 10] = 1 - labels[: n // 10]  # FP32 wrong on a tenth
     q_answers = fp32_answers.copy()
     q_answers[n // 10 : n // 10 + flips] = 1 - fp32_answers[n // 10 : n // 10 + flips]
+    q_answers[:fixes] = labels[:fixes]
     ref = _logits(fp32_answers, fp32_margin)
     q = _logits(q_answers, 0.3)
     budget = Budget(float(np.mean(fp32_answers == labels)), 0.3)
@@ -58,17 +60,22 @@ def test_enough_labels_resolve_the_budget_both_ways():
     assert "beyond 0.3" in c.why
 
 
-def test_a_small_split_decides_by_the_fp32_expected_drop():
-    """400 examples cannot resolve 0.3 pt: near-tie flips (FP32 unsure) pass, confident flips do not —
-    and the report says how many labelled examples the budget would need."""
+def test_a_small_split_needs_the_fp32_expected_and_the_point_drop_within_budget():
+    """400 examples cannot resolve 0.3 pt. Near-tie flips that cancel out (FP32 unsure, point drop 0) meet
+    the budget; near-tie flips that all cost (point drop 1 pt) do not, but no miss is evident (no float
+    fallback); confident flips are an evident miss — and the report says how many labelled examples the
+    budget would need."""
     task = SequenceClassification()
-    ref, q, data, budget = _case(400, 4, fp32_margin=0.02)  # FP32 nearly 50/50 on the flipped ones
+    ref, q, data, budget = _case(400, 2, fp32_margin=0.02, fixes=2)
     c = auto.judge(task, budget, ref, q, data, step="calibrator")
-    assert (c.met, c.basis) == (True, "fp32_expected")
-    assert c.drop == pytest.approx(1.0) and c.expected_drop < 0.3 and "cannot resolve" in c.why
+    assert (c.met, c.basis, c.drop) == (True, "fp32_expected", 0.0) and c.expected_drop < 0.3 and "cannot resolve" in c.why
+    ref, q, data, budget = _case(400, 4, fp32_margin=0.02)
+    c = auto.judge(task, budget, ref, q, data, step="calibrator")
+    assert (c.met, c.evident_miss, c.basis) == (False, False, "fp32_expected") and c.drop == pytest.approx(1.0) and c.expected_drop < 0.3
     ref, q, data, budget = _case(400, 4, fp32_margin=4.0)  # FP32 sure (p 0.98): each flip costs ~1 example
     c = auto.judge(task, budget, ref, q, data, step="calibrator")
-    assert (c.met, c.basis) == (False, "fp32_expected") and c.expected_drop == pytest.approx(100 * 4 / 400 * 0.964, abs=0.01)
+    assert (c.met, c.evident_miss, c.basis) == (False, True, "fp32_expected")
+    assert c.expected_drop == pytest.approx(100 * 4 / 400 * 0.964, abs=0.01)
     note = auto.resolution_note(c, budget, 400)
     need = auto.needed_examples(c.flips, budget)
     assert need == int(np.ceil(1.96**2 * 0.01 / 0.003**2)) and str(need) in note

@@ -3,7 +3,7 @@
 PyPI's nvidia-pytriton 0.7.0 carries tritonserver 2.51 with the Python backend only
 (`pytriton/tritonserver/{bin,backends,python_backend_stubs/<python version>}`). It pins numpy<2, so it lives
 in its own virtual environment, lean (no torch): numpy<2, nvidia-pytriton, tritonclient[all], tokenizers,
-onnxruntime (SERVE_REQUIREMENTS). The Python backend runs each model in a stub process; the stub for the
+onnxruntime, openvino (SERVE_REQUIREMENTS: the Python-backend model runs the run's CPU engine). The Python backend runs each model in a stub process; the stub for the
 environment's Python version is copied into a backend folder of our own (`<env>/triton-backends/python/`,
 beside libtriton_python.so and triton_python_backend_utils.py), so the wheel's files stay untouched.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The one list of what serving needs (make serve-env and qdq-pipeline-serve both install it).
-SERVE_REQUIREMENTS = ["numpy<2", "nvidia-pytriton==0.7.0", "tritonclient[all]", "tokenizers", "onnxruntime"]
+SERVE_REQUIREMENTS = ["numpy<2", "nvidia-pytriton==0.7.0", "tritonclient[all]", "tokenizers", "onnxruntime", "openvino"]
 ENV_VAR = "QDQ_SERVE_VENV"
 
 
@@ -87,13 +87,14 @@ class ServeEnv:
 
 
 def find_env(path: Path | None = None) -> ServeEnv | None:
-    """The serving environment at `path` when it is complete (its Python imports pytriton), else None."""
+    """The serving environment at `path` when it is complete (its Python imports every SERVE_REQUIREMENTS
+    module; an older one without openvino is completed by create_env), else None."""
     path = Path(path or default_env_path())
     python = path / "bin" / "python"
     if not python.exists():
         return None
     probe = (
-        "import json, sys, sysconfig, pathlib, pytriton, tritonclient, tokenizers, onnxruntime, numpy;"
+        "import json, sys, sysconfig, pathlib, pytriton, tritonclient, tokenizers, onnxruntime, openvino, numpy;"
         "print(json.dumps({'version': f'{sys.version_info[0]}.{sys.version_info[1]}',"
         "'libdir': sysconfig.get_config_var('LIBDIR') or '', 'pytriton': str(pathlib.Path(pytriton.__file__).parent)}))"
     )
@@ -128,7 +129,7 @@ def create_env(path: Path | None = None, python: str | None = None, quiet: bool 
         )
     env = find_env(path)
     if env is None:
-        raise RuntimeError(f"{path}: installed, but its Python cannot import pytriton / tritonclient / tokenizers / onnxruntime")
+        raise RuntimeError(f"{path}: installed, but its Python cannot import pytriton / tritonclient / tokenizers / onnxruntime / openvino")
     env.prepare_backends()
     return env
 

@@ -51,6 +51,9 @@ class RunServing:
     output_dims: list[int] = field(default_factory=lambda: [-1])  # the graph output's dims after the batch axis
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ONNX Runtime session options of the run
     batch_size: int = 64  # evaluate.batch_size
+    # The CPU runtime the Python-backend model runs: the run's engine where it is a CPU engine (onnxruntime,
+    # openvino), else onnxruntime (engine=tensorrt / none: the bundled server has no GPU).
+    cpu_engine: str = "onnxruntime"
 
 
 def graph_io(path: Path) -> tuple[list[str], str, list[int]]:
@@ -75,8 +78,9 @@ def serving_spec(cfg, tokenizer, files: dict[str, Path], label_names: list[str],
     """The serving description of a run from its config, its Hugging Face tokenizer, its ONNX files by
     name and its label names (what the deploy stage and `from_run_folder` both call)."""
     graphs = precision_graphs(cfg, files)
-    ort_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name="onnxruntime"))
-    cpu_graphs = precision_graphs(ort_cfg, files)
+    cpu_engine = cfg.engine.name if cfg.engine.name in ("onnxruntime", "openvino") else "onnxruntime"
+    cpu_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name=cpu_engine))
+    cpu_graphs = precision_graphs(cpu_cfg, files)
     if cfg.engine.name == "onnxruntime" and cfg.engine.transformer_fusions:
         for precision, path in cpu_graphs.items():
             fused = path.with_name(f"{path.stem}.fused.onnx")
@@ -94,10 +98,13 @@ def serving_spec(cfg, tokenizer, files: dict[str, Path], label_names: list[str],
         "intra_op_threads": e.intra_op_threads,
         "allow_spinning": e.allow_spinning,
         "transformer_fusions": e.transformer_fusions,
+        "inference_precision": e.inference_precision,
     }
     if e.name == "tensorrt":
         settings["max_batch"] = e.max_batch  # the plans' optimization profile
-    return RunServing(t.name, textproc, meta, graphs, plans or {}, cpu_graphs, output_name, output_dims, settings, cfg.evaluate.batch_size)
+    return RunServing(
+        t.name, textproc, meta, graphs, plans or {}, cpu_graphs, output_name, output_dims, settings, cfg.evaluate.batch_size, cpu_engine
+    )
 
 
 def load_run_config(run_dir: Path):

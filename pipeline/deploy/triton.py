@@ -7,7 +7,8 @@
         <task>/              ensemble (INT8): tokenizer -> model_int8 -> postprocess
         <task>_fp32/         ensemble (FP32): tokenizer -> model_fp32 -> postprocess
         tokenizer/           Python backend: TEXT -> input_ids, attention_mask[, token_type_ids] (textproc.py + tokenizer.json)
-        model_int8/          Python backend: this project's engine (ONNX Runtime session, the run's options) on model_int8.onnx
+        model_int8/          Python backend: this project's engine (the run's CPU engine, ONNX Runtime or OpenVINO, with
+                             the run's options) on model_int8.onnx
         model_fp32/          same on model_fp32.onnx
         postprocess/         Python backend: the task's output (postprocess.py)
       nvidia/                for NVIDIA's Triton container (tritonserver with its onnxruntime / tensorrt / openvino backends):
@@ -238,6 +239,10 @@ def _cpu(spec: RunServing, repo: Path, s: TritonSettings) -> dict[str, dict]:
         inputs, outputs = _model_io(spec, ragged=True)
         params = {
             "onnx_file": "model.onnx",
+            # onnxruntime | openvino: the run's CPU engine, with the run's settings (as the predictor runs it)
+            "runtime": spec.cpu_engine,
+            "precision": precision,
+            "inference_precision": settings.get("inference_precision", "default"),
             "graph_optimization": settings.get("graph_optimization", "all"),
             "intra_op_threads": settings.get("intra_op_threads", 0),
             "allow_spinning": str(bool(settings.get("allow_spinning", False))).lower(),
@@ -259,7 +264,8 @@ def _cpu(spec: RunServing, repo: Path, s: TritonSettings) -> dict[str, dict]:
         )
         name = ensemble_name(spec.task, precision, quantized)
         _ensemble(spec, repo, name, model, s)
-        served[name] = {"precision": precision, "model": model, "backend": "python (ONNX Runtime)", "graph": graph.name}
+        runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[spec.cpu_engine]
+        served[name] = {"precision": precision, "model": model, "backend": f"python ({runtime})", "graph": graph.name}
     return served
 
 

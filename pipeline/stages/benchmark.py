@@ -51,16 +51,18 @@ def _run(cfg: RunConfig, ctx: RunContext, torch_threads: int) -> None:
             if b.include_torch:
                 calls.update(_torch_calls(ctx, inputs, torch_threads))
             peer_calls = _working_peer_calls(ctx, inputs, f"b{batch}xs{seq}")
-            times = interleaved({**calls, **peer_calls}, b.warmup, b.iters)
+            times = interleaved({**calls, **peer_calls}, b.warmup, b.iters, b.cell_seconds, b.min_iters)
             times = {**{p: e.time(inputs, b.warmup, b.iters) for p, e in device_timed.items()}, **times}
             for label, ts in times.items():
-                row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts))}
+                row = {"batch": batch, "seq": seq, "precision": label, **summary(ts), "throughput_seq_s": batch * 1000 / float(np.mean(ts)),
+                       "iters": len(ts)}  # fmt: skip
                 (peers[label]["grid"] if label in peer_calls else grid).append(row)
             log.info("benchmark b=%d s=%d: %s", batch, seq, {p: round(float(np.median(ts)), 2) for p, ts in times.items()})
     ctx.metrics.benchmark = {
         "grid": grid,
         "warmup": b.warmup,
         "iters": b.iters,
+        "cell_seconds": b.cell_seconds,
         "engine": cfg.engine.name,
         "not_timed": skipped,
         "headline_batch": b.headline_batch,

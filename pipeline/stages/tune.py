@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.context import RunContext
+from pipeline.data.batching import Encoded
 from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
 from pipeline.quantization.state import enabled_counts, save_quantizer_state
@@ -204,7 +205,14 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
             evaluations += len(names)
         last = check("calibrator", f"{calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration")
         if not last.met and t.calibrator_per != "none" and len(names) > 1:
-            overrides, spent = _per_group(cfg, ctx, hists, score, logits, calibrator, kept, info)
+            # ~40 candidate evaluations, compared by KL (paired, low noise): on the first search_examples
+            sub, sub_ref = _head(data, t.search_examples), fp32_logits[: t.search_examples or len(data)]
+
+            def sub_score(out) -> Score:
+                return Score(float(task.score(out, sub)), float(task.divergence(sub_ref, out).mean()))
+
+            info["search_examples"] = len(sub)
+            overrides, spent = _per_group(cfg, ctx, hists, sub_score, lambda m: logits(m, sub), calibrator, kept, info)
             evaluations += spent
             last = check(f"calibrator_per_{t.calibrator_per}", f"{len(overrides)} {t.calibrator_per}s take another calibrator")
     qat_taken = bool(plan.get("qat")) if plan is not None else (not last.met and cfg.qat.enabled)
@@ -220,7 +228,7 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         groups = _plan_groups(cfg, ctx, plan)
         if groups:
             last = check("fallback", f"{len(groups)} fusion groups in float from the plan")
-    elif not last.met and t.fallback:
+    elif not last.met and last.evident_miss and t.fallback:
         q_logits = logits(ctx.model)
         result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, t0)
         evaluations += 1 + result.evaluations
@@ -230,7 +238,12 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         _write_outputs(ctx, ranked, result, budget)
         last = check("fallback", f"{len(groups)} fusion groups in float ({result.stopped})")
     taken = [c.step for c in checks]
-    stopped = "met" if last.met else "not met after every step available (qat=none or tune.fallback=false remove steps)"
+    if last.met:
+        stopped = "met"
+    elif not last.evident_miss and result is None:
+        stopped = "not met on the point estimate, no evident miss: no fusion group returned to float (that costs latency on every request)"
+    else:
+        stopped = "not met after every step available (qat=none or tune.fallback=false remove steps)"
     resolution = auto.resolution_note(checks[0], budget, len(data))
     need = auto.needed_examples(checks[0].flips, budget)
     ctx.metrics.tune = {
@@ -288,6 +301,13 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
     log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
              time.perf_counter() - t0, resolution)  # fmt: skip
+
+
+def _head(data, n: int | None):
+    """The first n examples of a tuning split (all of it for n null, or a split type without a plain cut)."""
+    if n is None or n >= len(data) or type(data) is not Encoded:
+        return data
+    return Encoded(data.features[:n], data.labels[:n])
 
 
 def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, fp32_logits, q_logits, t0: float):

@@ -17,6 +17,8 @@ def report_lines(d: dict) -> list[str]:
     acc = d["accuracy"]
     base = (d.get("engine_precisions") or {}).get("baseline") or "fp32"
     lines = ["## Accuracy budget (tune)", ""]
+    if t.get("steps"):
+        lines += _auto_lines(t, unit)
     if t.get("plan"):
         lines.append(f"- plan applied from `{t['plan']}` (no search)")
     lines += [
@@ -65,6 +67,40 @@ def report_lines(d: dict) -> list[str]:
     lines += [f"![{f[:-4]}]({f})" for f in figs] + ([""] if figs else [])
     lines += [
         "Files: `tune_trace.csv`, `sensitivity.csv`, `tuned_quant.yaml` (reuse: the same command + `tune.plan=<this run>/tuned_quant.yaml`).",
+        "",
+    ]
+    return lines
+
+
+_BASIS = {
+    "labels": "labelled drop and its paired interval",
+    "fp32_expected": "FP32-expected drop (labels cannot resolve the budget)",
+    "point": "the score's point drop (no per-example interval)",
+    "targets": "the task's fidelity targets",
+}
+
+
+def _auto_lines(t: dict, unit: str) -> list[str]:
+    """tune=auto: each step taken, what the budget check said after it, its cost, and why it stopped."""
+    last = t["steps"][-1]
+    lines = [
+        f"Adaptive recipe (`tune=auto`): **{'met' if t['met'] else 'not met'} after {last['step']}** — {last['why']}. "
+        f"Judged on {_BASIS.get(last['basis'], last['basis'])}; {t.get('resolution', '')}.",
+        "",
+        f"| step | budget | basis | tuning score | drop ({unit}) | FP32-expected drop | KL to FP32 | seconds | what it did |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in t["steps"]:
+        ci = f" ± {s['drop_ci95']:.2f}" if s.get("drop_ci95") is not None else ""
+        exp = "—" if s.get("expected_drop") is None else f"{s['expected_drop']:.3f}"
+        tg = "; ".join(f"{n} {v['value']:.4f} (min {v['minimum']})" for n, v in (s.get("targets") or {}).items())
+        lines.append(
+            f"| {s['step']} | {'met' if s['met'] else 'not met'} | {s['basis']} | {_pct(s['tune_accuracy'])} | {s['drop']:.2f}{ci} | {exp} | "
+            f"{s['kl']:.5f} | {s['seconds']} | {s.get('note', '')}{'; ' + tg if tg else ''} |"
+        )
+    lines += [
+        "",
+        f"Stopped: {t.get('stopped')}. Steps not listed were not needed (or not available: `qat=none`, `tune.fallback=false`).",
         "",
     ]
     return lines

@@ -1,5 +1,7 @@
-"""Triton Python backend: this project's engine (an ONNX Runtime session on the run's graph, with the
-run's session options) behind Triton's dynamic batcher.
+"""Triton Python backend: this project's engine on the run's graph — the run's CPU engine (parameter
+`runtime`): an ONNX Runtime session with the run's session options, or an OpenVINO compiled model with
+the run's precision hints (a float graph in the precision it is labelled with; an INT8 graph's float
+layers as engine.inference_precision says) — behind Triton's dynamic batcher.
 
 The batcher hands over several requests at once (inputs marked allow_ragged_batch: each request keeps
 its own sequence length); they are padded to the longest of them, run as one batch and split back, each
@@ -11,17 +13,44 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        p = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        folder = os.path.join(args["model_repository"], args["model_version"])
+# precision of a float graph -> the OpenVINO hint it must run in (pipeline/engines/openvino.py, the same rule)
+_FLOAT_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class _OpenVINO:
+    """The graph compiled by OpenVINO's CPU plugin, as pipeline/engines/openvino.py compiles it."""
+
+    def __init__(self, path, p):
+        import openvino as ov
+
+        core = ov.Core()
+        props = {"PERFORMANCE_HINT": "LATENCY"}
+        hint = _FLOAT_HINTS.get(p.get("precision", ""))
+        if hint is None and p.get("inference_precision", "default") != "default":
+            hint = p["inference_precision"]
+        if hint is not None:
+            props["INFERENCE_PRECISION_HINT"] = hint
+        if int(p.get("intra_op_threads", "0")):
+            props["INFERENCE_NUM_THREADS"] = int(p["intra_op_threads"])
+        self.compiled = core.compile_model(core.read_model(path), "CPU", props)
+        self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+        self.dtypes = {i.get_any_name(): i.get_element_type().to_dtype() for i in self.compiled.inputs}
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, feed):
+        out = self.request.infer({k: np.ascontiguousarray(feed[k], dtype=self.dtypes[k]) for k in self.inputs})
+        return np.array(out[0], dtype=np.float32)
+
+
+class _OnnxRuntime:
+    def __init__(self, path, p):
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[p.get("graph_optimization", "all")])
         if int(p.get("intra_op_threads", "0")):
@@ -29,10 +58,25 @@ class TritonPythonModel:
         if p.get("allow_spinning", "false") != "true":
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(os.path.join(folder, p.get("onnx_file", "model.onnx")), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.output = config["output"][0]["name"]
         self.graph_output = self.session.get_outputs()[0].name
+
+    def run(self, feed):
+        return self.session.run([self.graph_output], feed)[0]
+
+
+_RUNTIMES = {"onnxruntime": _OnnxRuntime, "openvino": _OpenVINO}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        self.engine = _RUNTIMES[p.get("runtime", "onnxruntime")](os.path.join(folder, p.get("onnx_file", "model.onnx")), p)
+        self.inputs = self.engine.inputs
+        self.output = config["output"][0]["name"]
         self.pad = json.loads(p["pad_values"])
         self.token_level = p.get("token_level", "false") == "true"
 
@@ -69,7 +113,7 @@ class TritonPythonModel:
                     parts.append(np.pad(x, ((0, 0), (0, seq - x.shape[1])), constant_values=self.pad[name]) if x.shape[1] < seq else x)
                 feed[name] = np.concatenate(parts)
             try:
-                out = self.session.run([self.graph_output], feed)[0]
+                out = self.engine.run(feed)
                 row = 0
                 for n, a in batch:
                     b, s = a["input_ids"].shape
