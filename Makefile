@@ -68,7 +68,7 @@ base-model: $(BIN)/python
 	$(BIN)/python scripts/base_model.py
 
 # Serving environment (pipeline/deploy/env.py SERVE_REQUIREMENTS: numpy<2, nvidia-pytriton 0.7.0 for the
-# tritonserver binary, tritonclient[all], tokenizers, onnxruntime; no torch). nvidia-pytriton pins numpy<2,
+# tritonserver binary, tritonclient[all], tokenizers, onnxruntime, openvino; no torch). nvidia-pytriton pins numpy<2,
 # hence its own venv. qdq-pipeline-serve creates it on first use too.
 SERVE_VENV ?= .venv-serve
 serve-env: install
