@@ -230,7 +230,9 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
             last = check("fallback", f"{len(groups)} fusion groups in float from the plan")
     elif not last.met and last.evident_miss and t.fallback:
         q_logits = logits(ctx.model)
-        result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, t0)
+        # tune.timeout_s bounds the fallback search itself: on a base-size model steps 1-2 alone can take
+        # longer than that (measured: 22 min), which left the search no time at all.
+        result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, time.perf_counter())
         evaluations += 1 + result.evaluations
         info.update(fb_info, fusion_groups=len(groups_all), stopped=result.stopped)
         by_name = {g.name: g for g in groups_all}
