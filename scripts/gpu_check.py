@@ -289,7 +289,7 @@ def main() -> int:
 
     @check("smoke", f"smoke pipeline, torch on {dev.type} (finetune, calibrate, QAT, eval, ORT engines)")
     def _():
-        overrides = ["experiment=smoke", f"device={dev.type}", "qat=default", "qat.max_steps=10", "benchmark.iters=5", *cache]
+        overrides = ["experiment=smoke", f"device={dev.type}", "tune=none", "qat=default", "qat.max_steps=10", "benchmark.iters=5", *cache]
         if args.random_init:
             overrides.append("model.random_init=true")
         _, ctx = compose_run(overrides, out / "smoke")

@@ -262,7 +262,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
         ),
         (["qat.keep_best=true", "data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
         (["qat.eval_every=-1"], "qat.eval_every: -1 out of range; must be >= 0"),
-        (["qat.kd_hidden=1.0"], "qat.kd_hidden: 1.0 needs qat.distill=true"),
+        (["qat=default", "qat.kd_hidden=1.0"], "qat.kd_hidden: 1.0 needs qat.distill=true"),
         (["qat.select_by=kll"], "qat.select_by: 'kll' is not valid; valid values: accuracy, kl"),
         (["++finetune.select_by=kl"], "finetune.select_by: 'kl' compares to the FP32 model, which exists only for qat"),
         (["qat.min_steps=0"], "qat.min_steps: 0 out of range; must be >= 1"),
