@@ -133,7 +133,8 @@ def resolution_note(check: Check, budget: Budget, examples: int) -> str:
         return f"{examples} labelled tuning examples resolve the budget (interval ±{check.drop_ci95:.2f})"
     return (
         f"{examples} labelled tuning examples give ±{check.drop_ci95:.2f} pt, wider than the budget {budget.max_drop}; at this model's "
-        f"flip rate ({100 * (check.flips or 0):.1f} %) about {need} would be needed (data.num_tune): decided by the FP32-expected drop"
+        f"flip rate ({100 * (check.flips or 0):.1f} %) about {need} would be needed (data.num_tune): met needs the point and the "
+        "FP32-expected drops within it, an evident miss the FP32-expected drop over it"
     )
 
 

@@ -74,7 +74,7 @@ def report_lines(d: dict) -> list[str]:
 
 _BASIS = {
     "labels": "labelled drop and its paired interval",
-    "fp32_expected": "FP32-expected drop (labels cannot resolve the budget)",
+    "fp32_expected": "the point and FP32-expected drops (labels cannot resolve the budget)",
     "point": "the score's point drop (no per-example interval)",
     "targets": "the task's fidelity targets",
 }
