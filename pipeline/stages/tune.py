@@ -134,17 +134,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
         **info,
     }
-    plan_file.write(
-        ctx.path("tuned_quant.yaml"),
-        calibrator=calibrator,
-        overrides=overrides,
-        groups=groups,
-        budget={"max_drop": t.max_drop, "drop_type": t.drop_type, "met": met, "tune_drop": round(chosen.drop, 4)},
-        tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    )
-    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))  # the plan's groups in float are off now
-    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
+    _record_plan(cfg, ctx, calibrator, overrides, groups, {"met": met, "tune_drop": round(chosen.drop, 4)})
     ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
@@ -278,25 +268,8 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         **({"plan": str(t.plan)} if plan is not None else {}),
         **info,
     }
-    plan_file.write(
-        ctx.path("tuned_quant.yaml"),
-        calibrator=calibrator,
-        overrides=overrides,
-        groups=groups,
-        qat=qat_taken,
-        budget={
-            "max_drop": t.max_drop,
-            "drop_type": t.drop_type,
-            "met": last.met,
-            "tune_drop": round(last.drop, 4),
-            "basis": last.basis,
-            "steps": taken,
-        },  # fmt: skip
-        tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    )
-    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))
-    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
+    budget = {"met": last.met, "tune_drop": round(last.drop, 4), "basis": last.basis, "steps": taken}
+    _record_plan(cfg, ctx, calibrator, overrides, groups, budget, qat=qat_taken)
     if qat_taken:
         ctx.chain_key("tune_fallback", sorted(q for g in groups for q in g.quantizers))
     else:
@@ -310,6 +283,24 @@ def _head(data, n: int | None):
     if n is None or n >= len(data) or type(data) is not Encoded:
         return data
     return Encoded(data.features[:n], data.labels[:n])
+
+
+def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, overrides: list, groups: list, budget: dict, qat: bool | None = None):
+    """tuned_quant.yaml of the tuned state, and the run's quantizer counts and state file as it now is (the
+    plan's float groups are off)."""
+    t = cfg.tune
+    plan_file.write(
+        ctx.path("tuned_quant.yaml"),
+        calibrator=calibrator,
+        overrides=overrides,
+        groups=groups,
+        qat=qat,
+        budget={"max_drop": t.max_drop, "drop_type": t.drop_type, **budget},
+        tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    )
+    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))
+    ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
 
 
 def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, fp32_logits, q_logits, t0: float):
