@@ -196,7 +196,8 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         last = check("calibrator", f"{calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration")
         if not last.met and t.calibrator_per != "none" and len(names) > 1:
             # ~40 candidate evaluations, compared by KL (paired, low noise): on the first search_examples
-            sub, sub_ref = _head(data, t.search_examples), fp32_logits[: t.search_examples or len(data)]
+            sub = _head(data, t.search_examples)
+            sub_ref = fp32_logits[: len(sub)]  # _head keeps a whole split it cannot cut (question answering)
 
             def sub_score(out) -> Score:
                 return Score(float(task.score(out, sub)), float(task.divergence(sub_ref, out).mean()))
