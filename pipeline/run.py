@@ -38,7 +38,8 @@ STAGES: list[tuple[str, Callable[[RunConfig, RunContext], str | None], Callable[
     ("finetune", finetune.run, lambda c: c.finetune.enabled),
     ("calibrate", calibrate.run, lambda c: c.calibration.method != "none"),
     ("tune", tune.run, lambda c: c.tune.enabled and c.calibration.method != "none"),
-    ("qat", qat.run, lambda c: c.qat.enabled),
+    # Under tune=auto, QAT is the tune stage's second step (taken only when the budget needs it).
+    ("qat", qat.run, lambda c: c.qat.enabled and not (c.tune.method == "auto" and c.calibration.method != "none")),
     ("export", export.run, lambda c: c.export.enabled),
     ("build_engine", build_engine.run, lambda c: c.engine.name != "none"),
     ("evaluate", evaluate.run, lambda c: c.evaluate.enabled),

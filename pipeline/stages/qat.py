@@ -1,7 +1,7 @@
 """qat: fine-tune with quantizers active (straight-through estimator), optionally distilling from the
 frozen FP32 model. Starts from the calibrate stage's amax, so any calibration method combines with it.
 Cached by everything upstream + the qat config. Under tune=auto (the default) QAT is the tune stage's
-second step, taken only when the budget needs it: this stage then records `skipped` and
+second step, taken only when the budget needs it: the stage loop (run.py) then records `skipped` and
 metrics.json tune.steps says whether QAT ran."""
 
 from __future__ import annotations
@@ -12,6 +12,4 @@ from pipeline.stages import _common
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
-    if cfg.tune.method == "auto" and cfg.calibration.method != "none":
-        return "skipped"
     return "cached" if _common.run_qat(cfg, ctx) else None
