@@ -14,6 +14,7 @@ import time
 import torch
 
 from pipeline.models import load_model
+from pipeline.quantization import rules as qrules
 from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.testing import compose_cfg
@@ -36,7 +37,7 @@ def main() -> None:
     ids = torch.randint(1000, vocab, (args.batch, args.seq))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     qs = insert_quantizers(model, cfg.quant, cfg.calibration, inputs)
-    calibrate(model, qs, [inputs], cfg.calibration)
+    calibrate(model, qs, [inputs], cfg.calibration, rules=qrules.as_rules(cfg.quant.rules))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.qat.lr)
     labels = torch.randint(0, 2, (args.batch,))
     model.train()

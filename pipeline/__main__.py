@@ -18,7 +18,7 @@ from pipeline.distributed import is_main_process
 from pipeline.objective import evaluate_objective
 from pipeline.outputs import write_json
 from pipeline.run import run_pipeline
-from pipeline.schema import ConfigError
+from pipeline.schema import REPLACED, ConfigError
 from pipeline.validation import validate
 
 log = logging.getLogger("pipeline")
@@ -105,7 +105,23 @@ def _agree_on_run_folder() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+def replaced_keys(argv: list[str]) -> list[str]:
+    """Command-line overrides of keys that quant.rules replaced, each with the new spelling. Checked before
+    Hydra composes: Hydra would refuse them as unknown keys without saying what replaced them."""
+    errors = []
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        for old, new in REPLACED.items():
+            if key == old or key.startswith(old + "."):
+                errors.append(f"{old}: replaced by quant.rules; write {new}")
+    return errors
+
+
 def cli() -> None:
+    errors = replaced_keys(sys.argv[1:])
+    if errors:
+        print(f"error: {ConfigError(errors)}", file=sys.stderr)
+        raise SystemExit(2)
     if distributed.init_from_env():
         _agree_on_run_folder()
     try:

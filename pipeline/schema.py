@@ -33,6 +33,17 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration ({n} error{'s' if n != 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors))
 
 
+# Keys replaced by quant.rules (one selection mechanism), with the spelling that does the same now.
+REPLACED = {
+    "quant.include": "a rule that disables the rest and one that enables yours (later rules win): "
+    "'+quant.rules.rest={name: [\"*\"], enable: false}' '+quant.rules.mine={name: [\"<quantizer-name glob>\"], enable: true}'",
+    "quant.exclude": "'+quant.rules.<label>={name: [\"<module glob>.*\"], enable: false}' (globs over quantizer names, "
+    "quant_map.json; conf/quant/gemm.yaml's `heads` rule keeps the task heads in float)",
+    "quant.exclude_roles": "'+quant.rules.<label>={roles: [<role>, ...], enable: false}'",
+    "calibration.overrides": "'+quant.rules.<label>={name: [<globs>], roles: [<roles>], method: <method>, percentile: <p>}'",
+}
+
+
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, float | None]:
     return {"min": lo, "max": hi}
 
@@ -110,6 +121,10 @@ class TrainConfig:
     # null: every quarter of the run's steps (four evaluations after the start, whatever the data size).
     eval_every: int | None = field(default=0, metadata=_range(0))
     keep_best: bool = False
+    # With keep_best: stop once this many evaluations in a row (every eval_every steps) found no better state
+    # than the best so far (null = train to the end). The state kept is the same best either way, unless a
+    # later one would have beaten it.
+    patience: int | None = field(default=None, metadata=_range(1))
     # What keep_best compares: accuracy on the tuning split (ties: lower loss), or kl = mean KL(FP32 || model)
     # of the logits on it (qat only: the FP32 model is the reference). Accuracy on a few hundred examples
     # moves in 1-example steps, so its maximum over several states is partly luck; KL measures fidelity.
@@ -129,20 +144,6 @@ class TrainConfig:
 
 
 @dataclass
-class CalibrationOverride:
-    """A different calibration method for some activation quantizers (per role / per module): e.g. the FFN
-    second Linear's input (after GELU, outlier channels) with mse while the rest use percentile."""
-
-    # fnmatch globs over quantizer names (quant_map.json "name"); [] = any name.
-    match: list[str] = field(default_factory=list)
-    # Roles this rule applies to ([] = any activation role; weights are always per-channel max).
-    roles: list[Literal["linear_input", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]] = field(default_factory=list)
-    method: Literal["max", "percentile", "entropy", "mse"] = "percentile"
-    # percentile method only (null = calibration.percentile).
-    percentile: float | None = field(default=None, metadata=_range(0.0, 100.0))
-
-
-@dataclass
 class CalibrationConfig:
     method: Literal["max", "percentile", "entropy", "mse", "none"]
     num_batches: int = field(default=16, metadata=_range(1))
@@ -152,8 +153,6 @@ class CalibrationConfig:
     percentile: float = field(default=99.99, metadata=_range(0.0, 100.0))
     start_bin: int = field(default=128, metadata=_range(1))
     stride: int = field(default=1, metadata=_range(1))
-    # Per-quantizer method overrides, first matching rule wins (pipeline/quantization/calibrate.py).
-    overrides: list[CalibrationOverride] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +170,28 @@ class SmoothingConfig:
     modules: list[str] = field(default_factory=list)
 
 
+Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]
+
+
+@dataclass
+class QuantRule:
+    """One quantizer-selection rule (quant.rules): which quantizers (name globs AND roles), and what to set
+    on them. Fields left null change nothing, so a later rule can refine one field of an earlier one."""
+
+    # fnmatch globs over quantizer names (quant_map.json "name", e.g. bert.encoder.layer.0.output.dense.input_quantizer);
+    # [] = any name.
+    name: list[str] = field(default_factory=list)
+    # Roles the rule applies to ([] = any role).
+    roles: list[Role] = field(default_factory=list)
+    # Quantize (true) or leave in float (false).
+    enable: bool | None = None
+    # Activation calibration method for these quantizers (weights are always per-channel max; a rule with a
+    # method never applies to linear_weight).
+    method: Literal["max", "percentile", "entropy", "mse"] | None = None
+    # Percentile for method percentile (null = calibration.percentile).
+    percentile: float | None = field(default=None, metadata=_range(0.0, 100.0))
+
+
 @dataclass
 class QuantConfig:
     # int8 (default; every engine) or fp8 (E4M3, scale amax/448: Hopper and later under TensorRT;
@@ -185,11 +206,11 @@ class QuantConfig:
     linear: bool = True
     attention: bool = True
     residual: bool = False
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
-    exclude_roles: list[Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]] = (
-        field(default_factory=list)
-    )
+    # Which quantizers are on and how each activation is calibrated: ordered rules, label -> rule, applied
+    # in order with the later rule winning per field (pipeline/quantization/rules.py; ModelOpt's wildcard
+    # quant_cfg works the same way). A module none of whose quantizers stays enabled is not quantized at all.
+    #   +quant.rules.no_layer0={name: ["*.layer.0.*"], enable: false}
+    rules: dict[str, QuantRule] = field(default_factory=dict)
     # Attention classes that compute their own GEMMs (no attention interface): quantized by
     # intercepting torch.matmul / torch.bmm inside their forward (pipeline/quantization/matmul_mode.py).
     matmul_attention_classes: list[str] = field(default_factory=lambda: ["DisentangledSelfAttention", "MPNetSelfAttention"])
@@ -377,7 +398,7 @@ class TuneConfig:
     # Then the best calibrator per group of activation quantizers, one evaluation per group and other
     # candidate, keeping what improves (one pass of coordinate descent): role = every quantizer of one role
     # (linear_input, attn_q, ...); slot = one position in every layer (the Q/K/V Linears' input, the FFN
-    # second Linear's input, ...). The result is written as calibration.overrides rules (tuned_quant.yaml).
+    # second Linear's input, ...). The result is written as quant.rules (tuned_quant.yaml `rules`).
     calibrator_per: Literal["none", "role", "slot"] = "none"
     # tune=auto: the per-role/slot search (about 40 evaluations) compares candidates by KL on the first this
     # many tuning examples (null = all); the budget is always checked on the whole tuning split.
@@ -494,7 +515,9 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in fields:
+        if prefix + key in REPLACED:
+            errors.append(f"{prefix}{key}: replaced by quant.rules; write {REPLACED[prefix + key]}")
+        elif key not in fields:
             errors.append(f"{prefix}{key}: unknown key; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
@@ -542,6 +565,9 @@ def _check(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(f"{key}: expected a mapping, got {value!r}")
+            return value
+        if args and dataclasses.is_dataclass(args[1]):
+            return {k: _check(args[1], v, f"{key}.{k}", errors) for k, v in value.items()}
         return value
     if tp is Any:
         return value
@@ -554,6 +580,17 @@ def _check(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
 
 def _check_combinations(c: RunConfig, errors: list[str]) -> None:
     """Rules that involve more than one key."""
+    for label, r in c.quant.rules.items():
+        if r is None:
+            continue
+        if r.enable is None and r.method is None and r.percentile is None:
+            errors.append(
+                f"quant.rules.{label}: sets nothing; give enable (true/false), method (max, percentile, entropy, mse) or percentile"
+            )
+        if (r.method is not None or r.percentile is not None) and r.roles == ["linear_weight"]:
+            errors.append(
+                f"quant.rules.{label}: method/percentile apply to activations; weights are always per-channel max (roles: any but linear_weight)"
+            )
     if c.data.source == "csv":
         for k in ("train_path", "eval_path"):
             if not getattr(c.data, k):
@@ -620,6 +657,8 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         errors.append("smoothing.modules: empty; list the Linear module globs to smooth (e.g. ['*.layer.*.output.dense'])")
     for stage in ("finetune", "qat"):
         t = getattr(c, stage)
+        if t.enabled and t.patience is not None and not t.keep_best:
+            errors.append(f"{stage}.patience: stops when no better state is found, which needs {stage}.keep_best=true")
         if t.enabled and t.keep_best and c.data.num_tune == 0:
             errors.append(
                 f"{stage}.keep_best: selects the best state on the tuning split; data.num_tune=0 cannot be combined with it "

@@ -74,6 +74,8 @@ class _Selector:
         self.best: dict | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_step: int | None = None
+        self.stale = 0  # evaluations in a row since the best improved
+        self.stopped_early = False
 
     def __call__(self, step: int) -> dict:
         if self.last_step == step:  # already evaluated at this step (e.g. epoch end == end)
@@ -88,6 +90,9 @@ class _Selector:
         if self.keep_best and (self.best is None or _score(r, self.select_by) > _score(self.best, self.select_by)):
             self.best = r
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.stale = 0
+        else:
+            self.stale += 1
         return r
 
     def finish(self, step: int) -> None:
@@ -102,6 +107,7 @@ class _Selector:
             "best": self.best if self.keep_best else None,
             "end": end,
             "restored": restored,
+            **({"stopped_early": step} if self.stopped_early else {}),
         }
         self.best_state = None
 
@@ -290,6 +296,12 @@ def train(
                 return result
             if selector is not None and every and step % every == 0 and step < total:
                 selector(step)
+                if cfg.patience and selector.stale >= cfg.patience:
+                    log.info("%s: no better state in %d evaluations: stopped at step %d (qat.patience)", desc, selector.stale, step)
+                    selector.stopped_early = True
+                    break
+        if selector is not None and selector.stopped_early:
+            break
         if cfg.eval_each_epoch and eval_fn is not None:
             r = selector(step) if selector is not None else _plain_eval(model, eval_fn)
             result.epoch_eval.append({"epoch": epoch + 1, "step": step, **{k: v for k, v in r.items() if k != "step"}})

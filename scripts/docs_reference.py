@@ -82,9 +82,8 @@ NOTES = {
     "quant.linear": "Quantize Linear layers (input per-tensor, weight per output channel).",
     "quant.attention": "Quantize both inputs of attention Q·Kᵀ and P·V.",
     "quant.residual": "Quantize LayerNorm inputs (the residual sums); for TensorRT's INT8 fusion.",
-    "quant.include": "fnmatch globs of module names to quantize.",
-    "quant.exclude": "fnmatch globs of module names left in float (heads are excluded by the options).",
-    "quant.exclude_roles": "Quantizer roles left in float.",
+    "quant.rules": "Ordered rules (label -> {name: [quantizer-name globs], roles, enable, method, percentile}); the later "
+    "rule wins per field; a module with no quantizer left on stays float (concepts/qdq-placement).",
     "export.enabled": "Write the ONNX graphs (false = export=none).",
     "export.exporter": "ONNX exporter: the legacy TorchScript one (maps fake-quant to Q/DQ; concepts/qdq-placement).",
     "export.opset": "ONNX opset of model_fp32.onnx / model_int8.onnx (TensorRT's graphs use 19).",
@@ -212,6 +211,8 @@ def _type(tp: Any) -> tuple[str, str]:
         t, allowed = _type(args[0])
         return f"list[{t}]", (f"each one of {allowed}" if allowed else "")
     if origin is dict or tp is dict:
+        if args and dataclasses.is_dataclass(args[1]):
+            return f"mapping label → {args[1].__name__}", ""
         return "mapping", ""
     if tp is Any:
         return "any", ""
@@ -344,6 +345,12 @@ def render_config() -> str:
             out += [f"Schema `{cls.__name__}` (shared by `finetune` and `qat`).", ""]
         out += _group_table(key, cls, comments)
         out.append("")
+        for f in dataclasses.fields(cls):  # a mapping of typed entries (quant.rules): the entry's own table
+            args = typing.get_args(typing.get_type_hints(cls)[f.name])
+            if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+                out += [f"Each `{key}.{f.name}.<label>` ({args[1].__name__}): {(args[1].__doc__ or '').strip().splitlines()[0]}", ""]
+                out += _group_table(f"{key}.{f.name}.<label>", args[1], comments)
+                out.append("")
         if folder:
             out += [f"Options (`conf/{folder}/`):", ""] + _options_table(folder) + [""]
         else:

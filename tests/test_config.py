@@ -192,10 +192,11 @@ def test_calibration_methods_are_one_registry():
     import typing
 
     from pipeline.quantization import calibrate, calibration_plot
-    from pipeline.schema import CalibrationConfig, CalibrationOverride
+    from pipeline.schema import CalibrationConfig, QuantRule
 
     assert set(typing.get_args(typing.get_type_hints(CalibrationConfig)["method"])) == {*calibrate.METHODS, "none"}
-    assert set(typing.get_args(typing.get_type_hints(CalibrationOverride)["method"])) == set(calibrate.METHODS)
+    rule_methods = [a for a in typing.get_args(typing.get_type_hints(QuantRule)["method"]) if a is not type(None)]
+    assert set(typing.get_args(rule_methods[0])) == set(calibrate.METHODS)
     assert calibration_plot.METHODS == tuple(calibrate.METHODS)
 
 
@@ -210,3 +211,31 @@ def test_the_hydra_callbacks_preflight_resolves_engine_auto():
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
     assert e.value.errors == ["model.name_or_path: folder not found: /no/such/model"]
+
+
+def test_replaced_selection_keys_are_refused_with_the_new_spelling():
+    """quant.include / exclude / exclude_roles and calibration.overrides became quant.rules: on the command line
+    (before Hydra, which would only call them unknown) and in a composed config (a user's own YAML)."""
+    from pipeline.__main__ import replaced_keys
+
+    errs = replaced_keys(["model=mpnet_base", "quant.exclude=[classifier*]", "+calibration.overrides=[{method: mse}]", "tune=none"])
+    assert len(errs) == 2 and errs[0].startswith("quant.exclude: replaced by quant.rules; write '+quant.rules.<label>={name:")
+    assert "method: <method>" in errs[1] and not replaced_keys(["quant.rules.heads.enable=true", "calibration=max"])
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(["+quant.include=[x]", "+quant.exclude_roles=[attn_probs]"]))
+    assert "quant.include: replaced by quant.rules" in str(err.value) and "quant.exclude_roles: replaced by quant.rules" in str(err.value)
+
+
+def test_a_run_folder_from_before_quant_rules_still_loads_for_prediction(tmp_path):
+    """The predictor reloads a finished run's config.resolved.yaml; a run made with the replaced keys baked them
+    into its graphs, so they are dropped there, not refused."""
+    from pipeline.deploy.predictor import load_run_config
+
+    raw = compose_cfg(["engine=onnxruntime"])
+    old = {k: OmegaConf.to_container(raw[k], resolve=True) if OmegaConf.is_config(raw[k]) else raw[k] for k in raw if k != "hydra"}
+    old["quant"].pop("rules")
+    old["quant"].update(include=["*"], exclude=["classifier", "classifier.*"], exclude_roles=[])
+    old["calibration"]["overrides"] = []
+    (tmp_path / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    cfg = load_run_config(tmp_path)
+    assert cfg.engine.name == "onnxruntime" and cfg.quant.rules == {}

@@ -237,7 +237,10 @@ def test_engine_auto_follows_the_measured_rule(monkeypatch):
     from pipeline.engines import auto_engine
 
     assert auto_engine({"avx512_vnni", "amx_int8", "amx_bf16"})[0] == "openvino"
+    chosen, why = auto_engine({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # AMD EPYC Zen 4 class: no AMX
+    assert chosen == "openvino" and "avx512_vnni" in why and "1.41x" in why
     assert auto_engine({"avx2", "fma"})[0] == "onnxruntime"
+    assert auto_engine({"avx2", "avx_vnni"})[0] == "onnxruntime"  # not measured: the engine measured there stays
     assert auto_engine(set())[0] == "onnxruntime"
     monkeypatch.setitem(sys.modules, "openvino", None)  # not installed: the engine that is
     chosen, why = auto_engine({"amx_int8"})

@@ -19,8 +19,9 @@ import torch
 import pipeline.run as run_module
 from pipeline.data.batching import Encoded, batches
 from pipeline.models import load_model
+from pipeline.quantization import rules as qrules
 from pipeline.quantization import smoothing
-from pipeline.quantization.calibrate import calibrate, method_for
+from pipeline.quantization.calibrate import calibrate, needs_histogram
 from pipeline.quantization.calibrators import HistogramCalibrator
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
@@ -80,19 +81,23 @@ def test_smoothing_narrows_the_activation_range_the_input_quantizer_sees():
     assert smoothed == {"bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"}
 
 
-def test_calibration_override_picks_a_method_per_quantizer():
+def method_for(name: str, role: str, cfg) -> object:
+    return qrules.calibration_for(name, role, cfg.calibration, qrules.as_rules(cfg.quant.rules))
+
+
+def test_calibration_rule_picks_a_method_per_quantizer():
     cfg = validate(compose_cfg(["model.random_init=true", "calibration=percentile_ffn_mse"]))
-    c = cfg.calibration
-    ffn2 = method_for("bert.encoder.layer.3.output.dense.input_quantizer", "linear_input", c)
-    attn_out = method_for("bert.encoder.layer.3.attention.output.dense.input_quantizer", "linear_input", c)
+    ffn2 = method_for("bert.encoder.layer.3.output.dense.input_quantizer", "linear_input", cfg)
+    attn_out = method_for("bert.encoder.layer.3.attention.output.dense.input_quantizer", "linear_input", cfg)
     assert (ffn2.method, attn_out.method) == ("mse", "percentile")
     h = HistogramCalibrator(8)
     h.collect(torch.tensor([0.5, -3.0, 1.0]))
     # A max override on a histogram-calibrated quantizer: the top of the last non-empty bin.
     assert float(h.compute_max()) == pytest.approx(3.0, rel=1e-3)
-    # With a max base method, the override still gets its histogram.
-    mx = validate(compose_cfg(["model.random_init=true", "calibration=max", "+calibration.overrides=[{method: mse}]"]))
-    assert method_for("x", "attn_v", mx.calibration).method == "mse"
+    # With a max base method, the rule still gets its histogram; weights never take a rule's method.
+    mx = validate(compose_cfg(["model.random_init=true", "calibration=max", "+quant.rules.all_mse={method: mse}"]))
+    assert method_for("x", "attn_v", mx).method == "mse" and method_for("x.weight_quantizer", "linear_weight", mx).method == "max"
+    assert needs_histogram(mx.calibration, qrules.as_rules(mx.quant.rules))
 
 
 # The Linears percentile_qkv_mse must give MSE (last name component) per architecture, and how many (2 layers;
@@ -115,9 +120,29 @@ QKV = {
 def test_qkv_calibration_override_matches_the_qkv_inputs_of_every_architecture(model):
     cfg, net, tok, data = _tiny([f"model={model}", "calibration=percentile_qkv_mse"])
     qs = insert_quantizers(net, cfg.quant, cfg.calibration, next(iter(batches(tok, data, 6))).inputs)
-    mse = [n for n, q in qs.items() if method_for(n, q.role, cfg.calibration).method == "mse"]
+    mse = [n for n, q in qs.items() if method_for(n, q.role, cfg).method == "mse"]
     assert {n.removesuffix(".input_quantizer").rsplit(".", 1)[-1] for n in mse} == QKV[model][0], mse
     assert len(mse) == QKV[model][1] and all(qs[n].role == "linear_input" for n in mse)
+
+
+def test_patience_stops_when_no_better_state_is_found_and_keeps_the_best():
+    _, model, tok, data = _tiny([])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.6, 0.5, 0.55, 0.9, 0.9])  # start, step 1, step 2 (2nd without a better state: stop), never 3
+
+    def eval_fn() -> dict:
+        return {"accuracy": next(scores), "loss": 1.0}
+
+    cfg = dataclasses.replace(
+        TrainConfig(), lr=5e-3, max_steps=6, batch_size=6, keep_best=True, eval_every=1, patience=2, checkpoint_every=0
+    )
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    assert result.steps == 2 and [e["step"] for e in result.evals] == [0, 1, 2]
+    assert result.selection["stopped_early"] == 2 and result.selection["best"]["step"] == 0 and result.selection["restored"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, start[k], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="qat.patience: stops when no better state is found, which needs qat.keep_best=true"):
+        validate(compose_cfg(["tune=none", "qat=default", "qat.patience=3"]))
 
 
 def test_keep_best_ends_in_the_best_state_seen():
@@ -253,13 +278,16 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
         (["smoothing=ffn_down", "smoothing.modules=[]"], "smoothing.modules: empty; list the Linear module globs to smooth"),
         (["smoothing=ffn_down", "calibration=none", "qat=none"], "smoothing: needs calibrated quantizers"),
         (
-            ["calibration=percentile_ffn_mse", "calibration.overrides.0.method=mes"],
-            "calibration.overrides[0].method: 'mes' is not valid; valid values: max, percentile, entropy, mse",
+            ["calibration=percentile_ffn_mse", "quant.rules.ffn_mse.method=mes"],
+            "quant.rules.ffn_mse.method: 'mes' is not valid; valid values: max, percentile, entropy, mse",
         ),
         (
-            ["calibration=percentile_ffn_mse", "calibration.overrides.0.roles=[linear_weight]"],
-            "calibration.overrides[0].roles[0]: 'linear_weight' is not valid; valid values: linear_input, attn_q",
+            ["calibration=percentile_ffn_mse", "quant.rules.ffn_mse.roles=[linear_weight]"],
+            "quant.rules.ffn_mse: method/percentile apply to activations; weights are always per-channel max",
         ),
+        (["+quant.rules.x={name: [a]}"], "quant.rules.x: sets nothing; give enable (true/false), method"),
+        (["+quant.exclude_roles=[attn_probs]"], "quant.exclude_roles: replaced by quant.rules; write '+quant.rules.<label>={roles:"),
+        (["+calibration.overrides=[{method: mse}]"], "calibration.overrides: replaced by quant.rules; write '+quant.rules.<label>="),
         (["qat.keep_best=true", "data.num_tune=0"], "qat.keep_best: selects the best state on the tuning split; data.num_tune=0"),
         (["qat.eval_every=-1"], "qat.eval_every: -1 out of range; must be >= 0"),
         (["qat=default", "qat.kd_hidden=1.0"], "qat.kd_hidden: 1.0 needs qat.distill=true"),

@@ -13,7 +13,7 @@ from pipeline.onnx_export import export, fold_weight_quantization, rewrite
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
-from pipeline.schema import CalibrationConfig, QuantConfig
+from pipeline.schema import CalibrationConfig, QuantConfig, QuantRule
 
 
 def test_per_tensor_fake_quant_matches_formula():
@@ -125,7 +125,7 @@ EXAMPLE = {
     "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
 }
 CALIB = CalibrationConfig(method="max")
-HEAD = ["classifier", "classifier.*", "*pooler", "*pooler.*"]
+HEAD = {"heads": QuantRule(name=["classifier.*", "*pooler.*"], enable=False)}
 
 
 def _roles(qs):
@@ -137,7 +137,7 @@ def _roles(qs):
 
 def test_placement_every_gemm_head_excluded():
     m = _tiny_bert()
-    qs = insert_quantizers(m, QuantConfig(exclude=HEAD), CALIB, EXAMPLE)
+    qs = insert_quantizers(m, QuantConfig(rules=HEAD), CALIB, EXAMPLE)
     assert _roles(qs) == {"linear_input": 12, "linear_weight": 12, "attn_q": 2, "attn_k": 2, "attn_probs": 2, "attn_v": 2}
     assert not isinstance(m.classifier, QuantLinear) and not isinstance(m.bert.pooler.dense, QuantLinear)
     assert all(q.unsigned == (q.role == "attn_probs") for q in qs.values())
@@ -145,11 +145,20 @@ def test_placement_every_gemm_head_excluded():
 
 def test_placement_globs_roles_and_residual():
     m = _tiny_bert()
-    qs = insert_quantizers(m, QuantConfig(attention=False, exclude=HEAD + ["*.layer.0.*"], exclude_roles=["linear_input"]), CALIB, EXAMPLE)
-    assert _roles(qs) == {"linear_input": 6, "linear_weight": 6}
-    assert not any(q.enabled for q in qs.values() if q.role == "linear_input")
+    rules = {
+        **HEAD,
+        "layer0": QuantRule(name=["*.layer.0.*"], enable=False),
+        "no_inputs": QuantRule(roles=["linear_input"], enable=False),
+        # later rules win per field: layer 1's value input is back on (and only its enable changes)
+        "v1_input": QuantRule(name=["*.layer.1.attention.self.value.*"], roles=["linear_input"], enable=True),
+    }
+    qs = insert_quantizers(m, QuantConfig(attention=False, rules=rules), CALIB, EXAMPLE)
+    assert _roles(qs) == {"linear_input": 6, "linear_weight": 6}  # layer 0 and the heads: no quantizers at all
+    assert not isinstance(m.bert.encoder.layer[0].attention.self.query, QuantLinear)
+    on = [n for n, q in qs.items() if q.role == "linear_input" and q.enabled]
+    assert on == ["bert.encoder.layer.1.attention.self.value.input_quantizer"]
     m = _tiny_bert()
-    qs = insert_quantizers(m, QuantConfig(residual=True, exclude=HEAD), CALIB, EXAMPLE)
+    qs = insert_quantizers(m, QuantConfig(residual=True, rules=HEAD), CALIB, EXAMPLE)
     assert _roles(qs)["residual"] == 4  # attention.output.LayerNorm + output.LayerNorm per layer; embeddings excluded
 
 
@@ -165,3 +174,28 @@ def test_weight_range_auto_is_reduced_only_for_ort_cpu_on_x86_without_vnni():
     assert weight_range_for(EngineConfig(name="tensorrt"), {"avx2"}, "x86_64")[0] == "full"
     gpu = EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert weight_range_for(gpu, {"avx2"}, "x86_64")[0] == "full"
+
+
+def test_rules_apply_in_order_and_the_later_rule_wins_per_field():
+    from pipeline.quantization import rules as qrules
+
+    rules = qrules.as_rules(
+        {
+            "all_mse": {"method": "mse"},
+            "layer1_off": {"name": ["*.layer.1.*"], "enable": False},
+            "layer1_v_pct": {"name": ["*.layer.1.*.value.*"], "method": "percentile", "percentile": 99.9},
+            "weights": {"roles": ["linear_weight"], "enable": True},
+        }
+    )
+    v1 = "bert.encoder.layer.1.attention.self.value.input_quantizer"
+    assert qrules.resolve(v1, "linear_input", rules) == {"method": "percentile", "percentile": 99.9, "enable": False}
+    # method / percentile never reach a weight; the later enable rule turns layer 1's weights back on
+    assert qrules.resolve(v1.replace("input", "weight"), "linear_weight", rules) == {"enable": True}
+    assert qrules.resolve("bert.encoder.layer.0.output.dense.input_quantizer", "linear_input", rules) == {"method": "mse"}
+    base = CalibrationConfig(method="percentile", percentile=99.99)
+    assert qrules.calibration_for("x", "attn_q", base, []) is base  # no rule: the run's own settings object
+    got = qrules.calibration_for(v1, "linear_input", base, rules)
+    assert (got.method, got.percentile) == ("percentile", 99.9)
+    # Reversed order: the earlier "all_mse" rule now comes last and wins the method.
+    got = qrules.calibration_for(v1, "linear_input", base, list(reversed(rules)))
+    assert (got.method, got.percentile) == ("mse", 99.9)

@@ -18,12 +18,12 @@ from pipeline.context import RunContext
 from pipeline.engines import ENGINES
 from pipeline.models import load_model
 from pipeline.quantization import calibration_plot
-from pipeline.quantization.calibrate import calibrate, method_for
+from pipeline.quantization import rules as qrules
+from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.modules import QuantLinear
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.schema import ConfigError
 from pipeline.testing import TINY, compose_cfg
-from pipeline.tune import plan as plan_file
 from pipeline.tune.calibrators import (
     calibration_groups,
     candidate_amax,
@@ -155,9 +155,9 @@ def test_per_group_choice_keeps_only_what_improves_the_tuning_score():
 
 
 @pytest.mark.parametrize("per", ["role", "slot"])
-def test_calibration_groups_become_override_rules_that_select_exactly_their_quantizers(calibrated, per):
-    """Each role/slot is a partition block; its rule (calibration.overrides format), applied through the
-    calibrate stage's own method_for, gives the new method to exactly that block. Slots: one position in
+def test_calibration_groups_become_rules_that_select_exactly_their_quantizers(calibrated, per):
+    """Each role/slot is a partition block; its rule (quant.rules format), applied through the calibrate
+    stage's own rules.calibration_for, gives the new method to exactly that block. Slots: one position in
     every layer, the Q/K/V Linears' shared input one slot (identical histograms)."""
     cfg, ctx, _, flat = calibrated
     hists = histogram_pairs(flat)
@@ -165,15 +165,15 @@ def test_calibration_groups_become_override_rules_that_select_exactly_their_quan
     members = [n for _, ns in groups.values() for n in ns]
     assert len(groups) >= 4 and sorted(members) == sorted(hists)  # a partition of what has histograms
     for label, (selector, names) in groups.items():
-        run = candidate_config("percentile_99_99", cfg.calibration, [override_rule(selector, "mse")])
-        got = {n for n in hists if method_for(n, ctx.quantizers[n].role, run).method == "mse"}
+        run, rules = candidate_config("percentile_99_99", cfg.calibration), qrules.as_rules([override_rule(selector, "mse")])
+        got = {n for n in hists if qrules.calibration_for(n, ctx.quantizers[n].role, run, rules).method == "mse"}
         assert got == set(names), label
     if per == "slot":
         layers = {n.split(".layer.")[1].split(".")[0] for n in members if ".layer." in n}
         assert len(layers) >= 2 and all(len(ns) % len(layers) == 0 for _, ns in groups.values())  # one per layer
         qkv = [label for label, (_, ns) in groups.items() if any("attention.self.query.input" in n for n in ns)]
-        assert len(qkv) == 1 and sorted(g.rsplit(".", 2)[-2] for g in groups[qkv[0]][0]["match"]) == ["key", "query", "value"]
-        assert "bert.encoder.layer.[0-9].attention.self.query.input_quantizer" in groups[qkv[0]][0]["match"]
+        assert len(qkv) == 1 and sorted(g.rsplit(".", 2)[-2] for g in groups[qkv[0]][0]["name"]) == ["key", "query", "value"]
+        assert "bert.encoder.layer.[0-9].attention.self.query.input_quantizer" in groups[qkv[0]][0]["name"]
     else:
         assert set(groups) == {ctx.quantizers[n].role for n in members}
 
@@ -311,20 +311,24 @@ def test_config_errors_name_key_and_valid_values(overrides, expected):
 
 def test_plan_file_errors(tmp_path):
     bad = tmp_path / "tuned_quant.yaml"
-    bad.write_text(yaml.safe_dump({"calibrator": "kl", "exclude": "x", "groups": [], "overrides": [{"match": ["*"], "method": "kl"}]}))
+    bad.write_text(
+        yaml.safe_dump({"calibrator": "kl", "groups": [], "rules": {"a": {"name": ["*"], "method": "kl"}, "b": {"name": ["*"]}}})
+    )
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([f"tune.plan={bad}"]))
     msg = str(err.value)
-    assert "unknown key 'groups'; valid keys: calibrator, overrides, qat, groups_in_float, exclude, budget, tuned_under" in msg
-    assert "overrides: every rule needs a method; valid values: max, percentile, entropy, mse" in msg
-    # Plans written before the rules (tune.per_role: {role: calibrator}) still apply, as one rule per role.
-    legacy = tmp_path / "legacy.yaml"
-    legacy.write_text(yaml.safe_dump({"calibrator": "mse", "role_calibrators": {"attn_q": "percentile_99_9"}, "exclude": []}))
-    validate(compose_cfg([f"tune.plan={legacy}"]))
-    rules = plan_file.overrides(plan_file.read(legacy))
-    assert rules == [{"match": [], "roles": ["attn_q"], "method": "percentile", "percentile": 99.9}]
+    assert "unknown key 'groups'; valid keys: calibrator, rules, qat, groups_in_float, budget, tuned_under" in msg
+    assert "rules.a.method 'kl' is not valid; valid values: max, percentile, entropy, mse" in msg
+    assert "rules.b sets nothing; a plan's rules give a method or enable: false" in msg
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
-    assert "exclude must be a list of quantizer names" in msg
+    # Plans written before quant.rules are refused with what replaced each key.
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"calibrator": "mse", "role_calibrators": {"attn_q": "percentile_99_9"}, "exclude": [], "overrides": []}))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([f"tune.plan={old}"]))
+    msg = str(err.value)
+    for key in ("role_calibrators", "exclude", "overrides"):
+        assert f"'{key}' was replaced by rules (label -> {{" in msg, key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +364,7 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     per_slot = t["calibrator_per_group"]
     assert len(per_slot) >= 4 and all(set(v) == {"max", "entropy", "chosen"} for v in per_slot.values())
     changed = {k: v["chosen"] for k, v in per_slot.items() if v["chosen"] != t["calibrator"]}
-    assert len(t["calibration_overrides"]) == len(changed)
+    assert len(t["calibration_rules"]) == len(changed)
     # One full evaluation per candidate, per slot try (+ the refined start), the refined state, per search
     # trial, plus the FP32 reference and the chosen state.
     assert t["evaluations"] == 1 + 2 + (1 + len(per_slot)) + 1 + (len(trace) - 1) + 1 and len(trace) - 1 <= 2
@@ -375,8 +379,12 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     qmap = {r["name"]: r for r in json.loads((a.run_dir / "quant_map.json").read_text())}
     plan = yaml.safe_load((a.run_dir / "tuned_quant.yaml").read_text())
     assert plan["groups_in_float"] == t["groups_in_float"] and plan["calibrator"] == t["calibrator"]
-    assert plan["overrides"] == t["calibration_overrides"]
-    assert all(not qmap[n]["enabled"] for n in plan["exclude"])
+    method_rules = [r for k, r in plan["rules"].items() if k.startswith("calibrator_")]
+    exclude = [n for k, r in plan["rules"].items() if k.startswith("float_") for n in r["name"]]
+    assert method_rules == t["calibration_rules"] and len(plan["rules"]) == len(method_rules) + len(t["groups_in_float"])
+    assert all(not qmap[n]["enabled"] for n in exclude) and all(
+        r["enable"] is False for k, r in plan["rules"].items() if k.startswith("float_")
+    )
 
     # Same config as a (the engine sets the weight range: 7-bit for ONNX Runtime on a CPU without VNNI).
     b = tiny_run(a_over + [f"tune.plan={a.run_dir / 'tuned_quant.yaml'}"], name="b")
@@ -389,19 +397,20 @@ def test_tune_run_and_its_plan_reproduce_the_tuned_model(tiny_run, tmp_path):
     assert json.loads((b.run_dir / "metrics.json").read_text())["tune"]["plan"].endswith("tuned_quant.yaml")
     # A plan with one more Linear in float: metrics.json counts what is enabled after the plan, not what
     # calibrate left on.
-    linear = next(n.rsplit(".", 1)[0] for n, r in qmap.items() if r["role"] == "linear_weight" and n not in plan["exclude"])
-    plan["exclude"] += [f"{linear}.input_quantizer", f"{linear}.weight_quantizer"]
-    # ... and a rule of its own first (first match wins): the FFN second Linears' input by the histogram's max.
-    plan["overrides"].insert(0, {"match": ["*.layer.[0-9].output.dense.input_quantizer"], "method": "max"})
+    linear = next(n.rsplit(".", 1)[0] for n, r in qmap.items() if r["role"] == "linear_weight" and n not in exclude)
+    plan["rules"]["one_more"] = {"name": [f"{linear}.*"], "enable": False}
+    # ... and a rule of its own last (the later rule wins): the FFN second Linears' input by the histogram's max.
+    plan["rules"]["ffn2_max"] = {"name": ["*.layer.[0-9].output.dense.input_quantizer"], "method": "max"}
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(plan))
     c = tiny_run(E2E + [f"tune.plan={tmp_path / 'more.yaml'}"], name="c")
     hists = load_histograms(c.run_dir)  # c's own pass (no engine: 8-bit weights, other activations than a's)
     ffn2 = [n for n in hists if n.endswith(".output.dense.input_quantizer") and ".attention." not in n]
     assert ffn2 and all(c.quantizers[n].amax.item() == hists[n][1][hists[n][0].nonzero().max() + 1].item() for n in ffn2)
     assert (
-        "override rules (tune.calibrator_per): `*.layer.[0-9].output.dense.input_quantizer` → max" in (c.run_dir / "report.md").read_text()
+        "rules (tune.calibrator_per): " in (report := (c.run_dir / "report.md").read_text())
+        and "`*.layer.[0-9].output.dense.input_quantizer` → max" in report
     )
-    rest = candidate_amax(plan["calibrator"], hists, c.quantizers, validate(compose_cfg(TINY + E2E)).calibration, plan["overrides"][1:])
+    rest = candidate_amax(plan["calibrator"], hists, c.quantizers, validate(compose_cfg(TINY + E2E)).calibration, method_rules)
     assert rest and all(torch.equal(c.quantizers[n].amax, a.reshape(c.quantizers[n].amax.shape)) for n, a in rest.items() if n not in ffn2)
     by_role = json.loads((c.run_dir / "metrics.json").read_text())["quantization"]["enabled_by_role"]
     cmap = json.loads((c.run_dir / "quant_map.json").read_text())

@@ -112,12 +112,18 @@ def load_run_config(run_dir: Path):
     validated (pipeline.validation) when it started, and deploy sits below the layers those rules live in."""
     from omegaconf import OmegaConf
 
-    from pipeline.schema import validate
+    from pipeline.schema import REPLACED, validate
 
     path = Path(run_dir) / "config.resolved.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.resolved.yaml)")
-    cfg = validate(OmegaConf.load(path))
+    raw = OmegaConf.load(path)
+    # A run made before quant.rules: its selection keys are baked into its graphs and unused here.
+    for key in REPLACED:
+        group, leaf = key.split(".")
+        if group in raw and leaf in raw[group]:
+            raw[group].pop(leaf)
+    cfg = validate(raw)
     if cfg.engine.name == "auto":  # the engine the run resolved it to (metrics.json engine_choice), as measured
         cfg.engine.name = _chosen_engine(Path(run_dir))
     return cfg

@@ -47,18 +47,29 @@ def graphs_for(cfg: EngineConfig, fmt: str) -> dict[str, str]:
     return GRAPHS.get(cfg.name, GRAPHS["onnxruntime"])[fmt]  # engine=none: the CPU graphs, for accuracy only
 
 
+# CPUs where OpenVINO ran this project's model_int8.onnx faster than ONNX Runtime at every grid cell, measured
+# (docs/results/openvino.md): AMX (Xeon Sapphire Rapids class) and AVX-512 VNNI without AMX (AMD EPYC Zen 4 class).
+OPENVINO_FLAGS = ("amx_int8", "avx512_vnni")
+
+
 def auto_engine(flags: set[str] | None = None) -> tuple[str, str]:
     """engine=auto: (the CPU engine to use, why), by a rule measured on real CPUs (docs/results/openvino.md).
 
-    On an Intel Xeon with AMX, OpenVINO ran this project's own model_int8.onnx 2.1x faster than ONNX
-    Runtime at batch 8 x seq 128 (and its BF16 float baseline beat ONNX Runtime FP32 4.1x: 20.3 vs 83.4 ms). Elsewhere
-    OpenVINO has not been measured against ONNX Runtime yet, so the engine measured there stays.
+    OpenVINO ran this project's own model_int8.onnx faster than ONNX Runtime at every grid cell on the two
+    CPUs measured: 2.1x at batch 8 x seq 128 on an Intel Xeon with AMX, 1.41x on an AMD EPYC with AVX-512
+    VNNI and no AMX. Elsewhere (AVX2 only, AVX-VNNI, ARM) it has not been measured against ONNX Runtime,
+    so the engine measured there stays.
     """
     flags = cpu_flags() if flags is None else flags
-    if flags and "amx_int8" in flags:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return "onnxruntime", "CPU with AMX, but the openvino package is not installed"
-        return "openvino", "CPU with AMX (amx_int8): OpenVINO measured 2.1x faster than ONNX Runtime on model_int8.onnx there"
-    return "onnxruntime", "CPU without AMX: OpenVINO not measured faster than ONNX Runtime on such CPUs yet"
+    hit = next((f for f in OPENVINO_FLAGS if flags and f in flags), None)
+    if hit is None:
+        return "onnxruntime", "CPU without AMX or AVX-512 VNNI: OpenVINO not measured faster than ONNX Runtime on such CPUs yet"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "onnxruntime", f"CPU with {hit}, but the openvino package is not installed"
+    why = {
+        "amx_int8": "OpenVINO measured 2.1x faster than ONNX Runtime on model_int8.onnx there (Xeon, b8 x s128)",
+        "avx512_vnni": "OpenVINO measured 1.41x faster than ONNX Runtime on model_int8.onnx there (EPYC, b8 x s128)",
+    }[hit]
+    return "openvino", f"CPU with {hit}: {why}"

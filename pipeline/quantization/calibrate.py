@@ -6,16 +6,15 @@ switch inside the loop: each entry maps a filled calibrator to amax.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 from collections.abc import Callable, Iterable
 
 import torch
 
 from pipeline import distributed
+from pipeline.quantization import rules as qrules
 from pipeline.quantization.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
-from pipeline.schema import CalibrationConfig
+from pipeline.schema import CalibrationConfig, QuantRule
 
 
 def _max(c, cfg: CalibrationConfig):
@@ -63,8 +62,10 @@ def calibrate(
     batches: Iterable[dict[str, torch.Tensor]],
     cfg: CalibrationConfig,
     on_collected: Callable[[dict[str, TensorQuantizer]], None] | None = None,
+    rules: list[QuantRule] = (),
 ) -> dict[str, int]:
     """Calibrate weights, then activations on `batches`; returns counts (calibrated / never reached).
+    `rules` (quant.rules) give some activations another method / percentile.
 
     `on_collected(quantizers)` runs after the statistics are collected and before amax is computed
     (which frees them): e.g. to keep the histograms for calibration.png without a second pass.
@@ -82,7 +83,7 @@ def calibrate(
         on_collected(acts)
     unreached = 0
     for name, q in acts.items():
-        qcfg = method_for(name, q.role, cfg)
+        qcfg = qrules.calibration_for(name, q.role, cfg, rules)
         amax = METHODS[qcfg.method](q.calibrator, qcfg)
         q.calibrator.reset()  # free the histograms
         if amax is None:
@@ -93,19 +94,9 @@ def calibrate(
     return {"calibrated": len(quantizers) - unreached, "unreached": unreached}
 
 
-def needs_histogram(cfg: CalibrationConfig) -> bool:
-    """Activation quantizers collect histograms when the method or any override needs one."""
-    return cfg.method in HISTOGRAM_METHODS or any(o.method in HISTOGRAM_METHODS for o in cfg.overrides)
-
-
-def method_for(name: str, role: str, cfg: CalibrationConfig) -> CalibrationConfig:
-    """The calibration settings of one activation quantizer: the first matching override, else `cfg`."""
-    for o in cfg.overrides:
-        if (not o.match or any(fnmatch.fnmatchcase(name, p) for p in o.match)) and (not o.roles or role in o.roles):
-            return dataclasses.replace(
-                cfg, method=o.method, percentile=cfg.percentile if o.percentile is None else o.percentile, overrides=[]
-            )
-    return cfg
+def needs_histogram(cfg: CalibrationConfig, rules: list[QuantRule] = ()) -> bool:
+    """Activation quantizers collect histograms when the method or any rule's method needs one."""
+    return cfg.method in HISTOGRAM_METHODS or bool(qrules.methods(rules) & set(HISTOGRAM_METHODS))
 
 
 def _forward_all(model: torch.nn.Module, acts: dict[str, TensorQuantizer], batches: Iterable[dict[str, torch.Tensor]]) -> None:

@@ -88,11 +88,12 @@ def attach(
     model: nn.Module,
     classes: list[str],
     example: dict[str, torch.Tensor],
-    selected: Callable[[str], bool],
+    keep: Callable[[str, nn.Module], bool],
     make: Callable[..., TensorQuantizer],
 ) -> int:
-    """Attach GemmQuantizers + hooks to every module whose class name is in `classes`; returns count."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes and selected(n)]
+    """Attach GemmQuantizers + hooks to every module whose class name is in `classes` and whose quantizers
+    `keep(module name, GemmQuantizers)` leaves on (it sets each one's `enabled`); returns count."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
     if not targets:
         return 0
     counters: dict[int, _CountGemms] = {}
@@ -117,11 +118,14 @@ def attach(
         for h in handles:
             h.remove()
     attached = 0
-    for _, m in targets:
+    for name, m in targets:
         n = counters[id(m)].count if id(m) in counters else 0
         if n == 0:
             continue
-        m.gemm_quant = GemmQuantizers(n, make)
+        gemm_quant = GemmQuantizers(n, make)
+        if not keep(name, gemm_quant):
+            continue
+        m.gemm_quant = gemm_quant
         m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
         attached += 1

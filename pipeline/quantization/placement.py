@@ -4,7 +4,8 @@
 - Attention -> `AttentionQuantizers` on every module that calls transformers' attention interface
   (found by one discovery forward through the registered "qdq" function).
 - Residual (optional) -> a quantizer on the input of every LayerNorm outside the embeddings.
-Include / exclude by module-name glob (fnmatch) and by role. Returns every quantizer by name.
+Which quantizers are on: quant.rules (pipeline/quantization/rules.py); a module none of whose quantizers
+the rules leave on keeps its float module (e.g. the task heads). Returns every quantizer by name.
 
 Shared modules (ALBERT reuses one layer's modules at every depth) get one set of quantizers, used at
 every application and calibrated on all of them: a single engine weight/scale per shared GEMM.
@@ -12,13 +13,13 @@ every application and calibrated on all of them: a single engine weight/scale pe
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pipeline.quantization import attention, matmul_mode
+from pipeline.quantization import rules as qrules
 from pipeline.quantization.calibrate import needs_histogram
 from pipeline.quantization.modules import AttentionQuantizers, QuantLinear, ResidualQuantizer
 from pipeline.quantization.tensor_quantizer import TensorQuantizer
@@ -27,14 +28,9 @@ from pipeline.schema import CalibrationConfig, QuantConfig
 _NORMS = (nn.LayerNorm,)
 
 
-def _selected(name: str, q: QuantConfig) -> bool:
-    included = any(fnmatch.fnmatchcase(name, p) for p in q.include)
-    return included and not any(fnmatch.fnmatchcase(name, p) for p in q.exclude)
-
-
 def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[..., TensorQuantizer]:
     """Activations get the calibration method's calibrator; weights are always per-channel max."""
-    histogram = needs_histogram(calib)
+    histogram = needs_histogram(calib, qrules.as_rules(qcfg.rules))
 
     def make(role: str, *, unsigned: bool = False, axis: int | None = None) -> TensorQuantizer:
         weight = role == "linear_weight"
@@ -48,7 +44,6 @@ def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[.
             skip_zeros=calib.skip_zeros,
             format=qcfg.format,
         )
-        q.enabled = role not in qcfg.exclude_roles
         return q
 
     return make
@@ -59,24 +54,29 @@ def insert_quantizers(
 ) -> dict[str, TensorQuantizer]:
     """Insert quantizers into `model` in place; `example` is one input batch for attention discovery."""
     make = quantizer_factory(calib, qcfg)
+    rules = qrules.as_rules(qcfg.rules)
+
+    def kept(name: str, wrapper: nn.Module) -> nn.Module | None:
+        return wrapper if qrules.apply_enable(name, wrapper, rules) else None
+
     if qcfg.linear:
         _swap(
             model,
-            lambda name, m: isinstance(m, nn.Linear) and not isinstance(m, QuantLinear) and _selected(name, qcfg),
-            lambda m: QuantLinear.from_linear(m, make("linear_input"), make("linear_weight")),
+            lambda name, m: isinstance(m, nn.Linear) and not isinstance(m, QuantLinear),
+            lambda name, m: kept(name, QuantLinear.from_linear(m, make("linear_input"), make("linear_weight"))),
         )
     if qcfg.attention:
-        _quantize_attention(model, qcfg, example, make)
+        _quantize_attention(model, qcfg, example, make, rules)
     if qcfg.residual:
         _swap(
             model,
-            lambda name, m: isinstance(m, _NORMS) and "embeddings" not in name and _selected(name, qcfg),
-            lambda m: ResidualQuantizer(m, make("residual")),
+            lambda name, m: isinstance(m, _NORMS) and "embeddings" not in name,
+            lambda name, m: kept(name, ResidualQuantizer(m, make("residual"))),
         )
     return collect_quantizers(model)
 
 
-def _quantize_attention(model: nn.Module, qcfg: QuantConfig, example: dict[str, torch.Tensor], make) -> None:
+def _quantize_attention(model: nn.Module, qcfg: QuantConfig, example: dict[str, torch.Tensor], make, rules) -> None:
     """Through the attention interface where the model uses it, else by intercepting its GEMMs."""
     if model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
         try:
@@ -90,18 +90,22 @@ def _quantize_attention(model: nn.Module, qcfg: QuantConfig, example: dict[str, 
             model(**example)
     names = {id(m): n for n, m in model.named_modules()}
     for mod in found:
-        if _selected(names[id(mod)], qcfg):
-            mod.attn_quant = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
+        aq = AttentionQuantizers(lambda role, unsigned: make(role, unsigned=unsigned))
+        if qrules.apply_enable(f"{names[id(mod)]}.attn_quant", aq, rules):
+            mod.attn_quant = aq
     if not found:
-        matmul_mode.attach(model, qcfg.matmul_attention_classes, example, lambda n: _selected(n, qcfg), make)
+        matmul_mode.attach(
+            model, qcfg.matmul_attention_classes, example, lambda n, gq: qrules.apply_enable(f"{n}.gemm_quant", gq, rules), make
+        )
 
 
 def collect_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], build: Callable[[nn.Module], nn.Module]) -> None:
-    """Replace matching submodules; a module reachable under several names is replaced once (shared)."""
+def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], build: Callable[[str, nn.Module], nn.Module | None]) -> None:
+    """Replace matching submodules (build returns None: keep the module); a module reachable under several
+    names is replaced once (shared), as its first name decides."""
     replaced: dict[int, nn.Module] = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent.named_children()):
@@ -109,5 +113,5 @@ def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], build: Calla
             if id(child) in replaced:
                 setattr(parent, child_name, replaced[id(child)])
             elif want(full, child):
-                replaced[id(child)] = build(child)
+                replaced[id(child)] = build(full, child) or child
                 setattr(parent, child_name, replaced[id(child)])

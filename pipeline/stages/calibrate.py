@@ -15,7 +15,8 @@ from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.outputs import atomic_write
 from pipeline.quantization import calibration_plot, smoothing
-from pipeline.quantization.calibrate import calibrate, method_for
+from pipeline.quantization import rules as qrules
+from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.quantization.state import amax_state, enabled_counts, load_quantizer_state, save_quantizer_state
 from pipeline.schema import RunConfig
@@ -28,6 +29,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     ctx.fp32_model = copy.deepcopy(ctx.model).eval()  # FP32 reference for evaluation and distillation
     for p in ctx.fp32_model.parameters():
         p.requires_grad_(False)
+    rules = qrules.as_rules(cfg.quant.rules)
     calib_batches = [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
     ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
     # Smoothing changes weights, so it is part of this stage's key; its scales are cached with the amax.
@@ -42,7 +44,14 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         if cfg.smoothing.enabled:  # before any amax: the quantizers must see x/s and W*s
             scales.update(smoothing.smooth(ctx.model, cfg.smoothing, calib_batches))
         counts.update(
-            calibrate(ctx.model, ctx.quantizers, calib_batches, c, on_collected=lambda qs: hists.update(calibration_plot.histograms(qs)))
+            calibrate(
+                ctx.model,
+                ctx.quantizers,
+                calib_batches,
+                c,
+                on_collected=lambda qs: hists.update(calibration_plot.histograms(qs)),
+                rules=rules,
+            )
         )
 
     def save(tmp: Path) -> None:
@@ -67,10 +76,9 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
     ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), **enabled_counts(ctx.quantizers), **counts})
-    if c.overrides:
-        ctx.metrics.quantization["calibration_overrides"] = {
-            n: method_for(n, q.role, c).method for n, q in ctx.quantizers.items() if method_for(n, q.role, c) is not c
-        }
+    by_rule = {n: qrules.calibration_for(n, q.role, c, rules) for n, q in ctx.quantizers.items() if q.role != "linear_weight"}
+    if any(v is not c for v in by_rule.values()):  # {quantizer: method} where a rule changed it
+        ctx.metrics.quantization["calibration_by_rule"] = {n: v.method for n, v in by_rule.items() if v is not c}
     if cfg.smoothing.enabled:
         ctx.metrics.quantization["smoothing"] = smoothing.summary(scales, cfg.smoothing.alpha)
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)

@@ -26,6 +26,7 @@ from pipeline.context import RunContext
 from pipeline.data.batching import Encoded
 from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
+from pipeline.quantization import rules as qrules
 from pipeline.quantization.state import enabled_counts, save_quantizer_state
 from pipeline.schema import ConfigError, RunConfig
 from pipeline.stages import _common
@@ -74,13 +75,13 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         raise ConfigError([f"tune: task={task.name} cannot score a tuning split of {len(data)} examples; set data.num_tune higher"])
     budget = Budget(float(fp32_score), t.max_drop, t.drop_type)
     hists = load_histograms(ctx.run_dir)
-    start_cal = own_candidate(cfg.calibration) or cfg.calibration.method
+    start_cal = own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
     if t.method == "auto":
         return _auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0)
 
     if t.plan is not None:
-        calibrator, overrides, groups = _apply_plan(cfg, ctx, hists)
+        calibrator, rules, groups = _apply_plan(cfg, ctx, hists)
         final_logits = logits(ctx.model)
         s = score(final_logits)
         evaluations += 1
@@ -88,7 +89,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), a, budget.drop(a), budget.met(a), True, kl=s.kl)
         info.update(plan=str(t.plan), trace_steps=0)
     else:
-        calibrator, scores, q_logits, overrides, spent = _choose_calibrator(cfg, ctx, hists, score, logits, info)
+        calibrator, scores, q_logits, rules, spent = _choose_calibrator(cfg, ctx, hists, score, logits, info)
         evaluations += len(scores) + spent
         if q_logits is None:
             q_logits = logits(ctx.model)
@@ -121,7 +122,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "max_drop": t.max_drop,
         "drop_type": t.drop_type,
         "calibrator": calibrator,
-        "calibration_overrides": overrides,
+        "calibration_rules": rules,
         "groups_in_float": [g.name for g in groups],
         "evaluations": evaluations,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -134,8 +135,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
         **info,
     }
-    _record_plan(cfg, ctx, calibrator, overrides, groups, {"met": met, "tune_drop": round(chosen.drop, 4)})
-    ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
+    _record_plan(cfg, ctx, calibrator, rules, groups, {"met": met, "tune_drop": round(chosen.drop, 4)})
+    ctx.chain_key("tune", calibrator, rules, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
         "tune: budget %s %s: drop %.2f ± %.2f (95 %% interval, %s, %d tuning examples) with calibrator %s and %d fusion groups in float, "
@@ -183,10 +184,10 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
 
     plan = plan_file.read(t.plan) if t.plan is not None else None
     scores: dict = {}
-    overrides: list = []
+    rules: list = []
     if plan is not None:
-        calibrator, overrides = _plan_calibration(cfg, ctx, hists, plan)
-        last = check("plan", f"calibrator {calibrator} and {len(overrides)} override rules from {t.plan}")
+        calibrator, rules = _plan_calibration(cfg, ctx, hists, plan)
+        last = check("plan", f"calibrator {calibrator} and {len(rules)} method rules from {t.plan}")
     else:
         names = _candidates(cfg, hists)
         calibrator = info["start_calibrator"]
@@ -203,15 +204,17 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
                 return Score(float(task.score(out, sub)), float(task.divergence(sub_ref, out).mean()))
 
             info["search_examples"] = len(sub)
-            overrides, spent = _per_group(cfg, ctx, hists, sub_score, lambda m: logits(m, sub), calibrator, kept, info)
+            rules, spent = _per_group(cfg, ctx, hists, sub_score, lambda m: logits(m, sub), calibrator, kept, info)
             evaluations += spent
-            last = check(f"calibrator_per_{t.calibrator_per}", f"{len(overrides)} {t.calibrator_per}s take another calibrator")
+            last = check(f"calibrator_per_{t.calibrator_per}", f"{len(rules)} {t.calibrator_per}s take another calibrator")
     qat_taken = bool(plan.get("qat")) if plan is not None else (not last.met and cfg.qat.enabled)
     if qat_taken:
-        ctx.chain_key("tune", calibrator, overrides)
+        ctx.chain_key("tune", calibrator, rules)
         hit = _common.run_qat(cfg, ctx)
         sel = (ctx.metrics.training.get("qat") or {}).get("selection") or {}
         kept_at = f"; kept the state of step {sel['best'].get('step')}" if isinstance(sel.get("best"), dict) else ""
+        if sel.get("stopped_early") is not None:
+            kept_at += f" (stopped early: no better state in {cfg.qat.patience} evaluations)"
         last = check("qat", f"{ctx.metrics.training['qat']['steps']} steps{' (cached)' if hit else ''}{kept_at}")
     groups: list[FusionGroup] = []
     result = None
@@ -245,7 +248,7 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         "max_drop": t.max_drop,
         "drop_type": t.drop_type,
         "calibrator": calibrator,
-        "calibration_overrides": overrides,
+        "calibration_rules": rules,
         "qat": qat_taken,
         "groups_in_float": [g.name for g in groups],
         "evaluations": evaluations,
@@ -270,11 +273,11 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
         **info,
     }
     budget = {"met": last.met, "tune_drop": round(last.drop, 4), "basis": last.basis, "steps": taken}
-    _record_plan(cfg, ctx, calibrator, overrides, groups, budget, qat=qat_taken)
+    _record_plan(cfg, ctx, calibrator, rules, groups, budget, qat=qat_taken)
     if qat_taken:
         ctx.chain_key("tune_fallback", sorted(q for g in groups for q in g.quantizers))
     else:
-        ctx.chain_key("tune", calibrator, overrides, sorted(q for g in groups for q in g.quantizers))
+        ctx.chain_key("tune", calibrator, rules, sorted(q for g in groups for q in g.quantizers))
     log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
              time.perf_counter() - t0, resolution)  # fmt: skip
 
@@ -286,14 +289,14 @@ def _head(data, n: int | None):
     return Encoded(data.features[:n], data.labels[:n])
 
 
-def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, overrides: list, groups: list, budget: dict, qat: bool | None = None):
+def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, groups: list, budget: dict, qat: bool | None = None):
     """tuned_quant.yaml of the tuned state, and the run's quantizer counts and state file as it now is (the
     plan's float groups are off)."""
     t = cfg.tune
     plan_file.write(
         ctx.path("tuned_quant.yaml"),
         calibrator=calibrator,
-        overrides=overrides,
+        rules=rules,
         groups=groups,
         qat=qat,
         budget={"max_drop": t.max_drop, "drop_type": t.drop_type, **budget},
@@ -343,9 +346,9 @@ def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budg
 def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, info: dict) -> tuple[str, dict, np.ndarray | None, list, int]:
     """Score every tune.calibrators candidate on the tuning split; keep the best by tune.criterion (the
     other measure breaks a tie); with tune.calibrator_per, then the best per role or slot. Returns (name,
-    {name: {accuracy, kl}}, logits of the chosen state, calibration.overrides rules where a role/slot
+    {name: {accuracy, kl}}, logits of the chosen state, quant.rules (dicts) where a role/slot
     differs, evaluations spent); the per-group scores go to info["calibrator_per_group"]."""
-    own = own_candidate(cfg.calibration) or cfg.calibration.method
+    own = own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
     names = _candidates(cfg, hists)
     if not names:
         return own, {}, None, [], 0
@@ -382,7 +385,7 @@ def _global_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, na
 
 def _per_group(cfg: RunConfig, ctx: RunContext, hists, score, logits, best: str, kept: dict, info: dict) -> tuple[list, int]:
     """The best candidate per role or slot (tune.calibrator_per) on top of the global `best`: rules in the
-    calibration.overrides format and the evaluations spent; the model is left refined."""
+    quant.rules format and the evaluations spent; the model is left refined."""
     crit = cfg.tune.criterion
     names = list(kept)
     groups = calibration_groups(cfg.tune.calibrator_per, hists, ctx.quantizers)
@@ -406,32 +409,36 @@ def _per_group(cfg: RunConfig, ctx: RunContext, hists, score, logits, best: str,
 
 def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup]]:
     plan = plan_file.read(cfg.tune.plan)
-    calibrator, overrides = _plan_calibration(cfg, ctx, hists, plan)
+    calibrator, rules = _plan_calibration(cfg, ctx, hists, plan)
     groups = _plan_groups(cfg, ctx, plan)
-    log.info("tune: plan %s applied: calibrator %s, %d override rules, %d quantizers in float", cfg.tune.plan, calibrator,
-             len(overrides), sum(len(g.quantizers) for g in groups))  # fmt: skip
-    return calibrator, overrides, groups
+    log.info("tune: plan %s applied: calibrator %s, %d method rules, %d quantizers in float", cfg.tune.plan, calibrator,
+             len(rules), sum(len(g.quantizers) for g in groups))  # fmt: skip
+    return calibrator, rules, groups
 
 
 def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tuple[str, list]:
-    """A plan's calibrator and override rules, applied on this run's calibration histograms."""
-    calibrator = plan.get("calibrator") or own_candidate(cfg.calibration) or cfg.calibration.method
-    overrides = plan_file.overrides(plan)
+    """A plan's calibrator and method rules, applied on this run's calibration histograms."""
+    calibrator = plan.get("calibrator") or own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
+    rules = plan_file.method_rules(plan)
     if plan.get("calibrator"):
-        amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, overrides)
+        amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, rules)
         apply_amax(ctx.quantizers, amax, ctx.device)
-    return calibrator, overrides
+    return calibrator, [qrules.to_dict(r) for r in rules]
 
 
 def _plan_groups(cfg: RunConfig, ctx: RunContext, plan: dict) -> list[FusionGroup]:
-    """A plan's quantizers returned to float (whole fusion groups)."""
-    exclude = list(plan.get("exclude", []))
-    unknown = [n for n in exclude if n not in ctx.quantizers]
-    if unknown:
+    """A plan's quantizers returned to float (its enable: false rules; whole fusion groups)."""
+    rules = plan_file.float_rules(plan)
+    unmatched = [r for r in rules if not any(qrules.matches(r, n, q.role) for n, q in ctx.quantizers.items())]
+    if unmatched:
         some = ", ".join(list(ctx.quantizers)[:3])
         raise ConfigError(
-            [f"tune.plan: {cfg.tune.plan}: {len(unknown)} quantizers not in this model, e.g. {unknown[:3]}; names look like {some}, ..."]
+            [
+                f"tune.plan: {cfg.tune.plan}: {len(unmatched)} enable: false rules match no quantizer of this model, e.g. {unmatched[0].name[:3]}; "
+                f"names look like {some}, ..."
+            ]  # fmt: skip
         )
+    exclude = [n for n, q in ctx.quantizers.items() if not qrules.enabled(n, q.role, rules)]
     groups = fusion_groups({n: ctx.quantizers[n].role for n in exclude})
     for g in groups:
         set_float(ctx.quantizers, g, True)

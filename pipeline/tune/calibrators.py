@@ -11,9 +11,9 @@ Weights are per-channel max in every mode (unchanged here). Activation quantizer
 
 Refinement (tune.calibrator_per): after the global choice, the best candidate per group of activation
 quantizers — by role (every linear_input, every attn_q, ...) or by slot (one tensor position in every layer:
-the Q/K/V Linears' input, the FFN second Linear's input, ...). The result is a list of
-`calibration.overrides` rules (pipeline/quantization/calibrate.py method_for), so a tuned plan and a
-hand-written calibration config are one mechanism: the plan applies its rules through the same function.
+the Q/K/V Linears' input, the FFN second Linear's input, ...). The result is a list of quant.rules
+(pipeline/quantization/rules.py), so a tuned plan and a hand-written config are one mechanism: the plan
+applies its rules through the same function.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.quantization import calibration_plot
-from pipeline.quantization.calibrate import METHODS, method_for
+from pipeline.quantization import rules as qrules
+from pipeline.quantization.calibrate import METHODS
 from pipeline.quantization.calibrators import HistogramCalibrator
-from pipeline.schema import CalibrationConfig, CalibrationOverride
+from pipeline.schema import CalibrationConfig, QuantRule
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,17 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
-def candidate_config(name: str, base: CalibrationConfig, overrides: list[dict] | None = None) -> CalibrationConfig:
-    """The run's calibration settings (bins, stride, start_bin) with this candidate's method everywhere,
-    then `overrides` (rules as written by override_rule; the run's own overrides are not kept: a
-    candidate stands for one method on every quantizer)."""
-    rules = [CalibrationOverride(**r) for r in overrides or []]
-    return dataclasses.replace(base, **CANDIDATES[name], overrides=rules)
+def candidate_config(name: str, base: CalibrationConfig) -> CalibrationConfig:
+    """The run's calibration settings (bins, stride, start_bin) with this candidate's method everywhere."""
+    return dataclasses.replace(base, **CANDIDATES[name])
 
 
 def override_rule(selector: dict, name: str) -> dict:
-    """A calibration.overrides rule giving candidate `name` to the quantizers `selector` picks
-    ({"roles": [...]} or {"match": [...]})."""
+    """A quant.rules rule (as a dict) giving candidate `name` to the quantizers `selector` picks
+    ({"roles": [...]} or {"name": [...]})."""
     c = CANDIDATES[name]
-    return {"match": list(selector.get("match", [])), "roles": list(selector.get("roles", [])), "method": c["method"],
-            "percentile": c.get("percentile")}  # fmt: skip
+    return qrules.to_dict(QuantRule(name=list(selector.get("name", [])), roles=list(selector.get("roles", [])), method=c["method"],
+                                    percentile=c.get("percentile")))  # fmt: skip
 
 
 # The layer index: the first ".<digits>." of a quantizer name (encoder.layer.3., transformer.layer.3.,
@@ -95,11 +93,14 @@ def calibration_groups(per: str, hists: dict, quantizers: dict) -> dict[str, tup
         labels, ns = merged.setdefault(sig, ([], []))
         labels.append(label)
         ns.extend(members)
-    return {" | ".join(labels): ({"match": [g for lb in labels for g in _slot_globs(slots[lb])]}, ns) for labels, ns in merged.values()}
+    return {" | ".join(labels): ({"name": [g for lb in labels for g in _slot_globs(slots[lb])]}, ns) for labels, ns in merged.values()}
 
 
-def own_candidate(c: CalibrationConfig) -> str | None:
-    """Which candidate the run's own calibration is (None: a percentile not in the list, or overrides)."""
+def own_candidate(c: CalibrationConfig, rules: list[QuantRule] = ()) -> str | None:
+    """Which candidate the run's own calibration is (None: a percentile not in the list, or rules that
+    give some quantizers another method)."""
+    if qrules.methods(rules) or any(r.percentile is not None for r in rules):
+        return None
     for name in CANDIDATES:
         if candidate_config(name, c) == c:
             return name
@@ -130,16 +131,19 @@ def candidate_amax(
     hists: dict[str, tuple[torch.Tensor, torch.Tensor]],
     quantizers: dict,
     base: CalibrationConfig,
-    overrides: list[dict] | None = None,
+    rules: list | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Activation amax by quantizer name for candidate `name` (then `overrides`), from the saved histograms."""
-    run = candidate_config(name, base, overrides)
+    """Activation amax by quantizer name for candidate `name` everywhere, then `rules` (quant.rules, dicts or
+    QuantRule: the tuner's per-group choices; the run's own method rules are not kept, a candidate stands for
+    one method), from the saved histograms."""
+    run = candidate_config(name, base)
+    rules = qrules.as_rules(rules)
     out = {}
     for qname, (counts, edges) in hists.items():
         q = quantizers.get(qname)
         if q is None:
             continue
-        cfg = method_for(qname, q.role, run)
+        cfg = qrules.calibration_for(qname, q.role, run, rules)
         if cfg.method == "max":
             out[qname] = _histogram_max(counts, edges)
             continue

@@ -26,9 +26,8 @@ def report_lines(d: dict) -> list[str]:
         f"**{'met' if t['met'] else 'NOT met — the most accurate plan found is kept'}**",
         f"- calibrator: {t['calibrator']} (run's own: {t.get('start_calibrator')})"
         + (
-            f"; then {len(t['calibration_overrides'])} override rules (tune.calibrator_per): "
-            + "; ".join(map(_rule, t["calibration_overrides"]))
-            if t.get("calibration_overrides")
+            f"; then {len(t['calibration_rules'])} rules (tune.calibrator_per): " + "; ".join(map(_rule, t["calibration_rules"]))
+            if t.get("calibration_rules")
             else ""
         ),  # fmt: skip
         f"- fusion groups in float: {len(t['groups_in_float'])}"
@@ -113,8 +112,8 @@ def _ci(t: dict) -> str:
 
 
 def _rule(r: dict) -> str:
-    """One calibration.overrides rule, short: `glob`, ... (roles) -> method [percentile]."""
-    where = ", ".join(f"`{g}`" for g in r.get("match") or []) or "any name"
+    """One quant.rules method rule, short: `glob`, ... (roles) -> method [percentile]."""
+    where = ", ".join(f"`{g}`" for g in r.get("name") or []) or "any name"
     roles = f" ({', '.join(r['roles'])})" if r.get("roles") else ""
     pct = f" {r['percentile']}" if r.get("percentile") is not None else ""
     return f"{where}{roles} → {r['method']}{pct}"
