@@ -113,7 +113,7 @@ def replaced_keys(argv: list[str]) -> list[str]:
         key = arg.lstrip("+~").split("=", 1)[0]
         for old, new in REPLACED.items():
             if key == old or key.startswith(old + "."):
-                errors.append(f"{old}: replaced by quant.rules; write {new}")
+                errors.append(f"{old}: {new}")
     return errors
 
 

@@ -33,14 +33,17 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration ({n} error{'s' if n != 1 else ''}):\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-# Keys replaced by quant.rules (one selection mechanism), with the spelling that does the same now.
+# Keys that were removed, each with what to write now (refused with this message on the command line and in
+# YAML). The selection keys became quant.rules (one mechanism).
+_RULES = "replaced by quant.rules; write "
 REPLACED = {
-    "quant.include": "a rule that disables the rest and one that enables yours (later rules win): "
+    "export.exporter": "removed: the legacy TorchScript exporter is the only one (it maps fake-quant to Q/DQ); drop the key",
+    "quant.include": _RULES + "a rule that disables the rest and one that enables yours (later rules win): "
     "'+quant.rules.rest={name: [\"*\"], enable: false}' '+quant.rules.mine={name: [\"<quantizer-name glob>\"], enable: true}'",
-    "quant.exclude": "'+quant.rules.<label>={name: [\"<module glob>.*\"], enable: false}' (globs over quantizer names, "
+    "quant.exclude": _RULES + "'+quant.rules.<label>={name: [\"<module glob>.*\"], enable: false}' (globs over quantizer names, "
     "quant_map.json; conf/quant/gemm.yaml's `heads` rule keeps the task heads in float)",
-    "quant.exclude_roles": "'+quant.rules.<label>={roles: [<role>, ...], enable: false}'",
-    "calibration.overrides": "'+quant.rules.<label>={name: [<globs>], roles: [<roles>], method: <method>, percentile: <p>}'",
+    "quant.exclude_roles": _RULES + "'+quant.rules.<label>={roles: [<role>, ...], enable: false}'",
+    "calibration.overrides": _RULES + "'+quant.rules.<label>={name: [<globs>], roles: [<roles>], method: <method>, percentile: <p>}'",
 }
 
 
@@ -219,7 +222,6 @@ class QuantConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    exporter: Literal["legacy"] = "legacy"
     opset: int = field(default=17, metadata=_range(13, 21))
     fold_weights: bool = True
     # Also write the graphs TensorRT builds (model_fp16.onnx, model_int8_trt.onnx / model_fp8.onnx),
@@ -516,7 +518,7 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if prefix + key in REPLACED:
-            errors.append(f"{prefix}{key}: replaced by quant.rules; write {REPLACED[prefix + key]}")
+            errors.append(f"{prefix}{key}: {REPLACED[prefix + key]}")
         elif key not in fields:
             errors.append(f"{prefix}{key}: unknown key; valid keys: {', '.join(fields)}")
     kwargs = {}

@@ -85,7 +85,6 @@ NOTES = {
     "quant.rules": "Ordered rules (label -> {name: [quantizer-name globs], roles, enable, method, percentile}); the later "
     "rule wins per field; a module with no quantizer left on stays float (concepts/qdq-placement).",
     "export.enabled": "Write the ONNX graphs (false = export=none).",
-    "export.exporter": "ONNX exporter: the legacy TorchScript one (maps fake-quant to Q/DQ; concepts/qdq-placement).",
     "export.opset": "ONNX opset of model_fp32.onnx / model_int8.onnx (TensorRT's graphs use 19).",
     "engine.name": "Engine that builds and runs the graphs (none = no engine).",
     "engine.providers": "ONNX Runtime execution providers, in priority order.",

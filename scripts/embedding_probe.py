@@ -42,7 +42,7 @@ import numpy as np
 import pipeline.run
 from pipeline.inference import torch_logits
 from pipeline.run import run_pipeline
-from pipeline.tasks.embedding import _cosine_rows, recall_at_k
+from pipeline.tasks.embedding import cosine_rows, recall_at_k
 from pipeline.testing import compose_cfg
 from pipeline.tune.calibrators import CANDIDATES, candidate_amax, load_histograms
 from pipeline.validation import validate
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             if "float_attn" in mods and q.role in ATTENTION_ROLES:
                 q.enabled = False
         emb = torch_logits(ctx.model, ctx.tokenizer, ev, bs, ctx.device)
-        cos = _cosine_rows(emb, ref)
+        cos = cosine_rows(emb, ref)
         row = {
             "variant": v,
             "cosine_mean": float(cos.mean()),

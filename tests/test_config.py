@@ -224,6 +224,8 @@ def test_replaced_selection_keys_are_refused_with_the_new_spelling():
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(["+quant.include=[x]", "+quant.exclude_roles=[attn_probs]"]))
     assert "quant.include: replaced by quant.rules" in str(err.value) and "quant.exclude_roles: replaced by quant.rules" in str(err.value)
+    assert replaced_keys(["export.exporter=legacy"]) == ["export.exporter: removed: the legacy TorchScript exporter is the only one "
+                                                          "(it maps fake-quant to Q/DQ); drop the key"]  # fmt: skip
 
 
 def test_a_run_folder_from_before_quant_rules_still_loads_for_prediction(tmp_path):
@@ -236,6 +238,7 @@ def test_a_run_folder_from_before_quant_rules_still_loads_for_prediction(tmp_pat
     old["quant"].pop("rules")
     old["quant"].update(include=["*"], exclude=["classifier", "classifier.*"], exclude_roles=[])
     old["calibration"]["overrides"] = []
+    old["export"]["exporter"] = "legacy"
     (tmp_path / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     cfg = load_run_config(tmp_path)
     assert cfg.engine.name == "onnxruntime" and cfg.quant.rules == {}

@@ -115,7 +115,7 @@ class SentenceEmbedder(torch.nn.Module):
         return ModelOutput(logits=pooled)
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
@@ -222,7 +222,7 @@ class Embedding:
 
     def divergence(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """1 - cosine to the FP32 embedding, per example."""
-        return 1.0 - _cosine_rows(outputs, reference)
+        return 1.0 - cosine_rows(outputs, reference)
 
     def expected_loss(self, reference: np.ndarray, outputs: np.ndarray) -> None:
         return None  # vectors, not class probabilities
@@ -230,7 +230,7 @@ class Embedding:
     def fidelity_targets(self, reference: np.ndarray, outputs: np.ndarray) -> dict:
         """Mean cosine and recall@k of the nearest neighbours against FP32's (task.min_cosine, task.min_recall)."""
         k = self.cfg.recall_k
-        out = {"cosine_mean": {"value": float(_cosine_rows(outputs, reference).mean()), "minimum": self.cfg.min_cosine}}
+        out = {"cosine_mean": {"value": float(cosine_rows(outputs, reference).mean()), "minimum": self.cfg.min_cosine}}
         if len(outputs) > k:
             out[f"recall_at_{k}"] = {"value": float(recall_at_k(reference, outputs, k)), "minimum": self.cfg.min_recall}
         return out
@@ -257,7 +257,7 @@ class Embedding:
         return knn_accuracy(outputs, data.labels, self.cfg.knn_k) if len(outputs) > self.cfg.knn_k else None
 
     def parity(self, quantized: np.ndarray, fake_quant: np.ndarray) -> dict[str, Any]:
-        cos = _cosine_rows(quantized, fake_quant)
+        cos = cosine_rows(quantized, fake_quant)
         return {
             "argmax_agreement": None,  # no classes: agreement is measured on neighbours
             "cosine": float(cos.mean()),
@@ -277,7 +277,7 @@ class Embedding:
         for label, emb in outputs.items():
             if label == "fp32":
                 continue
-            cos = _cosine_rows(emb, ref)
+            cos = cosine_rows(emb, ref)
             out[label] = {
                 "cosine_mean": float(cos.mean()),
                 "cosine_p1": float(np.percentile(cos, 1)),

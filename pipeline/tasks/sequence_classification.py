@@ -54,7 +54,7 @@ class SequenceClassification:
         return encode(tokenizer, split, max_length)
 
     def cache_parts(self) -> tuple:
-        return ()  # the default task: cache keys as before tasks existed (earlier runs' caches stay valid)
+        return ()  # no task key changes what a stage computes for classification: nothing to add to the keys
 
     def score(self, outputs: np.ndarray, data: Encoded) -> float | None:
         return float(self.correct(outputs, data).mean())
