@@ -4,6 +4,7 @@ errors, and one end-to-end run whose tuned_quant.yaml reproduces the tuned model
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -216,6 +217,21 @@ def test_budget_already_met_makes_no_fallback():
     r = _search(m, _groups(4), Budget(0.85, 0.3))
     assert r.met and r.stopped == "met" and r.chosen.groups_in_float == () and len(r.trace) == 1
     assert m.evaluations == 1 and m.float == set()
+
+
+def test_the_tasks_fidelity_targets_keep_the_search_going_after_the_score_is_within_budget():
+    """Embedding: k-NN accuracy within the budget from the start, but recall@10 below its minimum until two
+    groups are in float: the search must not stop at the start (measured bug: it stopped "met" with
+    recall@10 0.894 < 0.90)."""
+    m = FakeModel(0.849, {f"g{i}": 0.0 for i in range(4)}, kl_gains={f"g{i}": 0.1 for i in range(4)})
+
+    def evaluate():
+        s = m.evaluate()
+        return dataclasses.replace(s, targets_met=len(m.float) >= 2)
+
+    r = search(_groups(4), budget=Budget(0.85, 0.3), evaluate=evaluate, set_float=m.set_float, latency=m.latency, refine=False)
+    assert r.stopped == "met" and r.chosen.groups_in_float == ("g0", "g1") and r.chosen.met
+    assert [x.met for x in r.trace] == [False, False, True]
 
 
 def test_unmeetable_budget_ends_with_the_most_accurate_plan_and_met_false():

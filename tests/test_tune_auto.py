@@ -144,7 +144,15 @@ def eval_reads(monkeypatch):
 def test_a_model_over_budget_goes_on_to_qat_which_never_ends_further_from_fp32(tiny_run, eval_reads, tmp_path):
     """task=embedding with a cosine no 8-bit model reaches (1.0): the calibrator steps cannot meet it, so QAT
     runs (inside tune; the qat stage records skipped). The eval split is first read by evaluate."""
-    over = ["task=embedding", "tune=auto", "qat=kd_best", "task.min_cosine=1.0", "tune.fallback=false", "data.num_tune=48"]
+    over = [
+        "task=embedding",
+        "tune=auto",
+        "tune.calibrator_per=slot",
+        "qat=kd_best",
+        "task.min_cosine=1.0",
+        "tune.fallback=false",
+        "data.num_tune=48",
+    ]
     ctx = tiny_run(over, name="over")
     t = ctx.metrics.tune
     steps = [s["step"] for s in t["steps"]]

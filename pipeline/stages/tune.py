@@ -14,6 +14,7 @@ runs end with the same tuned model.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -114,7 +115,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             trace_steps=len(result.trace) - 1,
             fusion_groups=len(groups_all),
         )
-    met = budget.met(chosen.accuracy)
+    met = budget.met(chosen.accuracy) and all(v["value"] >= v["minimum"] for v in task.fidelity_targets(fp32_logits, final_logits).values())
     ref_correct, q_correct = task.correct(fp32_logits, data), task.correct(final_logits, data)
     ci = None if ref_correct is None else budget.drop_ci95(ref_correct, q_correct)
     ctx.metrics.tune = {
@@ -322,15 +323,20 @@ def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budg
         log.info("tune: %d fusion groups ranked on %d hardest tuning examples; top %s", len(ranked), len(subset),
                  [s.group.name for s in ranked[:5]])  # fmt: skip
     probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
+
+    def scored(out) -> Score:  # the task's fidelity targets (embedding: cosine, recall@10) count towards "met"
+        targets = task.fidelity_targets(fp32_logits, out)
+        return dataclasses.replace(score(out), targets_met=all(v["value"] >= v["minimum"] for v in targets.values()))
+
     try:
         result = search(
             [s.group for s in ranked],
             budget=budget,
-            evaluate=lambda: score(logits(ctx.model)),
+            evaluate=lambda: scored(logits(ctx.model)),
             set_float=lambda g, f: set_float(ctx.quantizers, g, f),
             latency=probe,
             retime=probe.retime,
-            start=score(q_logits),
+            start=scored(q_logits),
             criterion=t.criterion,
             fallback=t.fallback,
             refine=t.refine,

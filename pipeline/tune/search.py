@@ -53,6 +53,9 @@ class Score:
 
     accuracy: float  # fraction
     kl: float  # mean KL(FP32 || quantized) over the tuning examples
+    # The task's fidelity targets (embedding: cosine and recall@10 to FP32), where it has any: the budget
+    # is met only when they are too.
+    targets_met: bool = True
 
     def better(self, other: Score, criterion: str) -> bool:
         """Closer to FP32 than `other` by the criterion (strictly)."""
@@ -118,12 +121,16 @@ def search(
     timed again together ({step: ratio}), used to pick the fastest of several plans meeting the budget."""
     t0 = time.perf_counter()
     evaluations = 0
+
+    def met(s: Score) -> bool:
+        return budget.met(s.accuracy) and s.targets_met
+
     if start is None:
         start, evaluations = evaluate(), 1
     in_float: list[FusionGroup] = []
     cur = start
     a = cur.accuracy
-    trace = [TraceRow(0, "start", None, (), a, budget.drop(a), budget.met(a), True, latency(0), time.perf_counter() - t0, cur.kl)]
+    trace = [TraceRow(0, "start", None, (), a, budget.drop(a), met(cur), True, latency(0), time.perf_counter() - t0, cur.kl)]
     effects: dict[str, float] = {}
 
     def record(action: str, g: FusionGroup, new: Score, accepted: bool) -> None:
@@ -131,7 +138,7 @@ def search(
         ratio = latency(len(trace)) if accepted else None
         a = new.accuracy
         trace.append(
-            TraceRow(len(trace), action, g.name, names, a, budget.drop(a), budget.met(a), accepted, ratio, time.perf_counter() - t0, new.kl)
+            TraceRow(len(trace), action, g.name, names, a, budget.drop(a), met(new), accepted, ratio, time.perf_counter() - t0, new.kl)
         )
 
     def out_of_budget() -> str | None:
@@ -142,8 +149,8 @@ def search(
         return None
 
     trials = 0
-    stopped = "met" if budget.met(cur.accuracy) else ("no_fallback" if not fallback else "exhausted")
-    if fallback and not budget.met(cur.accuracy):
+    stopped = "met" if met(cur) else ("no_fallback" if not fallback else "exhausted")
+    if fallback and not met(cur):
         for g in ranked:
             why = out_of_budget()
             if why:
@@ -158,13 +165,13 @@ def search(
                 in_float.append(g)
                 cur = new
                 record("float", g, new, True)
-                if budget.met(cur.accuracy):
+                if met(cur):
                     stopped = "met"
                     break
             else:  # step back
                 set_float(g, False)
                 record("float", g, new, False)
-        if refine and budget.met(cur.accuracy) and len(in_float) > 1:
+        if refine and met(cur) and len(in_float) > 1:
             # Quantize each float group again while the budget still holds, latest-accepted (least
             # sensitive) first; the last one accepted is the step that met the budget, so it stays.
             for g in list(reversed(in_float[:-1])):
@@ -174,7 +181,7 @@ def search(
                 new = evaluate()
                 evaluations += 1
                 trials += 1
-                if budget.met(new.accuracy):
+                if met(new):
                     in_float.remove(g)
                     cur = new
                     record("quantize", g, new, True)
