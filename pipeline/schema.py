@@ -173,6 +173,7 @@ class SmoothingConfig:
     modules: list[str] = field(default_factory=list)
 
 
+# What a quantized tensor is (quant_map.json "role"): the one list, used by the quantizers and the rules.
 Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]
 
 

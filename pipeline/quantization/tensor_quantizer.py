@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator
-
-Role = Literal["linear_input", "linear_weight", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_rel", "residual"]
+from pipeline.schema import Role
 
 # Largest finite FP8 E4M3 value: FP8 scale = amax / 448 (TensorRT's and ONNX's E4M3 Q/DQ).
 FP8_MAX = 448.0
