@@ -584,8 +584,6 @@ def _check(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
 def _check_combinations(c: RunConfig, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     for label, r in c.quant.rules.items():
-        if r is None:
-            continue
         if r.enable is None and r.method is None and r.percentile is None:
             errors.append(
                 f"quant.rules.{label}: sets nothing; give enable (true/false), method (max, percentile, entropy, mse) or percentile"

@@ -76,7 +76,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         raise ConfigError([f"tune: task={task.name} cannot score a tuning split of {len(data)} examples; set data.num_tune higher"])
     budget = Budget(float(fp32_score), t.max_drop, t.drop_type)
     hists = load_histograms(ctx.run_dir)
-    start_cal = own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
+    start_cal = _own_calibrator(cfg)
     info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
     if t.method == "auto":
         return _auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0)
@@ -115,7 +115,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
             trace_steps=len(result.trace) - 1,
             fusion_groups=len(groups_all),
         )
-    met = budget.met(chosen.accuracy) and all(v["value"] >= v["minimum"] for v in task.fidelity_targets(fp32_logits, final_logits).values())
+    met = budget.met(chosen.accuracy) and not auto.short_targets(task.fidelity_targets(fp32_logits, final_logits))
     ref_correct, q_correct = task.correct(fp32_logits, data), task.correct(final_logits, data)
     ci = None if ref_correct is None else budget.drop_ci95(ref_correct, q_correct)
     ctx.metrics.tune = {
@@ -325,8 +325,7 @@ def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budg
     probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
 
     def scored(out) -> Score:  # the task's fidelity targets (embedding: cosine, recall@10) count towards "met"
-        targets = task.fidelity_targets(fp32_logits, out)
-        return dataclasses.replace(score(out), targets_met=all(v["value"] >= v["minimum"] for v in targets.values()))
+        return dataclasses.replace(score(out), targets_met=not auto.short_targets(task.fidelity_targets(fp32_logits, out)))
 
     try:
         result = search(
@@ -354,7 +353,7 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
     other measure breaks a tie); with tune.calibrator_per, then the best per role or slot. Returns (name,
     {name: {accuracy, kl}}, logits of the chosen state, quant.rules (dicts) where a role/slot
     differs, evaluations spent); the per-group scores go to info["calibrator_per_group"]."""
-    own = own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
+    own = _own_calibrator(cfg)
     names = _candidates(cfg, hists)
     if not names:
         return own, {}, None, [], 0
@@ -364,6 +363,11 @@ def _choose_calibrator(cfg: RunConfig, ctx: RunContext, hists, score, logits, in
     rules, spent = _per_group(cfg, ctx, hists, score, logits, best, kept, info)
     # the refined state's logits are evaluated by the caller
     return best, scores, None, rules, spent
+
+
+def _own_calibrator(cfg: RunConfig) -> str:
+    """The run's own calibration as a candidate name, else its method (a percentile not in the list, or rules)."""
+    return own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
 
 
 def _candidates(cfg: RunConfig, hists) -> list[str]:
@@ -424,7 +428,7 @@ def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list
 
 def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tuple[str, list]:
     """A plan's calibrator and method rules, applied on this run's calibration histograms."""
-    calibrator = plan.get("calibrator") or own_candidate(cfg.calibration, qrules.as_rules(cfg.quant.rules)) or cfg.calibration.method
+    calibrator = plan.get("calibrator") or _own_calibrator(cfg)
     rules = plan_file.method_rules(plan)
     if plan.get("calibrator"):
         amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, rules)

@@ -69,6 +69,11 @@ class Check:
         return asdict(self)
 
 
+def short_targets(targets: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The task's fidelity targets (Task.fidelity_targets) whose value is below their minimum."""
+    return {n: v for n, v in targets.items() if v["value"] < v["minimum"]}
+
+
 def judge(
     task: Task,
     budget: Budget,
@@ -92,7 +97,7 @@ def judge(
     loss = task.expected_loss(reference, outputs)
     expected = None if loss is None else _in_unit(budget, 100 * float(np.mean(loss)))
     targets = task.fidelity_targets(reference, outputs)
-    short = {n: v for n, v in targets.items() if v["value"] < v["minimum"]}
+    short = short_targets(targets)
     m = budget.max_drop
     within = drop <= m + 1e-9
     if short:
