@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.engines.onnxruntime import OrtEngine, transformer_fusions
-from pipeline.schema import EngineConfig
+from pipeline.schema import engine_config
 from pipeline.timing import interleaved
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels to time (default: all)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    cfg = EngineConfig(name="onnxruntime", save_optimized=False, transformer_fusions=False)  # each graph as listed
+    cfg = engine_config("onnxruntime", None, save_optimized=False, transformer_fusions=False)  # each graph as listed
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)

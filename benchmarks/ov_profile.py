@@ -5,7 +5,7 @@
 
 Prints, per model, the summed real time per (layer type, exec precision) over `--iters` inferences of the
 same random token batch, interleaved (model A, model B, A, B, ...), and the wall p50 of each. Both models are
-compiled with the run's engine settings: 2 threads by default, the plugin's own float precision.
+compiled alike: 2 threads by default, the plugin's own float precision unless `--precision`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def _inputs(compiled, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarr
     return out
 
 
-def profile(paths: dict[str, Path], batch: int, seq: int, iters: int, threads: int) -> dict[str, dict]:
+def profile(paths: dict[str, Path], batch: int, seq: int, iters: int, threads: int, precision: str = "default") -> dict[str, dict]:
     core = ov.Core()
     props = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision != "default":  # the float layers' precision, as engine.inference_precision sets it
+        props["INFERENCE_PRECISION_HINT"] = precision
     reqs = {}
     for label, path in paths.items():
         compiled = core.compile_model(core.read_model(str(path)), "CPU", props)
@@ -65,8 +67,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="default", choices=["default", "f32", "bf16", "f16"], help="float layers")
     args = ap.parse_args()
-    res = profile({"ours": args.run / "model_int8.onnx", "other": args.other}, args.batch, args.seq, args.iters, args.threads)
+    res = profile(
+        {"ours": args.run / "model_int8.onnx", "other": args.other}, args.batch, args.seq, args.iters, args.threads, args.precision
+    )
     keys = sorted(set(res["ours"]["by_type"]) | set(res["other"]["by_type"]), key=lambda k: -res["ours"]["by_type"].get(k, 0))
     print(f"b{args.batch} x s{args.seq}, {args.iters} iterations, p50 wall: ours {res['ours']['p50_ms']:.2f} ms, "
           f"other {res['other']['p50_ms']:.2f} ms")  # fmt: skip

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from pipeline.engines.onnxruntime import OrtEngine
 from pipeline.engines.trt_graphs import retype_qdq
 from pipeline.inference import accuracy, engine_logits
-from pipeline.schema import EngineConfig
+from pipeline.schema import engine_config
 from pipeline.validation import validate
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     ev = encode(tokenizer, splits.eval, cfg.model.max_length)
     m = onnx.load(str(args.run / "model_int8.onnx"))
     changed = retype_qdq(m, "int8")  # uint8 P -> int8 P (scale amax/127); int8 Q/DQ unchanged
-    engine_cfg = EngineConfig(name="onnxruntime", save_optimized=False)
+    engine_cfg = engine_config("onnxruntime", None, save_optimized=False)
     with tempfile.TemporaryDirectory() as tmp:
         signed = Path(tmp) / "model_int8_signed_p.onnx"
         onnx.save(m, str(signed))

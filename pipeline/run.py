@@ -24,7 +24,7 @@ from pipeline.context import RunContext, StageRecord
 from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits
 from pipeline.engines import ENGINES, auto_engine
 from pipeline.outputs import config_hash, write_json, write_text
-from pipeline.schema import ConfigError, RunConfig
+from pipeline.schema import ConfigError, RunConfig, engine_config
 from pipeline.stages import benchmark, build_engine, calibrate, deploy, evaluate, export, finetune, load, qat, report, tune
 from pipeline.tasks import Task, make_task
 from pipeline.training import seed_everything
@@ -140,7 +140,7 @@ def _resolve_engine(cfg: RunConfig) -> dict:
     if asked != "auto":
         return {"asked": asked, "chosen": asked, "why": "set by engine"}
     chosen, why = auto_engine()
-    cfg.engine.name = chosen
+    cfg.engine = engine_config(chosen, cfg.engine)
     log.info("engine=auto -> %s (%s)", chosen, why)
     return {"asked": asked, "chosen": chosen, "why": why}
 

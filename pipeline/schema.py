@@ -13,6 +13,7 @@ Hydra's own type checks stop at the first error; users fixing a config want them
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -232,30 +233,25 @@ class ExportConfig:
 
 @dataclass
 class EngineConfig:
+    """What every engine's config has: its name, which picks the schema of the rest (engine=<name>, conf/engine/).
+    Each engine reads only its own keys; a key of another engine is refused by name (ENGINE_CONFIGS)."""
+
     # auto: the CPU engine measured fastest for CPUs like this one (pipeline/engines auto_engine), chosen
     # before any stage and recorded in metrics.json engine_choice.
-    name: Literal["auto", "onnxruntime", "openvino", "tensorrt", "none"]
-    providers: list[Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]] = field(
-        default_factory=lambda: ["CPUExecutionProvider"]
-    )
+    name: Literal["auto", "onnxruntime", "openvino", "tensorrt", "none"] = "none"
+
+
+@dataclass
+class _CpuThreads:
     intra_op_threads: int = field(default=0, metadata=_range(0))
-    allow_spinning: bool = False
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    save_optimized: bool = True
-    # ONNX Runtime: apply its transformer fusions (SkipLayerNormalization, BiasGelu, LayerNormalization)
-    # to the INT8 graph before the session is made (<graph>.fused.onnx in the run folder). Off: on the
-    # AVX2 CPU measured, ORT's CPU SkipLayerNormalization took longer than the Add + LayerNormalization it
-    # replaces (benchmarks/ort_int8_speed.py --profile); measure on your CPU before turning it on.
-    transformer_fusions: bool = False
-    # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_builder_optimization_level: 5}} (ORT only; the
-    # TensorRT provider's profile and caches come from engine.* below).
-    provider_options: dict[str, Any] = field(default_factory=dict)
-    # OpenVINO (engine=openvino): precision of the layers that are not quantized (INFERENCE_PRECISION_HINT).
-    # default = the plugin's own choice (bf16 on CPUs with AMX / AVX512_BF16, else f32); f32 for an exact
-    # float baseline; bf16 / f16 only where the CPU has them (engine.check refuses them otherwise).
-    inference_precision: Literal["default", "f32", "bf16", "f16"] = "default"
-    # TensorRT (engine=tensorrt). No precision keys: networks are strongly typed (TensorRT 11 has no other mode),
-    # so each plan's precision is its graph's (model_fp16.onnx, model_int8_trt.onnx, model_fp8.onnx).
+
+
+@dataclass
+class _TensorRTBuild:
+    """TensorRT's builder settings: engine=tensorrt, and ONNX Runtime's TensorrtExecutionProvider (same profile)."""
+
+    # No precision keys: networks are strongly typed (TensorRT 11 has no other mode), so each plan's precision is
+    # its graph's (model_fp16.onnx, model_int8_trt.onnx, model_fp8.onnx).
     device_id: int = field(default=0, metadata=_range(0))
     workspace_gb: float = field(default=4.0, metadata=_range(0.0625))
     optimization_level: int = field(default=3, metadata=_range(0, 5))
@@ -266,6 +262,81 @@ class EngineConfig:
     min_seq: int = field(default=1, metadata=_range(1))
     opt_seq: int = field(default=128, metadata=_range(1))
     max_seq: int = field(default=512, metadata=_range(1))
+
+
+@dataclass
+class _OnnxRuntime:
+    providers: list[Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]] = field(
+        default_factory=lambda: ["CPUExecutionProvider"]
+    )
+    allow_spinning: bool = False
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    save_optimized: bool = True
+    # Apply ONNX Runtime's transformer fusions (SkipLayerNormalization, BiasGelu, LayerNormalization) to the
+    # INT8 graph before the session is made (<graph>.fused.onnx in the run folder). Off: on the AVX2 CPU
+    # measured, ORT's CPU SkipLayerNormalization took longer than the Add + LayerNormalization it replaces
+    # (benchmarks/ort_int8_speed.py --profile); measure on your CPU before turning it on.
+    transformer_fusions: bool = False
+    # Per-provider options, e.g. {TensorrtExecutionProvider: {trt_builder_optimization_level: 5}} (the TensorRT
+    # provider's profile and caches come from the TensorRT keys).
+    provider_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _OpenVino:
+    # Precision of the layers a quantized engine leaves float (INFERENCE_PRECISION_HINT). auto = the rule
+    # measured per CPU (pipeline/engines/openvino.py float_layer_precision: the plugin's bf16 on AMX, f32
+    # elsewhere); default = the plugin's own choice (bf16 on CPUs with AMX / AVX512_BF16, else f32); bf16 / f16
+    # only where the CPU has them (engine.check refuses them otherwise). Float engines run in their own label.
+    inference_precision: Literal["auto", "default", "f32", "bf16", "f16"] = "auto"
+
+
+@dataclass
+class NoEngineConfig(EngineConfig):
+    name: Literal["none"] = "none"
+
+
+@dataclass
+class OnnxRuntimeEngineConfig(_TensorRTBuild, _OnnxRuntime, _CpuThreads, EngineConfig):
+    name: Literal["onnxruntime"] = "onnxruntime"
+
+
+@dataclass
+class OpenVinoEngineConfig(_OpenVino, _CpuThreads, EngineConfig):
+    name: Literal["openvino"] = "openvino"
+
+
+@dataclass
+class TensorRTEngineConfig(_TensorRTBuild, EngineConfig):
+    name: Literal["tensorrt"] = "tensorrt"
+
+
+@dataclass
+class AutoEngineConfig(_OpenVino, _OnnxRuntime, _CpuThreads, EngineConfig):
+    """engine=auto resolves to ONNX Runtime or OpenVINO on the CPU: it takes the keys of both."""
+
+    name: Literal["auto"] = "auto"
+
+
+ENGINE_CONFIGS: dict[str, type[EngineConfig]] = {
+    "auto": AutoEngineConfig,
+    "onnxruntime": OnnxRuntimeEngineConfig,
+    "openvino": OpenVinoEngineConfig,
+    "tensorrt": TensorRTEngineConfig,
+    "none": NoEngineConfig,
+}
+
+
+def engine_config(name: str, like: EngineConfig | None = None, **fields: Any) -> EngineConfig:
+    """Engine `name`'s typed config: the keys it shares with `like` (another engine's config: engine=auto's
+    resolution, a peer or the CPU fallback built from the run's), then `fields`, each one this engine reads."""
+    cls = ENGINE_CONFIGS[name]
+    own = {f.name for f in dataclasses.fields(cls)} - {"name"}
+    kept = {k: getattr(like, k) for k in own if like is not None and hasattr(like, k)}
+    unknown = set(fields) - own
+    if unknown:
+        raise TypeError(f"engine={name} has no key {', '.join(sorted(unknown))}; its keys: {', '.join(sorted(own))}")
+    return cls(**copy.deepcopy(kept) | fields)
 
 
 PeerName = Literal[
@@ -324,35 +395,63 @@ class CacheConfig:
 
 @dataclass
 class TaskConfig:
-    """What the model is for (conf/task/, pipeline/tasks/). Each task's YAML sets only its own keys."""
+    """What the model is for (conf/task/, pipeline/tasks/): its name picks the schema of the task's own keys."""
 
     name: Literal["sequence_classification", "embedding", "token_classification", "question_answering"] = "sequence_classification"
-    # embedding: pooling inside the exported graph. auto = the checkpoint's sentence-transformers config
-    # (modules.json + 1_Pooling/config.json), else mean; normalize null = the checkpoint's Normalize module, else off.
+
+
+@dataclass
+class SequenceClassificationConfig(TaskConfig):
+    name: Literal["sequence_classification"] = "sequence_classification"
+
+
+@dataclass
+class EmbeddingConfig(TaskConfig):
+    name: Literal["embedding"] = "embedding"
+    # Pooling inside the exported graph. auto = the checkpoint's sentence-transformers config (modules.json +
+    # 1_Pooling/config.json), else mean; normalize null = the checkpoint's Normalize module, else off.
     pooling: Literal["auto", "mean", "cls", "max"] = "auto"
     normalize: bool | None = None
-    # embedding: QAT loss against the FP32 embeddings (no labels).
+    # QAT loss against the FP32 embeddings (no labels).
     distill_loss: Literal["cosine", "mse"] = "cosine"
     recall_k: int = field(default=10, metadata=_range(1))
     knn_k: int = field(default=10, metadata=_range(1))
-    # embedding: what the accuracy budget (tune) also requires of the quantized embeddings against FP32's
-    # on the tuning split: mean cosine and recall@recall_k of the nearest neighbours.
+    # What the accuracy budget (tune) also requires of the quantized embeddings against FP32's on the tuning
+    # split: mean cosine and recall@recall_k of the nearest neighbours.
     min_cosine: float = field(default=0.99, metadata=_range(0.0, 1.0))
     min_recall: float = field(default=0.90, metadata=_range(0.0, 1.0))
-    # token_classification: the columns holding each row's word list and tag list (CSV cells / JSON lists / hub).
+
+
+@dataclass
+class TokenClassificationConfig(TaskConfig):
+    name: Literal["token_classification"] = "token_classification"
+    # The columns holding each row's word list and tag list (CSV cells / JSON lists / hub).
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
-    # question_answering: overlap of consecutive context windows (tokens), longest answer (tokens), top
-    # starts / ends searched per window, and the columns (SQuAD format: answers = {text: [...], answer_start: [...]}).
+
+
+@dataclass
+class QuestionAnsweringConfig(TaskConfig):
+    name: Literal["question_answering"] = "question_answering"
+    # Overlap of consecutive context windows (tokens), longest answer (tokens), top starts / ends searched per
+    # window, and the columns (SQuAD format: answers = {text: [...], answer_start: [...]}).
     doc_stride: int = field(default=128, metadata=_range(0))
     max_answer_length: int = field(default=30, metadata=_range(1))
     n_best: int = field(default=20, metadata=_range(1))
-    # question_answering with data=movie_snippets: synthetic questions per training context, one per entity
-    # type (1-3; eval and calibration contexts: one each).
+    # With data=movie_snippets: synthetic questions per training context, one per entity type (1-3; eval and
+    # calibration contexts: one each).
     synthetic_train_questions: int = field(default=1, metadata=_range(1, 3))
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"
+
+
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {
+    "sequence_classification": SequenceClassificationConfig,
+    "embedding": EmbeddingConfig,
+    "token_classification": TokenClassificationConfig,
+    "question_answering": QuestionAnsweringConfig,
+}
 
 
 @dataclass
@@ -437,7 +536,8 @@ class RunConfig:
     quant: QuantConfig
     qat: TrainConfig
     export: ExportConfig
-    engine: EngineConfig
+    # One schema per engine / task, chosen by its `name` (a discriminated union): ENGINE_CONFIGS, TASK_CONFIGS.
+    engine: EngineConfig = field(metadata={"kinds": ENGINE_CONFIGS})
     benchmark: BenchmarkConfig
     evaluate: EvaluateConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -447,7 +547,7 @@ class RunConfig:
     threads: int = field(default=0, metadata=_range(0))
     resume: str | None = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=SequenceClassificationConfig, metadata={"kinds": TASK_CONFIGS})
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     # Triton model repository (stage deploy; pipeline/deploy/): deploy=triton (default) | none.
@@ -533,6 +633,9 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         if value == "???":
             errors.append(f"{key}: missing (required; set it on the command line, e.g. {key}=...)")
             continue
+        if "kinds" in f.metadata:
+            kwargs[name] = _build_kind(f.metadata["kinds"], value, key, errors)
+            continue
         kwargs[name] = _check(hints[name], value, key, errors)
         bounds = f.metadata
         if bounds and isinstance(kwargs[name], (int, float)) and not isinstance(kwargs[name], bool):
@@ -544,6 +647,27 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
         return cls(**kwargs)
     except TypeError:
         return None  # a required field was missing: already reported
+
+
+def _build_kind(kinds: dict[str, type], data: Any, key: str, errors: list[str]) -> Any:
+    """A discriminated union (engine, task): the mapping's `name` picks the schema; a key that only other kinds
+    read is refused with the kinds that read it."""
+    if not isinstance(data, dict):
+        errors.append(f"{key}: expected a mapping, got {data!r}")
+        return None
+    kind = data.get("name")
+    if kind not in kinds:
+        errors.append(f"{key}.name: {kind!r} is not valid; valid values: {', '.join(kinds)}")
+        return None
+    keys = {n: {f.name for f in dataclasses.fields(c)} for n, c in kinds.items()}
+    foreign = {k: [n for n in kinds if k in keys[n]] for k in data if k not in keys[kind]}
+    for k, readers in foreign.items():
+        if readers:
+            errors.append(
+                f"{key}.{k}: not a key of {key}={kind} (read by {key}={', '.join(readers)}); "
+                f"{key}={kind} keys: {', '.join(sorted(keys[kind]))}"
+            )
+    return _build(kinds[kind], {k: v for k, v in data.items() if not foreign.get(k)}, key + ".", errors)
 
 
 def _check(tp: Any, value: Any, key: str, errors: list[str]) -> Any:

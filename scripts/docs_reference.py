@@ -135,7 +135,9 @@ def schema_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(schema.RunConfig):
         tp = typing.get_type_hints(schema.RunConfig)[f.name]
-        if dataclasses.is_dataclass(tp):
+        if "kinds" in f.metadata:  # one schema per engine / task: every kind's keys
+            keys += sorted({f"{f.name}.{g.name}" for c in f.metadata["kinds"].values() for g in dataclasses.fields(c)})
+        elif dataclasses.is_dataclass(tp):
             keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(tp)]
         else:
             keys.append(f.name)
@@ -281,7 +283,8 @@ def _group_table(key: str, cls: type, comments: dict) -> list[str]:
     for f in dataclasses.fields(cls):
         t, allowed = _type(hints[f.name])
         full = f"{key}.{f.name}" if key else f.name
-        note = comments.get((cls.__name__, f.name)) or comments.get((key, f.name)) or _note(key, cls, f.name)
+        own = next((c for c in cls.__mro__ if (c.__name__, f.name) in comments), None)  # fields of a shared base class
+        note = (comments[(own.__name__, f.name)] if own else None) or comments.get((key, f.name)) or _note(key, cls, f.name)
         rows.append(f"| `{full}` | {t} | {_cell(_default(f))} | {_cell(allowed)} | {_range(f)} | {_cell(note)} |")
     return rows
 
@@ -342,8 +345,17 @@ def render_config() -> str:
             out += [doc.splitlines()[0], ""]
         if key in ("finetune", "qat"):
             out += [f"Schema `{cls.__name__}` (shared by `finetune` and `qat`).", ""]
-        out += _group_table(key, cls, comments)
-        out.append("")
+        kinds = next(f.metadata.get("kinds") for f in dataclasses.fields(schema.RunConfig) if f.name == key)
+        if kinds:  # one schema per kind, chosen by `name`: each kind's own table
+            out += [
+                f"One schema per `{key}.name` (the option chosen): a key the chosen one does not read is refused, naming those that read it.",
+                "",
+            ]
+            for name, kind_cls in kinds.items():
+                out += [f"### `{key}={name}` ({kind_cls.__name__})", ""] + _group_table(key, kind_cls, comments) + [""]
+        else:
+            out += _group_table(key, cls, comments)
+            out.append("")
         for f in dataclasses.fields(cls):  # a mapping of typed entries (quant.rules): the entry's own table
             args = typing.get_args(typing.get_type_hints(cls)[f.name])
             if len(args) == 2 and dataclasses.is_dataclass(args[1]):

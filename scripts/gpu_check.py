@@ -55,7 +55,7 @@ from pipeline.engines.base import cpu_model_name  # noqa: E402
 from pipeline.engines.trt_rules import check_tensorrt, gemm_quantization  # noqa: E402
 from pipeline.quantization.calibrators import HistogramCalibrator, MaxCalibrator  # noqa: E402
 from pipeline.quantization.tensor_quantizer import TensorQuantizer  # noqa: E402
-from pipeline.schema import EngineConfig  # noqa: E402
+from pipeline.schema import engine_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS: list[tuple[str, str, str]] = []
@@ -341,7 +341,7 @@ def main() -> int:
         from pipeline.engines.onnxruntime import OrtEngine
 
         ctx = smoke_ctx()
-        cfg = EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        cfg = engine_config("onnxruntime", None, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         # OrtEngine refuses a session that fell back to the CPU, and profiles one run to see which ops ran on CUDA.
         e = OrtEngine(Path(ctx.run_dir) / "model_int8.onnx", "int8", cfg, out)
         call = e.bind(synthetic(8, 128))
@@ -361,7 +361,7 @@ def main() -> int:
 
     def trt_usable() -> None:
         """Skips (or FAILs under --require-tensorrt) where TensorRT cannot run: no GPU, no / too old TensorRT, old driver."""
-        problems = ENGINES["tensorrt"]().check(EngineConfig(name="tensorrt"))
+        problems = ENGINES["tensorrt"]().check(engine_config("tensorrt"))
         if problems:
             unavailable(" | ".join(problems), args.require_tensorrt, "--require-tensorrt")
 
@@ -435,7 +435,7 @@ def main() -> int:
 
         ctx = trt_ctx()
         plan = ctx.engines["int8"]
-        ort_cpu = OrtEngine(ctx.run_dir / "model_int8_trt.onnx", "int8", EngineConfig(name="onnxruntime"), out)
+        ort_cpu = OrtEngine(ctx.run_dir / "model_int8_trt.onnx", "int8", engine_config("onnxruntime"), out)
         a, b = [], []
         for batch in batches(ctx.tokenizer, ctx.encoded["eval"], 32, sort_by_length=True, limit=4):
             feed = {k: v.numpy() for k, v in batch.inputs.items()}
@@ -551,7 +551,7 @@ def main() -> int:
         if problems:
             raise Skip(problems[0])
         ctx = smoke_ctx()
-        cfg = EngineConfig(name="onnxruntime", providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+        cfg = engine_config("onnxruntime", None, providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
         try:
             e = OrtEngine(ctx.run_dir / "model_int8_trt.onnx", "int8", cfg, out)
         except RuntimeError as exc:

@@ -242,3 +242,47 @@ def test_a_run_folder_from_before_quant_rules_still_loads_for_prediction(tmp_pat
     (tmp_path / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     cfg = load_run_config(tmp_path)
     assert cfg.engine.name == "onnxruntime" and cfg.quant.rules == {}
+
+
+def test_each_engine_and_task_has_its_own_schema():
+    """engine and task are discriminated unions on `name`: a key another kind reads is refused naming that kind,
+    whether it comes from a user's YAML or an appended override; Hydra refuses it on a plain override."""
+    from pipeline.schema import ENGINE_CONFIGS, TASK_CONFIGS, OnnxRuntimeEngineConfig, engine_config
+
+    for name, cls in ENGINE_CONFIGS.items():
+        assert cls().name == name
+    for name, cls in TASK_CONFIGS.items():
+        assert cls().name == name
+    with pytest.raises(ConfigCompositionException, match="inference_precision"):
+        compose_cfg(["engine=onnxruntime", "engine.inference_precision=f32"])
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["engine=onnxruntime", "+engine.inference_precision=f32", "task=embedding", "+task.doc_stride=16"]))
+    assert "engine.inference_precision: not a key of engine=onnxruntime (read by engine=auto, openvino); engine=onnxruntime keys:" in str(
+        e.value
+    )
+    assert "task.doc_stride: not a key of task=embedding (read by task=question_answering)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"engine.nam: unknown key"):  # a key no engine reads: the usual message
+        validate(compose_cfg(["engine=openvino", "+engine.nam=x"]))
+    typed = validate(compose_cfg(["engine=openvino", "engine.inference_precision=f32", "task=token_classification"]))
+    assert type(typed.engine).__name__ == "OpenVinoEngineConfig" and not hasattr(typed.engine, "providers")
+    assert type(typed.task).__name__ == "TokenClassificationConfig" and not hasattr(typed.task, "pooling")
+    # Another engine's config from this one: the shared keys carried, the rest that engine's defaults.
+    auto = validate(compose_cfg(["engine=auto", "engine.intra_op_threads=3", "engine.inference_precision=f32"])).engine
+    ort = engine_config("onnxruntime", auto)
+    assert isinstance(ort, OnnxRuntimeEngineConfig) and ort.intra_op_threads == 3 and ort.max_batch == 64
+    assert engine_config("openvino", auto).inference_precision == "f32"
+    with pytest.raises(TypeError, match=r"engine=openvino has no key providers"):
+        engine_config("openvino", auto, providers=["CPUExecutionProvider"])
+
+
+def test_a_run_folder_with_keys_its_engine_never_read_still_loads_for_prediction(tmp_path):
+    """Runs made when one engine schema held every engine's keys carry them in config.resolved.yaml."""
+    from pipeline.deploy.predictor import load_run_config
+
+    raw = compose_cfg(["engine=openvino"])
+    old = {k: OmegaConf.to_container(raw[k], resolve=True) if OmegaConf.is_config(raw[k]) else raw[k] for k in raw if k != "hydra"}
+    old["engine"].update(providers=["CPUExecutionProvider"], max_batch=64, transformer_fusions=False)
+    old["task"].update(pooling="auto", doc_stride=128)
+    (tmp_path / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    cfg = load_run_config(tmp_path)
+    assert cfg.engine.name == "openvino" and not hasattr(cfg.engine, "providers") and cfg.task.name == "sequence_classification"

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.engines.tensorrt import parse_inspector, profile_shapes
 from pipeline.run import run_pipeline
-from pipeline.schema import ConfigError, EngineConfig
+from pipeline.schema import ConfigError, engine_config
 from pipeline.validation import validate
 from tests.conftest import compose_cfg
 
@@ -21,7 +21,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def test_profile_shapes_from_config():
-    cfg = EngineConfig(name="tensorrt", min_batch=1, opt_batch=8, max_batch=32, min_seq=4, opt_seq=128, max_seq=256)
+    cfg = engine_config("tensorrt", None, min_batch=1, opt_batch=8, max_batch=32, min_seq=4, opt_seq=128, max_seq=256)
     shapes = profile_shapes(cfg, ["input_ids", "attention_mask"])
     assert shapes == {n: ((1, 4), (8, 128), (32, 256)) for n in ("input_ids", "attention_mask")}
 

@@ -24,7 +24,7 @@ import torch
 from pipeline.engines import onnxruntime as ort_engine
 from pipeline.engines import tensorrt as trt_engine
 from pipeline.engines.trt_rules import check_tensorrt
-from pipeline.schema import EngineConfig
+from pipeline.schema import engine_config
 from tests.test_trt_rules import _node, legal_model, plant_uint8_activation_qdq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def _graph(tmp_path: Path, fmt: str = "int8") -> Path:
 
 def _engine(tmp_path: Path, **cfg) -> trt_engine.TrtEngine:
     cfg = {"name": "tensorrt", "timing_cache": str(tmp_path / "cache" / "timing.cache")} | cfg
-    e = trt_engine.TrtEngine(_graph(tmp_path), "int8", EngineConfig(**cfg), tmp_path)
+    e = trt_engine.TrtEngine(_graph(tmp_path), "int8", engine_config(**cfg), tmp_path)
     e.device = torch.device("cpu")  # the fake "GPU" tensors live on the CPU
     return e
 
@@ -269,17 +269,17 @@ def _inputs(batch: int, seq: int) -> dict[str, np.ndarray]:
 
 
 def test_timing_cache_is_keyed_by_gpu_and_tensorrt_version():
-    cfg = EngineConfig(name="tensorrt", timing_cache="outputs/.cache/tensorrt/timing.cache")
+    cfg = engine_config("tensorrt", None, timing_cache="outputs/.cache/tensorrt/timing.cache")
     h100 = trt_engine.timing_cache_path(cfg, "NVIDIA H100 80GB HBM3", "11.1.0.106")
     assert h100 == Path("outputs/.cache/tensorrt/timing.nvidia-h100-80gb-hbm3.trt11.1.0.106.cache")
     assert trt_engine.timing_cache_path(cfg, "NVIDIA H200", "11.1.0.106") != h100
     assert trt_engine.timing_cache_path(cfg, "NVIDIA H100 80GB HBM3", "10.15.1") != h100
-    assert trt_engine.timing_cache_path(EngineConfig(name="tensorrt", timing_cache=None), "x", "11") is None
+    assert trt_engine.timing_cache_path(engine_config("tensorrt", None, timing_cache=None), "x", "11") is None
 
 
 def test_foreign_timing_cache_is_replaced_by_a_fresh_one_and_the_plan_is_written(fake_gpu, tmp_path, caplog):
     path = trt_engine.timing_cache_path(
-        EngineConfig(name="tensorrt", timing_cache=str(tmp_path / "cache" / "timing.cache")), "NVIDIA H100 80GB HBM3", "11.1.0"
+        engine_config("tensorrt", None, timing_cache=str(tmp_path / "cache" / "timing.cache")), "NVIDIA H100 80GB HBM3", "11.1.0"
     )
     path.parent.mkdir(parents=True)
     path.write_bytes(FOREIGN)  # set_timing_cache(..., ignore_mismatch=False) returns False for it
@@ -383,7 +383,7 @@ def test_fp8_plan_refused_below_compute_capability_8_9(fake_gpu, tmp_path, monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(RuntimeError, match=r"FP8 plan on NVIDIA A100-SXM4-80GB \(compute capability 8.0\).* 8.9 or later"):
-        trt_engine.TrtEngine(_graph(tmp_path, "fp8"), "fp8", EngineConfig(name="tensorrt", timing_cache=None), tmp_path)
+        trt_engine.TrtEngine(_graph(tmp_path, "fp8"), "fp8", engine_config("tensorrt", None, timing_cache=None), tmp_path)
     assert ("builder",) not in fake_gpu  # refused before any build
 
 
@@ -401,7 +401,7 @@ def test_shape_outside_the_profile_gets_a_clear_error(fake_gpu, tmp_path):
 @pytest.mark.parametrize(("version", "refused"), [("10.8.0", True), ("10.11.1", True), ("10.12.0", False), ("11.1.0", False)])
 def test_tensorrt_10x_needs_10_12(monkeypatch, version, refused):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt([], version))
-    problems = trt_engine.check(EngineConfig(name="tensorrt"))
+    problems = trt_engine.check(engine_config("tensorrt"))
     assert any("on 10.x this engine needs 10.12 or later" in p for p in problems) == refused
 
 
@@ -413,7 +413,7 @@ def test_driver_too_old_for_the_cuda_13_wheels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(trt_engine, "tensorrt_cuda_major", lambda: 13)
     monkeypatch.setattr(trt_engine, "driver_version", lambda: "550.54.15")
-    assert trt_engine.check(EngineConfig(name="tensorrt")) == [
+    assert trt_engine.check(engine_config("tensorrt")) == [
         "engine=tensorrt: TensorRT 11.1.0 is the CUDA 13 build, which needs NVIDIA driver r580 or later; this machine has "
         "550.54.15: update the driver or install the CUDA 12 build (tensorrt-cu12)"
     ]
@@ -479,12 +479,12 @@ TRT_CUDA = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 def test_tensorrt_provider_session_is_made_without_an_optimized_model_file(monkeypatch, tmp_path):
     fake = fake_ort(active=TRT_CUDA)
     monkeypatch.setitem(sys.modules, "onnxruntime", fake)
-    e = ort_engine.OrtEngine(_graph(tmp_path), "int8", EngineConfig(name="onnxruntime", providers=TRT_CUDA), tmp_path)
+    e = ort_engine.OrtEngine(_graph(tmp_path), "int8", engine_config("onnxruntime", None, providers=TRT_CUDA), tmp_path)
     assert not getattr(fake.sessions[0].so, "optimized_model_filepath", "")
     assert "optimized_graph" not in e.files and e.kernels == {}
     # The CPU provider still saves and counts it.
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort(active=["CPUExecutionProvider"]))
-    cpu = ort_engine.OrtEngine(_graph(tmp_path), "int8", EngineConfig(name="onnxruntime"), tmp_path)
+    cpu = ort_engine.OrtEngine(_graph(tmp_path), "int8", engine_config("onnxruntime"), tmp_path)
     assert cpu.files["optimized_graph"].exists()
 
 
@@ -495,11 +495,11 @@ def test_tensorrt_provider_session_is_made_without_an_optimized_model_file(monke
 def test_a_silent_fallback_is_refused(monkeypatch, tmp_path, asked):
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort(active=["CPUExecutionProvider"]))
     with pytest.raises(RuntimeError, match=rf"did not start {asked[0]} for model_int8_trt.onnx: the session runs on CPUExecutionProvider"):
-        ort_engine.OrtEngine(_graph(tmp_path), "int8", EngineConfig(name="onnxruntime", providers=asked), tmp_path)
+        ort_engine.OrtEngine(_graph(tmp_path), "int8", engine_config("onnxruntime", None, providers=asked), tmp_path)
 
 
 def test_qdq_graph_on_cuda_is_emulated_unless_an_int8_kernel_ran_on_cuda(monkeypatch, tmp_path):
-    cfg = EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cfg = engine_config("onnxruntime", None, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     floats = [_node_event("DequantizeLinear", "CUDAExecutionProvider", "dq"), _node_event("MatMul", "CUDAExecutionProvider", "mm")]
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort(active=cuda, profile=floats))
@@ -535,11 +535,11 @@ def test_ops_by_provider_reads_a_real_onnx_runtime_profile(tmp_path):
 
 
 def test_tensorrt_provider_builds_from_tensorrt_graphs():
-    trt_first = EngineConfig(name="onnxruntime", providers=TRT_CUDA)
+    trt_first = engine_config("onnxruntime", None, providers=TRT_CUDA)
     assert ort_engine.provider_graphs(trt_first, "int8") == {"fp16": "model_fp16.onnx", "int8": "model_int8_trt.onnx"}
     assert ort_engine.provider_graphs(trt_first, "fp8") == {"fp16": "model_fp16.onnx", "fp8": "model_fp8.onnx"}
-    assert ort_engine.provider_graphs(EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider"]), "int8") is None
-    assert ort_engine.provider_graphs(EngineConfig(name="onnxruntime"), "int8") is None
+    assert ort_engine.provider_graphs(engine_config("onnxruntime", None, providers=["CUDAExecutionProvider"]), "int8") is None
+    assert ort_engine.provider_graphs(engine_config("onnxruntime"), "int8") is None
 
 
 def test_tensorrt_provider_refuses_a_uint8_qdq_graph(monkeypatch, tmp_path):
@@ -548,12 +548,12 @@ def test_tensorrt_provider_refuses_a_uint8_qdq_graph(monkeypatch, tmp_path):
     plant_uint8_activation_qdq(m)  # model_int8.onnx's softmax Q/DQ is UINT8
     onnx.save(m, tmp_path / "model_int8.onnx")
     with pytest.raises(ValueError, match=r"model_int8.onnx is not a graph for TensorrtExecutionProvider .*model_int8_trt.onnx"):
-        ort_engine.OrtEngine(tmp_path / "model_int8.onnx", "int8", EngineConfig(name="onnxruntime", providers=TRT_CUDA), tmp_path)
+        ort_engine.OrtEngine(tmp_path / "model_int8.onnx", "int8", engine_config("onnxruntime", None, providers=TRT_CUDA), tmp_path)
 
 
 def test_tensorrt_provider_options_carry_the_engine_profile_and_caches(monkeypatch, tmp_path):
-    cfg = EngineConfig(
-        name="onnxruntime", providers=TRT_CUDA, min_seq=4, max_batch=32, max_seq=256, timing_cache=str(tmp_path / "c" / "t.cache")
+    cfg = engine_config(
+        "onnxruntime", None, providers=TRT_CUDA, min_seq=4, max_batch=32, max_seq=256, timing_cache=str(tmp_path / "c" / "t.cache")
     )
     opts = ort_engine.tensorrt_provider_options(cfg, ["input_ids", "attention_mask"], tmp_path / "trt")
     assert opts["trt_profile_min_shapes"] == "input_ids:1x4,attention_mask:1x4"

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.engines import peers
 from pipeline.inference import engine_logits
-from pipeline.schema import BenchmarkConfig, ConfigError, EngineConfig
+from pipeline.schema import BenchmarkConfig, ConfigError, engine_config
 from pipeline.validation import validate
 from tests.conftest import compose_cfg
 
@@ -112,7 +112,7 @@ def test_transformer_fusions_change_the_graph_not_the_numbers(tiny_run):
     ops = count_ops(fused.files["fused_graph"])
     assert ops.get("SkipLayerNormalization", 0) > 0  # the fusion happened ...
     assert fused.kernels.get("MatMulIntegerToFloat", 0) + fused.kernels.get("QLinearMatMul", 0) > 0  # ... and GEMMs stay int8
-    plain_cfg = EngineConfig(name="onnxruntime", transformer_fusions=False, save_optimized=False)
+    plain_cfg = engine_config("onnxruntime", None, transformer_fusions=False, save_optimized=False)
     plain = OrtEngine(ctx.artifacts.onnx["model_int8.onnx"], "int8", plain_cfg, ctx.run_dir)
     ev = ctx.encoded["eval"]
     a, b = engine_logits(fused, ctx.tokenizer, ev, 16), engine_logits(plain, ctx.tokenizer, ev, 16)

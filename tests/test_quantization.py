@@ -73,9 +73,9 @@ def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight
     """7-bit weights (quant.weight_range=reduced) are exact on every x86 CPU; full-range 8-bit weights
     only where ORT's int8 GEMM does not saturate (VNNI), which weight_range=auto detects."""
     from pipeline.engines.onnxruntime import weight_range_for
-    from pipeline.schema import EngineConfig
+    from pipeline.schema import engine_config
 
-    if weight_bits == 8 and weight_range_for(EngineConfig(name="onnxruntime"))[0] == "reduced":
+    if weight_bits == 8 and weight_range_for(engine_config("onnxruntime"))[0] == "reduced":
         pytest.skip("x86 CPU without VNNI: ORT's int8 GEMM saturates with full-range weights (what weight_range=auto avoids)")
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 8)
@@ -164,15 +164,15 @@ def test_placement_globs_roles_and_residual():
 
 def test_weight_range_auto_is_reduced_only_for_ort_cpu_on_x86_without_vnni():
     from pipeline.engines.onnxruntime import weight_range_for
-    from pipeline.schema import EngineConfig
+    from pipeline.schema import engine_config
 
-    ort_cpu = EngineConfig(name="onnxruntime")
+    ort_cpu = engine_config("onnxruntime")
     assert weight_range_for(ort_cpu, {"avx2", "fma"}, "x86_64")[0] == "reduced"
     assert weight_range_for(ort_cpu, {"avx2", "avx512_vnni"}, "x86_64")[0] == "full"
     assert weight_range_for(ort_cpu, {"avx2", "avx_vnni"}, "x86_64")[0] == "full"
     assert weight_range_for(ort_cpu, set(), "aarch64")[0] == "full"
-    assert weight_range_for(EngineConfig(name="tensorrt"), {"avx2"}, "x86_64")[0] == "full"
-    gpu = EngineConfig(name="onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert weight_range_for(engine_config("tensorrt"), {"avx2"}, "x86_64")[0] == "full"
+    gpu = engine_config("onnxruntime", None, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert weight_range_for(gpu, {"avx2"}, "x86_64")[0] == "full"
 
 

@@ -425,16 +425,16 @@ def test_network_flags_strongly_typed_on_10x_and_none_on_11x():
 
 def test_check_names_the_targeted_version_for_an_old_tensorrt(monkeypatch):
     from pipeline.engines import tensorrt as trt_engine
-    from pipeline.schema import EngineConfig
+    from pipeline.schema import engine_config
 
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt("8.6.1"))
-    problems = trt_engine.check(EngineConfig(name="tensorrt"))
+    problems = trt_engine.check(engine_config("tensorrt"))
     assert problems[0] == (
         "engine=tensorrt: TensorRT 8.6.1 found; this engine targets TensorRT 11.x (10.x accepted); "
         "pip install tensorrt on a machine with an NVIDIA GPU"
     )
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_trt("11.4.0"))
-    assert not any("TensorRT" in p and "found" in p for p in trt_engine.check(EngineConfig(name="tensorrt")))
+    assert not any("TensorRT" in p and "found" in p for p in trt_engine.check(engine_config("tensorrt")))
 
 
 def test_graph_precision_reads_the_graph():

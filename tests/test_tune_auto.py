@@ -14,7 +14,7 @@ import yaml
 
 from pipeline import run as run_module
 from pipeline.data.batching import Encoded
-from pipeline.schema import TaskConfig
+from pipeline.schema import EmbeddingConfig
 from pipeline.tasks.embedding import Embedding
 from pipeline.tasks.sequence_classification import SequenceClassification
 from pipeline.testing import compose_cfg
@@ -82,7 +82,7 @@ def test_a_small_split_needs_the_fp32_expected_and_the_point_drop_within_budget(
 
 
 def test_embedding_budget_is_its_fidelity_targets():
-    task = Embedding(TaskConfig(name="embedding", min_cosine=0.99, min_recall=0.9, recall_k=3, knn_k=3), None)
+    task = Embedding(EmbeddingConfig(min_cosine=0.99, min_recall=0.9, recall_k=3, knn_k=3), None)
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(64, 16))
     data = _split(rng.integers(0, 2, 64))

@@ -74,12 +74,18 @@ def precision_graphs(cfg, files: dict[str, Path]) -> dict[str, Path]:
     return {precision: files[name] for precision, name in names.items() if name in files}
 
 
+# Engine keys the Triton CPU model builds its session from (pipeline/deploy/triton_models/engine.py).
+SERVING_SETTINGS = ("graph_optimization", "intra_op_threads", "allow_spinning", "transformer_fusions", "inference_precision")
+
+
 def serving_spec(cfg, tokenizer, files: dict[str, Path], label_names: list[str], plans: dict[str, Path] | None = None) -> RunServing:
     """The serving description of a run from its config, its Hugging Face tokenizer, its ONNX files by
     name and its label names (what the deploy stage and `from_run_folder` both call)."""
+    from pipeline.schema import engine_config
+
     graphs = precision_graphs(cfg, files)
     cpu_engine = cfg.engine.name if cfg.engine.name in ("onnxruntime", "openvino") else "onnxruntime"
-    cpu_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name=cpu_engine))
+    cpu_cfg = dataclasses.replace(cfg, engine=engine_config(cpu_engine, cfg.engine))
     cpu_graphs = precision_graphs(cpu_cfg, files)
     if cfg.engine.name == "onnxruntime" and cfg.engine.transformer_fusions:
         for precision, path in cpu_graphs.items():
@@ -90,18 +96,15 @@ def serving_spec(cfg, tokenizer, files: dict[str, Path], label_names: list[str],
         raise FileNotFoundError("the run has no ONNX graph to serve (export=none?)")
     input_names, output_name, output_dims = graph_io(next(iter(graphs.values())))
     t = cfg.task
-    meta = {"label_names": [str(n) for n in label_names], "n_best": t.n_best, "max_answer_length": t.max_answer_length}
-    textproc = TextProcessor.from_hf(tokenizer, cfg.model.max_length, input_names, doc_stride=t.doc_stride, task=t.name)
-    e = cfg.engine
-    settings = {
-        "graph_optimization": e.graph_optimization,
-        "intra_op_threads": e.intra_op_threads,
-        "allow_spinning": e.allow_spinning,
-        "transformer_fusions": e.transformer_fusions,
-        "inference_precision": e.inference_precision,
-    }
-    if e.name == "tensorrt":
-        settings["max_batch"] = e.max_batch  # the plans' optimization profile
+    meta: dict[str, Any] = {"label_names": [str(n) for n in label_names]}
+    if t.name == "question_answering":  # the answer search's settings (postprocess.answers)
+        meta |= {"n_best": t.n_best, "max_answer_length": t.max_answer_length}
+    stride = t.doc_stride if t.name == "question_answering" else 0
+    textproc = TextProcessor.from_hf(tokenizer, cfg.model.max_length, input_names, doc_stride=stride, task=t.name)
+    # The CPU engine's own keys (the Triton CPU model builds its session from them; the others keep their defaults).
+    settings = {k: getattr(cpu_cfg.engine, k) for k in SERVING_SETTINGS if hasattr(cpu_cfg.engine, k)}
+    if cfg.engine.name == "tensorrt":
+        settings["max_batch"] = cfg.engine.max_batch  # the plans' optimization profile
     return RunServing(
         t.name, textproc, meta, graphs, plans or {}, cpu_graphs, output_name, output_dims, settings, cfg.evaluate.batch_size, cpu_engine
     )
@@ -112,7 +115,7 @@ def load_run_config(run_dir: Path):
     validated (pipeline.validation) when it started, and deploy sits below the layers those rules live in."""
     from omegaconf import OmegaConf
 
-    from pipeline.schema import REPLACED, validate
+    from pipeline.schema import ENGINE_CONFIGS, REPLACED, TASK_CONFIGS, engine_config, validate
 
     path = Path(run_dir) / "config.resolved.yaml"
     if not path.is_file():
@@ -123,9 +126,15 @@ def load_run_config(run_dir: Path):
         group, leaf = key.split(".")
         if group in raw and leaf in raw[group]:
             raw[group].pop(leaf)
+    # A run made before each engine and task had its own schema may carry keys its kind never read.
+    for group, kinds in (("engine", ENGINE_CONFIGS), ("task", TASK_CONFIGS)):
+        if group in raw and raw[group].get("name") in kinds:
+            own = {f.name for f in dataclasses.fields(kinds[raw[group].name])}
+            for key in [k for k in raw[group] if k not in own]:
+                raw[group].pop(key)
     cfg = validate(raw)
     if cfg.engine.name == "auto":  # the engine the run resolved it to (metrics.json engine_choice), as measured
-        cfg.engine.name = _chosen_engine(Path(run_dir))
+        cfg.engine = engine_config(_chosen_engine(Path(run_dir)), cfg.engine)
     return cfg
 
 
@@ -264,9 +273,13 @@ def build_engine(cfg, graph: Path, precision: str, engine_name: str | None = Non
     files (optimized graph, ...) written to `workdir` (default: a temporary folder, removed once the
     engine is built), never into the run folder."""
     from pipeline.engines import ENGINES
+    from pipeline.schema import engine_config
 
     name = engine_name or cfg.engine.name
-    engine_cfg = cfg.engine if name == cfg.engine.name else dataclasses.replace(cfg.engine, name=name, providers=["CPUExecutionProvider"])
+    if name == cfg.engine.name:
+        engine_cfg = cfg.engine
+    else:  # another engine on this CPU, with the run's settings it shares
+        engine_cfg = engine_config(name, cfg.engine, **({"providers": ["CPUExecutionProvider"]} if name == "onnxruntime" else {}))
     if workdir is not None:
         return ENGINES[name]().build(Path(graph), precision, engine_cfg, Path(workdir))
     with tempfile.TemporaryDirectory(prefix="qdq-predict-") as tmp:  # the session keeps no file open once built
@@ -276,10 +289,12 @@ def build_engine(cfg, graph: Path, precision: str, engine_name: str | None = Non
 def load_predictor(run_dir: str | Path, precision: str = "int8", engine: str | None = None, batch_size: int | None = None) -> Predictor:
     """A Predictor for a finished run folder: its `precision` graph (int8 = the quantized graph, fp32 =
     the baseline; fp16 / fp8 where the run has them) on `engine` (default: the run's)."""
+    from pipeline.schema import engine_config
+
     cfg, spec = from_run_folder(run_dir)
     if engine is not None and engine != cfg.engine.name:  # the graphs that engine builds from (pipeline.engines.GRAPHS)
         files = {p.name: p for p in Path(run_dir).glob("model_*.onnx")}
-        spec.graphs = precision_graphs(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name=engine)), files)
+        spec.graphs = precision_graphs(dataclasses.replace(cfg, engine=engine_config(engine, cfg.engine)), files)
     wanted = _precision_label(spec, precision)
     eng = build_engine(cfg, spec.graphs[wanted], wanted, engine)
     return Predictor(spec.textproc, eng, POSTPROCESS[spec.task], spec.task, spec.meta, batch_size or spec.batch_size)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from pipeline.engines.base import GRAPHS, x86_int8_saturation
-from pipeline.schema import EngineConfig
+from pipeline.schema import EngineConfig, OnnxRuntimeEngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def check(cfg: EngineConfig) -> list[str]:
+def check(cfg: OnnxRuntimeEngineConfig) -> list[str]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -101,7 +101,7 @@ def provider_graphs(cfg: EngineConfig, fmt: str) -> dict[str, str] | None:
     return dict(GRAPHS["tensorrt"][fmt])
 
 
-def tensorrt_provider_options(cfg: EngineConfig, input_names: list[str], cache_dir: Path) -> dict[str, object]:
+def tensorrt_provider_options(cfg: OnnxRuntimeEngineConfig, input_names: list[str], cache_dir: Path) -> dict[str, object]:
     """TensorrtExecutionProvider options from the engine config: the same optimization profile as engine=tensorrt.
 
     Profiles: "trt_profile_min_shapes" / "_opt_" / "_max_": "input1:dim1xdim2...,input2:..." for every dynamic input
@@ -131,7 +131,7 @@ def tensorrt_provider_options(cfg: EngineConfig, input_names: list[str], cache_d
     }
 
 
-def _trt_cache_dir(cfg: EngineConfig, run_dir: Path) -> Path:
+def _trt_cache_dir(cfg: OnnxRuntimeEngineConfig, run_dir: Path) -> Path:
     """Where the TensorRT provider keeps engines and timing caches: beside engine.timing_cache, keyed by the
     onnxruntime version (its engines are not portable across ONNX Runtime / TensorRT versions), else in the run."""
     import onnxruntime as ort
@@ -145,7 +145,7 @@ _QUANTIZED = ("int8", "fp8")
 
 
 class OrtEngine:
-    def __init__(self, onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path):
+    def __init__(self, onnx_path: Path, precision: str, cfg: OnnxRuntimeEngineConfig, run_dir: Path):
         import onnxruntime as ort
 
         self.precision = precision
@@ -383,5 +383,5 @@ def transformer_fusions(src: Path, out: Path, num_heads: int = 0, hidden_size: i
     return out
 
 
-def build(onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path) -> OrtEngine:
+def build(onnx_path: Path, precision: str, cfg: OnnxRuntimeEngineConfig, run_dir: Path) -> OrtEngine:
     return OrtEngine(onnx_path, precision, cfg, run_dir)

@@ -227,6 +227,9 @@ PEERS: dict[str, Peer] = {
         "int8",
         "NNCF post-training quantization (model_type=TRANSFORMER, SmoothQuant) on OpenVINO",
         "openvino",
+        # Optimum-Intel compiles NNCF models with the plugin's own float precision: the peer keeps it whatever
+        # engine.inference_precision this run's engine uses.
+        (("inference_precision", "default"),),
         caveat="NNCF's MinMax-based ranges and SmoothQuant alpha 0.95 on the run's calibration batches, no QAT",
     ),
     "int8_onnxruntime": Peer(our_int8_graph, "int8", "this run's model_int8.onnx on ONNX Runtime", ours=True),

@@ -40,7 +40,7 @@ import onnx
 
 from pipeline.engines.trt_rules import check_tensorrt, graph_precision, has_quantized_gemm
 from pipeline.outputs import atomic_write, write_json
-from pipeline.schema import EngineConfig
+from pipeline.schema import OnnxRuntimeEngineConfig, TensorRTEngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 MIN_DRIVER = {13: 580, 12: 535}
 
 
-def check(cfg: EngineConfig) -> list[str]:
+def check(cfg: TensorRTEngineConfig) -> list[str]:
     """Problems that stop engine=tensorrt before any stage runs (missing or too old TensorRT, no GPU, old driver).
 
     Args:
@@ -165,7 +165,9 @@ def network_flags(trt: ModuleType) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def profile_shapes(cfg: EngineConfig, input_names: list[str]) -> dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+def profile_shapes(
+    cfg: TensorRTEngineConfig | OnnxRuntimeEngineConfig, input_names: list[str]
+) -> dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
     """(min, opt, max) shape of every (batch, sequence) input for the optimization profile."""
     lo, opt, hi = (cfg.min_batch, cfg.min_seq), (cfg.opt_batch, cfg.opt_seq), (cfg.max_batch, cfg.max_seq)
     return {name: (lo, opt, hi) for name in input_names}
@@ -327,7 +329,7 @@ def require_fp8(capability: tuple[int, int], gpu: str = "this GPU") -> None:
         )
 
 
-def timing_cache_path(cfg: EngineConfig, gpu_name: str, trt_version: str) -> Path | None:
+def timing_cache_path(cfg: TensorRTEngineConfig, gpu_name: str, trt_version: str) -> Path | None:
     """The timing cache file for this GPU and TensorRT version, next to engine.timing_cache; None when caching is off.
 
     A timing cache holds kernel timings of one GPU model under one TensorRT version; TensorRT refuses a cache from
@@ -385,7 +387,7 @@ def save_timing_cache(config: object, attached: object | None, cache_path: Path 
     atomic_write(cache_path, lambda p: p.write_bytes(data))
 
 
-def build_plan(trt: ModuleType, logger: object, onnx_path: Path, cfg: EngineConfig, cache_path: Path | None) -> bytes:
+def build_plan(trt: ModuleType, logger: object, onnx_path: Path, cfg: TensorRTEngineConfig, cache_path: Path | None) -> bytes:
     """Parses the ONNX graph into a strongly typed network and builds the serialized plan.
 
     Args:
@@ -471,7 +473,7 @@ class TrtEngine:
     issues due to additional cudaDeviceSynchronize() calls": Python API, IExecutionContext.execute_async_v3).
     """
 
-    def __init__(self, onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path):
+    def __init__(self, onnx_path: Path, precision: str, cfg: TensorRTEngineConfig, run_dir: Path):
         check_graph(onnx_path, precision)
         import tensorrt as trt
         import torch
@@ -609,7 +611,7 @@ class TrtEngine:
         return [float(start.elapsed_time(end)) for start, end in events]
 
 
-def build(onnx_path: Path, precision: str, cfg: EngineConfig, run_dir: Path) -> TrtEngine:
+def build(onnx_path: Path, precision: str, cfg: TensorRTEngineConfig, run_dir: Path) -> TrtEngine:
     """Builds (and loads) the `precision` plan from its TensorRT graph.
 
     Args:

@@ -5,7 +5,6 @@ machine, the numerics of exactly what TensorRT would build."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -15,7 +14,7 @@ from pipeline.context import RunContext
 from pipeline.data import batches
 from pipeline.engines import ENGINES, TRT_GRAPHS, graphs_for
 from pipeline.engines.peers import PEERS, Peer, PeerInputs, build_peers
-from pipeline.schema import RunConfig
+from pipeline.schema import RunConfig, engine_config
 
 log = logging.getLogger(__name__)
 # Engines that run on this machine's CPU: peers and TensorRT's graph checks run beside them.
@@ -36,6 +35,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         ctx.metrics.quantization.setdefault("engine_kernels", {})[precision] = engine.kernels
         if getattr(engine, "inference_precision", None):  # OpenVINO: what its float layers compute in
             ctx.metrics.quantization.setdefault("engine_inference_precision", {})[precision] = engine.inference_precision
+            if precision == labels[-1][0]:  # the quantized engine's float layers: engine.inference_precision's rule
+                ctx.metrics.quantization["engine_inference_precision_why"] = engine.precision_rule[1]
         log.info("build_engine: %s %s kernels %s", cfg.engine.name, precision, engine.kernels)
     if cfg.engine.name not in CPU_ENGINES:
         if cfg.benchmark.enabled and cfg.benchmark.peers:
@@ -46,7 +47,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         _build_peers(cfg, ctx)
     # TensorRT's graphs through ONNX Runtime's CPU provider: their numerics, measured on any machine.
     ort = ENGINES["onnxruntime"]()
-    ort_cfg = dataclasses.replace(cfg.engine, name="onnxruntime", providers=["CPUExecutionProvider"])
+    ort_cfg = engine_config("onnxruntime", cfg.engine, providers=["CPUExecutionProvider"])
     for label, name in TRT_GRAPHS[cfg.quant.format].items():
         if name in ctx.artifacts.onnx:
             engine = ort.build(ctx.artifacts.onnx[name], label, ort_cfg, ctx.run_dir)
@@ -80,9 +81,8 @@ def _build_peers(cfg: RunConfig, ctx: RunContext) -> None:
 
     def build(peer: Peer, path):
         # Peers run as their tools wrote them, on their own engine: none of this project's engine rewrites.
-        engine_cfg = dataclasses.replace(
-            cfg.engine, name=peer.engine, providers=["CPUExecutionProvider"], transformer_fusions=False, **dict(peer.settings)
-        )
+        own = {"providers": ["CPUExecutionProvider"], "transformer_fusions": False} if peer.engine == "onnxruntime" else {}
+        engine_cfg = engine_config(peer.engine, cfg.engine, **own | dict(peer.settings))
         return ENGINES[peer.engine]().build(path, peer.precision, engine_cfg, out)
 
     # Our graph on another engine is a peer only where that engine is not the run's own.

@@ -100,7 +100,9 @@ def summary_table(d: dict, run_dir: Path, task=None) -> str:
             )
     prec = d["quantization"].get("engine_inference_precision")
     if prec:
-        rows.append(("OpenVINO float-layer precision", ", ".join(f"{PRECISION_NAMES.get(k, k)} engine: {v}" for k, v in prec.items())))
+        why = d["quantization"].get("engine_inference_precision_why")
+        text = ", ".join(f"{PRECISION_NAMES.get(k, k)} engine: {v}" for k, v in prec.items()) + (f" ({why})" if why else "")
+        rows.append(("OpenVINO float-layer precision", text))
     kern = d["quantization"].get("engine_kernels", {}).get(quant)
     if kern:
         rows.append((f"{Q} engine GEMM kernels", ", ".join(f"{k} {v}" for k, v in kern.items())))

@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from pipeline.data import DataSplits, Split, encode, load_splits
 from pipeline.data.batching import Encoded
-from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
+from pipeline.schema import DataConfig, EmbeddingConfig, ModelConfig, TrainConfig
 from pipeline.tasks.base import Models
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Embedding:
     score_name = "k-NN accuracy"
     distills = True  # QAT learns from the FP32 embeddings, never from labels
 
-    def __init__(self, cfg: TaskConfig, model: ModelConfig):
+    def __init__(self, cfg: EmbeddingConfig, model: ModelConfig):
         self.cfg = cfg
         self.model_cfg = model
         self.pooling: Pooling | None = None  # resolved at load

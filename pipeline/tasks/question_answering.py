@@ -33,7 +33,7 @@ from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import Encoded
 from pipeline.data.sources import cut_splits, raw_rows
 from pipeline.inference import kl_per_example
-from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
+from pipeline.schema import DataConfig, ModelConfig, QuestionAnsweringConfig, TrainConfig
 from pipeline.tasks.base import Models, token_level_selection
 from pipeline.training import kd_loss
 
@@ -213,7 +213,7 @@ class QuestionAnswering:
     score_name = "F1"
     distills = False
 
-    def __init__(self, cfg: TaskConfig):
+    def __init__(self, cfg: QuestionAnsweringConfig):
         self.cfg = cfg
 
     # --- data ---

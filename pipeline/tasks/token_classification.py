@@ -27,7 +27,7 @@ from transformers import AutoModelForTokenClassification
 from pipeline.data import DataError, DataSplits
 from pipeline.data.batching import IGNORE, Encoded
 from pipeline.data.sources import cut_splits, raw_rows
-from pipeline.schema import DataConfig, ModelConfig, TaskConfig, TrainConfig
+from pipeline.schema import DataConfig, ModelConfig, TokenClassificationConfig, TrainConfig
 from pipeline.tasks.base import Models, token_divergence, token_level_selection
 from pipeline.training import kd_loss
 
@@ -141,7 +141,7 @@ class TokenClassification:
     score_name = "entity F1"
     distills = False
 
-    def __init__(self, cfg: TaskConfig):
+    def __init__(self, cfg: TokenClassificationConfig):
         self.cfg = cfg
         self.tag_names: list[str] = []
 

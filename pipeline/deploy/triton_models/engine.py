@@ -22,6 +22,14 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 _FLOAT_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
 class _OpenVINO:
     """The graph compiled by OpenVINO's CPU plugin, as pipeline/engines/openvino.py compiles it."""
 
@@ -31,8 +39,11 @@ class _OpenVINO:
         core = ov.Core()
         props = {"PERFORMANCE_HINT": "LATENCY"}
         hint = _FLOAT_HINTS.get(p.get("precision", ""))
-        if hint is None and p.get("inference_precision", "default") != "default":
-            hint = p["inference_precision"]
+        asked = p.get("inference_precision", "default")
+        if hint is None and asked == "auto":  # pipeline/engines/openvino.py float_layer_precision: f32 unless AMX
+            hint = None if "amx_bf16" in _cpu_flags() else "f32"
+        elif hint is None and asked != "default":
+            hint = asked
         if hint is not None:
             props["INFERENCE_PRECISION_HINT"] = hint
         if int(p.get("intra_op_threads", "0")):
