@@ -102,6 +102,9 @@ class TrainConfig:
 
     enabled: bool = True
     epochs: int = field(default=1, metadata=_range(1))
+    # Batches of similar lengths (Hugging Face Trainer's group_by_length, megabatches of 50 batches): less padding,
+    # the same examples per epoch. Off = plain shuffled batches.
+    group_by_length: bool = True
     max_steps: int | None = field(default=None, metadata=_range(1))
     lr: float = field(default=5e-5, metadata=_range(0.0, 1.0))
     batch_size: int = field(default=32, metadata=_range(1))

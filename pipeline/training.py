@@ -257,7 +257,9 @@ def train(
     step = result.steps
     for epoch in range(step // steps_per_epoch, epochs):
         skip = step - epoch * steps_per_epoch  # batches of this epoch already done before a resume
-        for i, batch in enumerate(batches(tokenizer, data, cfg.batch_size, shuffle=True, seed=seed + epoch)):
+        for i, batch in enumerate(
+            batches(tokenizer, data, cfg.batch_size, shuffle=True, seed=seed + epoch, group_by_length=cfg.group_by_length)
+        ):
             if i < skip:
                 continue
             if step >= total:

@@ -408,3 +408,50 @@ def test_cli_bad_data_exits_2_without_traceback_or_run_folder(tmp_path):
     ) in r.stderr
     # Refused in the RunDirGuard callback, before Hydra creates the run folder: nothing at all is written.
     assert not (tmp_path / "run").exists()
+
+
+class _PadTokenizer:
+    """tokenizer.pad as Hugging Face's does it for right padding: enough for batches()."""
+
+    def pad(self, features, return_tensors="pt"):
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [0] * (n - len(f["input_ids"])) for f in features]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (n - len(f["input_ids"])) for f in features]),
+        }
+
+
+def test_length_grouped_training_batches_cover_every_example_once_with_less_padding():
+    import random
+
+    from pipeline.data.batching import Encoded, batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 80) for _ in range(2000)]
+    data = Encoded([{"input_ids": [1] * n} for n in lengths], list(range(2000)))
+
+    def epoch(seed, grouped):
+        return list(batches(_PadTokenizer(), data, 16, shuffle=True, seed=seed, group_by_length=grouped))
+
+    plain, grouped = epoch(1, False), epoch(1, True)
+    assert sorted(i for b in grouped for i in b.index) == list(range(2000))  # each example once per epoch
+    assert all(b.labels.tolist() == b.index for b in grouped)  # labels stay with their examples
+    padded = {name: sum(b.inputs["input_ids"].numel() for b in bs) for name, bs in (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 0.7 * padded["plain"], padded
+    assert [b.index for b in epoch(1, True)] == [b.index for b in grouped]  # seeded
+    assert [b.index for b in epoch(2, True)] != [b.index for b in grouped]  # another epoch, another draw
+    # Long batches are not all at the start or the end: the batch order is shuffled too.
+    widths = [b.inputs["input_ids"].shape[1] for b in grouped]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    # group_by_length off keeps the plain permutation exactly (runs before the key behave as they did).
+    assert [b.index for b in plain] == [order[i : i + 16] for order in [_perm(2000, 1)] for i in range(0, 2000, 16)]
+
+
+def _perm(n, seed):
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
