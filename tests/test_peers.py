@@ -224,3 +224,9 @@ def test_a_peer_far_below_the_baseline_gets_its_why_in_the_report():
     text = "\n".join(peer_table(d))
     assert "**`ort_static` is 12.25 pt below the baseline engine** (paired 95 % interval ± 1.61 pt): MinMax ranges" in text
     assert "`ort_dynamic` is" not in text  # 0.75 pt below: within what a peer may lose without comment
+
+
+def test_a_peer_that_is_the_runs_own_row_is_not_built_twice():
+    """Our INT8 graph on the run's engine and, on engine=openvino, the f32 FP32 baseline are the run's own rows."""
+    own = {e: sorted(n for n, p in peers.PEERS.items() if p.is_the_runs_own(e)) for e in ("onnxruntime", "openvino", "tensorrt")}
+    assert own == {"onnxruntime": ["int8_onnxruntime"], "openvino": ["int8_openvino", "ov_fp32"], "tensorrt": []}

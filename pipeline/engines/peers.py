@@ -197,6 +197,11 @@ class Peer:
     # What its recipe does that can cost accuracy: printed when the peer ends > 2 pt below the baseline.
     caveat: str = ""
 
+    def is_the_runs_own(self, engine: str) -> bool:
+        """The run's own row under another name (skipped): our INT8 graph on the run's engine, or the run's FP32
+        graph in f32 on it (engine=openvino's baseline is model_fp32.onnx in f32: ov_fp32)."""
+        return self.engine == engine and (self.ours or (self.build is fp32_graph and self.precision == "fp32"))
+
 
 # Peers: other people's ways to the same goal (ONNX Runtime's and NNCF's quantizers) and the other float
 # engines this CPU offers (the strongest float baseline is the fastest of them, metrics speedup_vs_best_float).

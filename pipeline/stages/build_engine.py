@@ -85,8 +85,9 @@ def _build_peers(cfg: RunConfig, ctx: RunContext) -> None:
         engine_cfg = engine_config(peer.engine, cfg.engine, **own | dict(peer.settings))
         return ENGINES[peer.engine]().build(path, peer.precision, engine_cfg, out)
 
-    # Our graph on another engine is a peer only where that engine is not the run's own.
-    peer_names = [n for n in cfg.benchmark.peers if not (PEERS[n].ours and PEERS[n].engine == cfg.engine.name)]
+    # A peer that is the run's own row under another name (our graph on the run's engine, its FP32 baseline) is not
+    # built twice: the report's own rows are it.
+    peer_names = [n for n in cfg.benchmark.peers if not PEERS[n].is_the_runs_own(cfg.engine.name)]
     ctx.peers, ctx.metrics.peers = build_peers(peer_names, inputs, build)
     for row in ctx.metrics.peers:
         log.info("build_engine: peer %s %s", row["name"], row["error"] or row.get("kernels"))
