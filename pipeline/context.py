@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from pipeline.cache import StageCache, stage_key
+from pipeline.cache import StageCache, cached, link_or_copy, stage_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,6 +72,30 @@ class Metrics:
     tune: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Produces:
+    """What a cached stage leaves behind: saved into its cache entry after it computes, put back on a hit
+    (RunContext.cached). A stage declares this; the save / restore is the same for every stage."""
+
+    files: tuple[str, ...] = ()  # files / folders of the run folder it writes (hard-linked both ways; absent ones skipped)
+    metrics: tuple[str, ...] = ()  # the metrics.json sections it fills: a Metrics field, or field.key of a dict field
+    model_state: bool = False  # the working model's weights and quantizer ranges (the training stages)
+
+
+def _section(metrics: Metrics, path: str) -> Any:
+    name, _, key = path.partition(".")
+    value = getattr(metrics, name)
+    return value.get(key) if key else value
+
+
+def _set_section(metrics: Metrics, path: str, value: Any) -> None:
+    name, _, key = path.partition(".")
+    if key:
+        getattr(metrics, name)[key] = value
+    else:
+        setattr(metrics, name, value)
+
+
 @dataclass
 class RunContext:
     run_dir: Path
@@ -104,6 +130,48 @@ class RunContext:
         self.key = stage_key(stage, self.key, *parts)
         self.keys[stage] = self.key
         return self.key
+
+    def cached(
+        self,
+        stage: str,
+        key: str,
+        produces: Produces,
+        compute: Callable[[], None],
+        *,
+        save_extra: Callable[[Path], None] | None = None,
+        restore_extra: Callable[[Path], None] | None = None,
+    ) -> bool:
+        """Run `compute` and store what the stage `produces` under `key`, or put it back from the cache.
+        The extras save / restore what is not a run file, a metrics section or the model state (calibrate's
+        smoothing scales). Returns True on a cache hit."""
+        from safetensors.torch import load_file, save_file
+
+        from pipeline.training import state_for_safetensors
+
+        def save(tmp: Path) -> None:
+            for f in produces.files:
+                if self.path(f).exists():
+                    link_or_copy(self.path(f), tmp / f)
+            (tmp / "metrics.json").write_text(json.dumps({p: _section(self.metrics, p) for p in produces.metrics}))
+            if produces.model_state:
+                save_file(state_for_safetensors(self.model), str(tmp / "state.safetensors"))
+            if save_extra is not None:
+                save_extra(tmp)
+
+        def restore(hit: Path) -> None:
+            if produces.model_state:
+                self.model.load_state_dict(load_file(str(hit / "state.safetensors")))
+                self.model.eval()
+            for f in produces.files:
+                if (hit / f).exists():
+                    link_or_copy(hit / f, self.path(f))
+            for p, value in json.loads((hit / "metrics.json").read_text()).items():
+                if value is not None:
+                    _set_section(self.metrics, p, value)
+            if restore_extra is not None:
+                restore_extra(hit)
+
+        return cached(self.cache, stage, key, compute=compute, save=save, restore=restore)
 
     @property
     def quantized(self) -> bool:

@@ -50,3 +50,42 @@ def test_evaluate_is_not_reused_for_onnx_files_with_other_bytes(tmp_path, monkey
     monkeypatch.undo()
     third = run_tiny(tmp_path, FAST, name="third")  # the original bytes again: the original numbers
     assert _status(third)["evaluate"] == "cached" and third.metrics.accuracy == first.metrics.accuracy
+
+
+def test_a_stage_declares_what_it_produces_and_the_cache_puts_exactly_that_back(tmp_path):
+    """RunContext.cached: the files, metrics sections and model state a stage declares are stored once and
+    restored on a hit (compute not called); nothing else is."""
+    import torch
+
+    from pipeline.context import Produces, RunContext
+
+    def context(name):
+        ctx = RunContext(tmp_path / name, torch.device("cpu"), 0, "h", cache=cache.StageCache(tmp_path / "cache", True))
+        ctx.run_dir.mkdir()
+        ctx.model = torch.nn.Linear(3, 2)
+        return ctx
+
+    produces = Produces(files=("out.txt", "folder", "absent.bin"), metrics=("accuracy", "quantization.graph"), model_state=True)
+    calls = []
+
+    def compute(ctx):
+        calls.append(ctx.run_dir.name)
+        (ctx.path("out.txt")).write_text("made")
+        (ctx.path("folder") / "a").mkdir(parents=True)
+        (ctx.path("folder") / "a" / "b.json").write_text("{}")
+        ctx.metrics.accuracy = {"fp32": 0.5}
+        ctx.metrics.quantization.update(graph={"MatMul": 2}, not_declared=1)
+        with torch.no_grad():
+            ctx.model.weight.fill_(7.0)
+
+    first = context("first")
+    assert first.cached("stage", "k1", produces, lambda: compute(first)) is False
+    second = context("second")
+    assert second.cached("stage", "k1", produces, lambda: compute(second)) is True
+    assert calls == ["first"]  # the hit computed nothing
+    assert (second.path("out.txt")).read_text() == "made" and (second.path("folder") / "a" / "b.json").exists()
+    assert not second.path("absent.bin").exists()
+    assert second.metrics.accuracy == {"fp32": 0.5} and second.metrics.quantization == {"graph": {"MatMul": 2}}
+    assert torch.equal(second.model.weight, torch.full((2, 3), 7.0))
+    other = context("other")  # another key: computed afresh
+    assert other.cached("stage", "k2", produces, lambda: compute(other)) is False and calls == ["first", "other"]

@@ -3,21 +3,17 @@ best-state selection on the tuning split, record its curve, and cache / restore 
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from pipeline.cache import cached, link_or_copy
-from pipeline.context import RunContext
+from pipeline.context import Produces, RunContext
 from pipeline.outputs import atomic_write
 from pipeline.quantization.state import save_quantizer_state
 from pipeline.schema import RunConfig, TrainConfig
 from pipeline.tasks import Models
-from pipeline.training import latest_checkpoint, state_for_safetensors, train
+from pipeline.training import latest_checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -87,32 +83,19 @@ def run_qat(cfg: RunConfig, ctx: RunContext) -> bool:
             for q in ctx.quantizers.values():
                 q.set_learnable(False)  # plain buffers again for export and the cache
 
-    hit = cached(
-        ctx.cache,
-        "qat",
-        key,
-        compute=compute,
-        save=lambda tmp: save_trained(ctx, "qat", tmp),
-        restore=lambda h: restore_trained(ctx, "qat", h, key),
-    )
+    hit = cached_training(ctx, "qat", key, compute)
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
     return hit
 
 
-def save_trained(ctx: RunContext, stage: str, tmp: Path) -> None:
-    """Cache entry of a training stage: full state (weights + amax), its metrics, its loss curve."""
-    save_file(state_for_safetensors(ctx.model), str(tmp / "state.safetensors"))
-    (tmp / "training.json").write_text(json.dumps(ctx.metrics.training[stage]))
-    if ctx.path(f"loss_{stage}.png").exists():
-        link_or_copy(ctx.path(f"loss_{stage}.png"), tmp / f"loss_{stage}.png")
-
-
-def restore_trained(ctx: RunContext, stage: str, hit: Path, key: str) -> None:
-    ctx.model.load_state_dict(load_file(str(hit / "state.safetensors")))
-    ctx.model.eval()
-    ctx.metrics.training[stage] = {**json.loads((hit / "training.json").read_text()), "cached_from": key}
-    if (hit / f"loss_{stage}.png").exists():
-        link_or_copy(hit / f"loss_{stage}.png", ctx.path(f"loss_{stage}.png"))
+def cached_training(ctx: RunContext, stage: str, key: str, compute, files: tuple[str, ...] = ()) -> bool:
+    """A training stage through the stage cache: it produces the trained state (weights + amax), its
+    metrics and loss curve (+ `files`); a reused entry says which key it came from."""
+    produces = Produces(files=(*files, f"loss_{stage}.png"), metrics=(f"training.{stage}",), model_state=True)
+    hit = ctx.cached(stage, key, produces, compute)
+    if hit:
+        ctx.metrics.training[stage]["cached_from"] = key
+    return hit
 
 
 def plot_loss(losses: list[float], path, title: str):

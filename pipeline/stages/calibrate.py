@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.cache import cached
-from pipeline.context import RunContext
+from pipeline.context import Produces, RunContext
 from pipeline.data import batches
 from pipeline.outputs import atomic_write
 from pipeline.quantization import calibration_plot, smoothing
@@ -71,7 +70,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
         if (hit / hist_file).exists():
             hists.update(load_file(str(hit / hist_file)))
 
-    hit = cached(ctx.cache, "calibrate", key, compute=compute, save=save, restore=restore)
+    # The ranges, and the smoothing scales applied to the weights before them: not run files, so saved as extras.
+    hit = ctx.cached("calibrate", key, Produces(), compute, save_extra=save, restore_extra=restore)
     if hists:
         atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU

@@ -16,14 +16,15 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.cache import cached, file_digests
-from pipeline.context import RunContext
+from pipeline.cache import file_digests
+from pipeline.context import Produces, RunContext
 from pipeline.data.batching import Encoded
 from pipeline.inference import engine_logits, torch_logits
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
 BASELINES = ("fp32", "fp16")
+PRODUCES = Produces(metrics=("accuracy", "parity", "tensorrt_graphs", "task"))
 
 
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
@@ -33,29 +34,17 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     measured = [*sorted(ctx.run_dir.glob("*.onnx*")), *sorted(ctx.run_dir.glob("peers/*.onnx")), *ctx.artifacts.engine_files.values()]
     key = ctx.chain_key("evaluate", cfg.evaluate, cfg.engine, file_digests(measured))
 
-    def save(tmp: Path) -> None:
-        (tmp / "evaluate.json").write_text(
-            json.dumps(
-                {
-                    "accuracy": ctx.metrics.accuracy,
-                    "parity": ctx.metrics.parity,
-                    "tensorrt_graphs": ctx.metrics.tensorrt_graphs,
-                    "peers": {r["name"]: [r["accuracy"], r["error"]] for r in ctx.metrics.peers},
-                    "task": ctx.metrics.task,
-                }
-            )
-        )
+    def save_peers(tmp: Path) -> None:  # each peer row's accuracy / error (rows are built by build_engine)
+        (tmp / "peers.json").write_text(json.dumps({r["name"]: [r["accuracy"], r["error"]] for r in ctx.metrics.peers}))
 
-    def restore(hit: Path) -> None:
-        d = json.loads((hit / "evaluate.json").read_text())
-        ctx.metrics.accuracy, ctx.metrics.parity, ctx.metrics.tensorrt_graphs = d["accuracy"], d["parity"], d["tensorrt_graphs"]
-        ctx.metrics.task = d.get("task", {})
+    def restore_peers(hit: Path) -> None:
+        scores = json.loads((hit / "peers.json").read_text())
         for row in ctx.metrics.peers:
-            row["accuracy"], row["error"] = d["peers"].get(row["name"], [None, row["error"]])
+            row["accuracy"], row["error"] = scores.get(row["name"], [None, row["error"]])
             if row["error"]:
                 ctx.peers.pop(row["name"], None)
 
-    hit = cached(ctx.cache, "evaluate", key, compute=lambda: _evaluate(cfg, ctx), save=save, restore=restore)
+    hit = ctx.cached("evaluate", key, PRODUCES, lambda: _evaluate(cfg, ctx), save_extra=save_peers, restore_extra=restore_peers)
     return "cached" if hit else None
 
 

@@ -14,21 +14,20 @@ Cached by everything upstream + the export config + whether TensorRT graphs are 
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
 
 from pipeline import graphs
-from pipeline.cache import cached, link_or_copy
-from pipeline.context import RunContext
+from pipeline.context import Produces, RunContext
 from pipeline.data import batches
 from pipeline.engines import graphs_for, trt_graphs
 from pipeline.graphs import FILES
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
-_INFO = ("onnx_int8", "onnx_tensorrt")  # what export records in metrics.quantization (cached with the files)
+# The graph files, and what export records about them in metrics.quantization.
+PRODUCES = Produces(files=FILES, metrics=("quantization.onnx_int8", "quantization.onnx_tensorrt"))
 
 
 def tensorrt_graphs_wanted(cfg: RunConfig) -> bool:
@@ -38,21 +37,7 @@ def tensorrt_graphs_wanted(cfg: RunConfig) -> bool:
 def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     key = ctx.chain_key("export", cfg.export, tensorrt_graphs_wanted(cfg))
 
-    def save(tmp: Path) -> None:
-        for f in FILES:
-            if ctx.path(f).exists():
-                link_or_copy(ctx.path(f), tmp / f)
-        (tmp / "onnx_info.json").write_text(json.dumps({k: ctx.metrics.quantization.get(k) for k in _INFO}))
-
-    def restore(hit: Path) -> None:
-        for f in FILES:
-            if (hit / f).exists():
-                link_or_copy(hit / f, ctx.path(f))
-        for k, v in json.loads((hit / "onnx_info.json").read_text()).items():
-            if v is not None:
-                ctx.metrics.quantization[k] = v
-
-    hit = cached(ctx.cache, "export", key, compute=lambda: _export(cfg, ctx), save=save, restore=restore)
+    hit = ctx.cached("export", key, PRODUCES, lambda: _export(cfg, ctx))
     ctx.artifacts.onnx = {f: ctx.path(f) for f in FILES if ctx.path(f).exists()}
     return "cached" if hit else None
 

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.cache import cached, link_or_copy
 from pipeline.context import RunContext
 from pipeline.schema import RunConfig
 from pipeline.stages import _common
@@ -26,18 +25,11 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
 
     def compute() -> None:
         _common.train_stage("finetune", cfg.finetune, cfg, ctx, teacher=None)
-        ctx.artifacts.finetuned = _save_pretrained(ctx, ctx.path("finetuned"))
+        _save_pretrained(ctx, ctx.path("finetuned"))
 
-    def save(tmp: Path) -> None:
-        link_or_copy(ctx.path("finetuned"), tmp / "finetuned")
-        _common.save_trained(ctx, "finetune", tmp)
-
-    def restore(hit: Path) -> None:
-        _common.restore_trained(ctx, "finetune", hit, key)
-        link_or_copy(hit / "finetuned", ctx.path("finetuned"))
-        ctx.artifacts.finetuned = ctx.path("finetuned")
-
-    return "cached" if cached(ctx.cache, "finetune", key, compute=compute, save=save, restore=restore) else None
+    hit = _common.cached_training(ctx, "finetune", key, compute, files=("finetuned",))
+    ctx.artifacts.finetuned = ctx.path("finetuned")
+    return "cached" if hit else None
 
 
 def _save_pretrained(ctx: RunContext, dest: Path) -> Path:
