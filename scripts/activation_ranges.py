@@ -7,7 +7,7 @@ calibration split, and `quant_map.json` the amax it got. For each quantizer this
 - the SQNR in dB at that amax: signal sum(x^2) over noise = rounding (step^2 / 12 for values inside the range,
   step = amax / 127, or / 255 for unsigned P) + clipping ((x - amax)^2 for values beyond it);
 
-grouped by tensor slot (the same slots as scripts/sensitivity.py) and layer, as a JSON and a figure.
+grouped by tensor slot (pipeline/quantization/slots.py, as scripts/sensitivity.py) and layer, as a JSON and a figure.
 
     python scripts/activation_ranges.py outputs/base/ft_ptq_percentile \\
         --json outputs/base/activation_ranges.json --png docs/figures/base_model_activation_ranges.png
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sensitivity import layer_of, slot_of  # noqa: E402
+from pipeline.quantization.slots import layer_of, slot_of
 
 
 def sqnr_db(hist: np.ndarray, edges: np.ndarray, amax: float, levels: int) -> float:

@@ -24,8 +24,6 @@ Arguments after `--` are pipeline config overrides (the same as the run's); heav
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import re
 import sys
 import tempfile
 import time
@@ -40,52 +38,11 @@ from pipeline.inference import kl_per_example
 from pipeline.outputs import write_json
 from pipeline.quantization import smoothing
 from pipeline.quantization.modules import QuantLinear
+from pipeline.quantization.slots import layer_of, slot_of
 from pipeline.run import run_pipeline
 from pipeline.testing import compose_cfg
+from pipeline.tune.calibrators import CANDIDATES, apply_amax, candidate_amax, load_histograms
 from pipeline.validation import validate
-
-# Tensor slots by quantizer-name glob (BERT and MPNet module names) or role; first match wins.
-SLOTS: list[tuple[str, list[str], str | None]] = [
-    (
-        "FFN2 input (GELU out)",
-        ["*.layer.[0-9].output.dense.input_quantizer", "*.layer.[0-9][0-9].output.dense.input_quantizer"],
-        "linear_input",
-    ),
-    ("FFN1 input (LN out)", ["*.intermediate.dense.input_quantizer"], "linear_input"),
-    ("attn-out input", ["*.attention.attn.o.input_quantizer", "*.attention.output.dense.input_quantizer"], "linear_input"),
-    (
-        "QKV input (LN out)",
-        ["*.attn.[qkv].input_quantizer", "*.self.query.input_quantizer", "*.self.key.input_quantizer", "*.self.value.input_quantizer"],
-        "linear_input",
-    ),
-    ("Linear weights", ["*"], "linear_weight"),
-    ("attn Q, K", ["*"], "attn_q"),
-    ("attn Q, K", ["*"], "attn_k"),
-    ("attn P (softmax)", ["*"], "attn_probs"),
-    ("attn V", ["*"], "attn_v"),
-]
-
-
-# The other calibration methods a slot is tried with: (method, percentile).
-VARIANT_METHODS = {
-    "percentile_99_9": ("percentile", 99.9),
-    "percentile_99_999": ("percentile", 99.999),
-    "mse": ("mse", None),
-    "max": ("max", None),
-    "entropy": ("entropy", None),
-}
-
-
-def slot_of(name: str, role: str) -> str:
-    for slot, globs, want in SLOTS:
-        if (want is None or role == want) and any(fnmatch.fnmatchcase(name, g) for g in globs):
-            return slot
-    return f"other ({role})"
-
-
-def layer_of(name: str) -> int | None:
-    m = re.search(r"\.layer\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def kl_fp32_to(fp32: np.ndarray, q: np.ndarray) -> float:
@@ -113,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         nargs="*",
-        default=list(VARIANT_METHODS),
-        choices=list(VARIANT_METHODS),
-        help="calibration methods tried by --variants / --variants-of",
+        default=[m for m in CANDIDATES if m != "percentile_99_99"],
+        choices=list(CANDIDATES),
+        help="calibration methods tried by --variants / --variants-of (the tuner's candidates)",
     )
     parser.add_argument("--no-slots", dest="slots", action="store_false", help="skip the per-slot only / all-but measurements")
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.8], help="smoothing alphas of --variants")
@@ -209,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def slot_variants(
-    ctx: RunContext, cfg, qs: dict, members: set[str], measure, alphas: tuple[float, ...], label: str, methods=tuple(VARIANT_METHODS)
+    ctx: RunContext, cfg, qs: dict, members: set[str], measure, alphas: tuple[float, ...], label: str, methods=tuple(CANDIDATES)
 ) -> dict:
     """One slot's Linear inputs (`members`: their input quantizer names), other ways, everything else as
-    calibrated, on the tuning split: their amax by other methods from their own FP32 histograms, and
-    smoothing (alpha) of those Linears with their inputs and weights re-calibrated. For the FFN second
-    Linear: what calibration=percentile_ffn_mse / smoothing=ffn_down do."""
+    calibrated, on the tuning split: their amax by the tuner's candidate calibrators from the run's own
+    calibration histograms, and smoothing (alpha) of those Linears with their inputs and weights
+    re-calibrated. For the FFN second Linear: what calibration=percentile_ffn_mse / smoothing=ffn_down do."""
     import copy
     import dataclasses
 
@@ -242,16 +199,12 @@ def slot_variants(
             mq[n].enabled = True
         return mq
 
-    mq = collect(ctx.model, members)
+    hists = {n: h for n, h in load_histograms(ctx.run_dir).items() if n in members}
     for name in methods:
-        method, pct = VARIANT_METHODS[name]
-        c = dataclasses.replace(cfg.calibration, method=method, percentile=pct or cfg.calibration.percentile, overrides=[])
-        for n in members:
-            mq[n].load_amax(METHODS[method](mq[n].calibrator, c))
+        apply_amax(qs, candidate_amax(name, hists, qs, cfg.calibration), ctx.device)
         out[name] = measure(set(qs))
         print(label, name, out[name], flush=True)
     for n in members:
-        mq[n].calibrator.reset()
         qs[n].load_amax(saved[n])
     for alpha in alphas:
         model = copy.deepcopy(ctx.model)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from pipeline.quantization import calibration_plot
 from pipeline.quantization import rules as qrules
 from pipeline.quantization.calibrate import METHODS
 from pipeline.quantization.calibrators import HistogramCalibrator
+from pipeline.quantization.slots import position, position_globs
 from pipeline.schema import CalibrationConfig, QuantRule
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,6 @@ def override_rule(selector: dict, name: str) -> dict:
                                     percentile=c.get("percentile")))  # fmt: skip
 
 
-# The layer index: the first ".<digits>." of a quantizer name (encoder.layer.3., transformer.layer.3.,
-# layers.3.); later numbers (GemmPair indices) tell different GEMMs of one layer apart and stay.
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def _slot_globs(names: list[str]) -> list[str]:
-    """fnmatch globs for one position in every layer: the layer index as [0-9] per digit ("*" would also
-    match "0.attention" and catch the attention output's Linear with the FFN's)."""
-    return sorted({_LAYER.sub(lambda m: "." + "[0-9]" * len(m[1]) + ".", n, count=1) for n in names}, key=len)
-
-
 def calibration_groups(per: str, hists: dict, quantizers: dict) -> dict[str, tuple[dict, list[str]]]:
     """Activation quantizers with a histogram, grouped for the per-group refinement:
     {label: (selector of the override rule, quantizer names)}.
@@ -86,14 +75,14 @@ def calibration_groups(per: str, hists: dict, quantizers: dict) -> dict[str, tup
         return {r: ({"roles": [r]}, ns) for r, ns in roles.items()}
     slots: dict[str, list[str]] = {}
     for n in names:
-        slots.setdefault(_LAYER.sub(".*.", n, count=1), []).append(n)
+        slots.setdefault(position(n), []).append(n)
     merged: dict[tuple, tuple[list[str], list[str]]] = {}  # histogram signature -> (slot labels, names)
     for label, members in slots.items():
         sig = tuple((hists[n][0].numpy().tobytes(), hists[n][1].numpy().tobytes()) for n in members)
         labels, ns = merged.setdefault(sig, ([], []))
         labels.append(label)
         ns.extend(members)
-    return {" | ".join(labels): ({"name": [g for lb in labels for g in _slot_globs(slots[lb])]}, ns) for labels, ns in merged.values()}
+    return {" | ".join(labels): ({"name": [g for lb in labels for g in position_globs(slots[lb])]}, ns) for labels, ns in merged.values()}
 
 
 def own_candidate(c: CalibrationConfig, rules: list[QuantRule] = ()) -> str | None:
