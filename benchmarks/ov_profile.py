@@ -5,7 +5,8 @@
 
 Prints, per model, the summed real time per (layer type, exec precision) over `--iters` inferences of the
 same random token batch, interleaved (model A, model B, A, B, ...), and the wall p50 of each. Both models are
-compiled alike: 2 threads by default, the plugin's own float precision unless `--precision`.
+compiled alike (2 threads by default), each with its float-layer precision (`--precision`, `--other-precision`:
+the plugin's own by default).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def _inputs(compiled, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarr
     return out
 
 
-def profile(paths: dict[str, Path], batch: int, seq: int, iters: int, threads: int, precision: str = "default") -> dict[str, dict]:
+def profile(paths: dict[str, tuple[Path, str]], batch: int, seq: int, iters: int, threads: int) -> dict[str, dict]:
+    """paths: label -> (model, float-layer precision: default = the plugin's, else f32 / bf16 / f16)."""
     core = ov.Core()
-    props = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if precision != "default":  # the float layers' precision, as engine.inference_precision sets it
-        props["INFERENCE_PRECISION_HINT"] = precision
     reqs = {}
-    for label, path in paths.items():
+    for label, (path, precision) in paths.items():
+        props = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision != "default":  # as engine.inference_precision sets it
+            props["INFERENCE_PRECISION_HINT"] = precision
         compiled = core.compile_model(core.read_model(str(path)), "CPU", props)
         reqs[label] = (compiled.create_infer_request(), _inputs(compiled, batch, seq))
     totals = {label: collections.Counter() for label in paths}
@@ -67,14 +69,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="default", choices=["default", "f32", "bf16", "f16"], help="float layers")
+    choices = ["default", "f32", "bf16", "f16"]
+    ap.add_argument("--precision", default="default", choices=choices, help="float layers of ours (default: the plugin's)")
+    ap.add_argument("--other-precision", default="default", choices=choices, help="float layers of the other model")
     args = ap.parse_args()
-    res = profile(
-        {"ours": args.run / "model_int8.onnx", "other": args.other}, args.batch, args.seq, args.iters, args.threads, args.precision
-    )
+    models = {"ours": (args.run / "model_int8.onnx", args.precision), "other": (args.other, args.other_precision)}
+    res = profile(models, args.batch, args.seq, args.iters, args.threads)
     keys = sorted(set(res["ours"]["by_type"]) | set(res["other"]["by_type"]), key=lambda k: -res["ours"]["by_type"].get(k, 0))
-    print(f"b{args.batch} x s{args.seq}, {args.iters} iterations, p50 wall: ours {res['ours']['p50_ms']:.2f} ms, "
-          f"other {res['other']['p50_ms']:.2f} ms")  # fmt: skip
+    print(f"b{args.batch} x s{args.seq}, {args.iters} iterations, float layers ours {args.precision} / other "
+          f"{args.other_precision}, p50 wall: ours {res['ours']['p50_ms']:.2f} ms, other {res['other']['p50_ms']:.2f} ms")  # fmt: skip
     print("| layer type | exec type | ours ms | other ms |\n|---|---|---|---|")
     for k in keys:
         a, b = res["ours"]["by_type"].get(k, 0.0), res["other"]["by_type"].get(k, 0.0)
