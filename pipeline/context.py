@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,30 @@ class Artifacts:
 
 
 @dataclass
+class QuantizationMetrics:
+    """metrics.json → quantization: what was quantized, how, and what the engines run. Each field has its
+    writer; a field no stage wrote is left out of metrics.json (as_dict)."""
+
+    weight_range: dict[str, str] | None = None  # run: quant.weight_range=auto resolved, {asked, resolved, why}
+    method: str | None = None  # calibrate: calibration.method
+    quantizers: int | None = None  # calibrate: quantizers inserted
+    enabled_by_role: dict[str, int] | None = None  # calibrate, tune: quantizers on, by role
+    quantized_gemms: dict[str, int] | None = None  # calibrate, tune: GEMMs with both inputs quantized, by kind
+    calibrated: int | None = None  # calibrate: quantizers that got a range
+    unreached: int | None = None  # calibrate: activation quantizers no calibration batch reached (left float)
+    calibration_by_rule: dict[str, str] | None = None  # calibrate: {quantizer: method} where a quant.rules rule set it
+    smoothing: dict[str, Any] | None = None  # calibrate: the smoothing summary (smoothing enabled)
+    onnx_int8: dict[str, Any] | None = None  # export: model_int8.onnx node counts and passes
+    onnx_tensorrt: dict[str, Any] | None = None  # export: TensorRT's graphs, by file
+    engine_kernels: dict[str, dict[str, int]] | None = None  # build_engine: kernels each engine runs, by precision
+    engine_inference_precision: dict[str, str] | None = None  # build_engine (OpenVINO): float-layer precision, by engine
+    engine_inference_precision_why: str | None = None  # build_engine (OpenVINO): the rule behind the quantized engine's
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class Metrics:
     """What metrics.json holds (see design.md "Outputs of a run")."""
 
@@ -56,7 +81,7 @@ class Metrics:
     # {baseline, p50, ratio, candidates} (stages/benchmark.py best_float).
     speedup_vs_best_float: dict[str, Any] | None = None
     benchmark: dict[str, Any] = field(default_factory=lambda: {"grid": []})
-    quantization: dict[str, Any] = field(default_factory=dict)  # counts: quantizers, int8 kernels, ...
+    quantization: QuantizationMetrics = field(default_factory=QuantizationMetrics)
     training: dict[str, Any] = field(default_factory=dict)  # per training stage: steps, loss, seconds
     # Which engine is the baseline (fp32 on ONNX Runtime, fp16 on TensorRT) and which the quantized one.
     engine_precisions: dict[str, str | None] = field(default_factory=lambda: {"baseline": None, "quantized": None})
@@ -78,22 +103,24 @@ class Produces:
     (RunContext.cached). A stage declares this; the save / restore is the same for every stage."""
 
     files: tuple[str, ...] = ()  # files / folders of the run folder it writes (hard-linked both ways; absent ones skipped)
-    metrics: tuple[str, ...] = ()  # the metrics.json sections it fills: a Metrics field, or field.key of a dict field
+    metrics: tuple[str, ...] = ()  # the metrics.json sections it fills: a Metrics field, or field.key within one
     model_state: bool = False  # the working model's weights and quantizer ranges (the training stages)
 
 
 def _section(metrics: Metrics, path: str) -> Any:
     name, _, key = path.partition(".")
     value = getattr(metrics, name)
-    return value.get(key) if key else value
+    return (value.get(key) if isinstance(value, dict) else getattr(value, key)) if key else value
 
 
 def _set_section(metrics: Metrics, path: str, value: Any) -> None:
     name, _, key = path.partition(".")
-    if key:
-        getattr(metrics, name)[key] = value
-    else:
+    if not key:
         setattr(metrics, name, value)
+    elif isinstance(section := getattr(metrics, name), dict):
+        section[key] = value
+    else:
+        setattr(section, key, value)
 
 
 @dataclass

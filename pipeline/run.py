@@ -158,7 +158,7 @@ def _resolve_weight_range(cfg: RunConfig, ctx: RunContext) -> None:
     if cfg.quant.format != "int8":
         resolved, why = "full", f"quant.format={cfg.quant.format}: the weight range applies to int8 only"
     cfg.quant.weight_range = resolved
-    ctx.metrics.quantization["weight_range"] = {"asked": asked, "resolved": resolved, "why": why}
+    ctx.metrics.quantization.weight_range = {"asked": asked, "resolved": resolved, "why": why}
     log.info("quant.weight_range=%s -> %s (%s)", asked, resolved, why)
 
 

@@ -65,7 +65,7 @@ def test_a_stage_declares_what_it_produces_and_the_cache_puts_exactly_that_back(
         ctx.model = torch.nn.Linear(3, 2)
         return ctx
 
-    produces = Produces(files=("out.txt", "folder", "absent.bin"), metrics=("accuracy", "quantization.graph"), model_state=True)
+    produces = Produces(files=("out.txt", "folder", "absent.bin"), metrics=("accuracy", "quantization.onnx_int8"), model_state=True)
     calls = []
 
     def compute(ctx):
@@ -74,7 +74,7 @@ def test_a_stage_declares_what_it_produces_and_the_cache_puts_exactly_that_back(
         (ctx.path("folder") / "a").mkdir(parents=True)
         (ctx.path("folder") / "a" / "b.json").write_text("{}")
         ctx.metrics.accuracy = {"fp32": 0.5}
-        ctx.metrics.quantization.update(graph={"MatMul": 2}, not_declared=1)
+        ctx.metrics.quantization.onnx_int8, ctx.metrics.quantization.method = {"MatMul": 2}, "not declared"
         with torch.no_grad():
             ctx.model.weight.fill_(7.0)
 
@@ -85,7 +85,7 @@ def test_a_stage_declares_what_it_produces_and_the_cache_puts_exactly_that_back(
     assert calls == ["first"]  # the hit computed nothing
     assert (second.path("out.txt")).read_text() == "made" and (second.path("folder") / "a" / "b.json").exists()
     assert not second.path("absent.bin").exists()
-    assert second.metrics.accuracy == {"fp32": 0.5} and second.metrics.quantization == {"graph": {"MatMul": 2}}
+    assert second.metrics.accuracy == {"fp32": 0.5} and second.metrics.quantization.as_dict() == {"onnx_int8": {"MatMul": 2}}
     assert torch.equal(second.model.weight, torch.full((2, 3), 7.0))
     other = context("other")  # another key: computed afresh
     assert other.cached("stage", "k2", produces, lambda: compute(other)) is False and calls == ["first", "other"]

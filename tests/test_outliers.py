@@ -268,7 +268,7 @@ def test_qat_best_state_selection_never_reads_the_eval_split(tiny_run, monkeypat
     assert [e["step"] for e in ctx.metrics.training["qat"]["evals"]] == [0, 1, 2]
     assert sel["best"]["kl"] == min(e["kl"] for e in ctx.metrics.training["qat"]["evals"])
     assert ctx.metrics.accuracy["int8"] is not None  # the evaluate stage (after training) still reads eval
-    assert ctx.metrics.accuracy["trt_graph_int8"] is not None and ctx.metrics.quantization["smoothing"]["modules"] == 2
+    assert ctx.metrics.accuracy["trt_graph_int8"] is not None and ctx.metrics.quantization.smoothing["modules"] == 2
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,7 @@ def test_smoke_on_the_embedded_model(tmp_path):
 
     # peers off: they have their own end-to-end test (tests/test_peers.py); this one checks the real model's graph
     ctx = run_pipeline(compose_cfg(["experiment=smoke", "benchmark.iters=2", "engine=onnxruntime", "benchmark.peers=[]"]), tmp_path / "run")
-    k = ctx.metrics.quantization["engine_kernels"]["int8"]
+    k = ctx.metrics.quantization.engine_kernels["int8"]
     assert k["MatMulIntegerToFloat"] + k["QLinearMatMul"] == 6 * 6 + 6 * 2  # 36 Linear + 12 attention matmuls
     assert ctx.metrics.parity["cosine"] > 0.95
     assert ctx.metrics.accuracy["engine_fp32"] == pytest.approx(ctx.metrics.accuracy["fp32"], abs=0.01)

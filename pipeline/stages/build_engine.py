@@ -32,11 +32,12 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         engine = kind.build(onnx_path, precision, cfg.engine, ctx.run_dir)
         ctx.engines[precision] = engine
         ctx.artifacts.engine_files.update({f"{precision}_{k}": v for k, v in engine.files.items()})
-        ctx.metrics.quantization.setdefault("engine_kernels", {})[precision] = engine.kernels
+        qm = ctx.metrics.quantization
+        qm.engine_kernels = {**(qm.engine_kernels or {}), precision: engine.kernels}
         if getattr(engine, "inference_precision", None):  # OpenVINO: what its float layers compute in
-            ctx.metrics.quantization.setdefault("engine_inference_precision", {})[precision] = engine.inference_precision
+            qm.engine_inference_precision = {**(qm.engine_inference_precision or {}), precision: engine.inference_precision}
             if precision == labels[-1][0]:  # the quantized engine's float layers: engine.inference_precision's rule
-                ctx.metrics.quantization["engine_inference_precision_why"] = engine.precision_rule[1]
+                qm.engine_inference_precision_why = engine.precision_rule[1]
         log.info("build_engine: %s %s kernels %s", cfg.engine.name, precision, engine.kernels)
     if cfg.engine.name not in CPU_ENGINES:
         if cfg.benchmark.enabled and cfg.benchmark.peers:
@@ -74,7 +75,7 @@ def _build_peers(cfg: RunConfig, ctx: RunContext) -> None:
         num_heads=getattr(config, "num_attention_heads", 0) or 0,
         hidden_size=getattr(config, "hidden_size", 0) or 0,
         # The tools' guidance for x86 without VNNI (7-bit weights) = our quant.weight_range decision.
-        reduce_range=ctx.metrics.quantization.get("weight_range", {}).get("resolved") == "reduced",
+        reduce_range=(ctx.metrics.quantization.weight_range or {}).get("resolved") == "reduced",
         calibration=calibration,
         int8_onnx=ctx.artifacts.onnx.get("model_int8.onnx"),
     )

@@ -75,18 +75,21 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     if hists:
         atomic_write(ctx.path(hist_file), lambda p: save_file(hists, str(p)))
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
-    ctx.metrics.quantization.update({"method": c.method, "quantizers": len(ctx.quantizers), **enabled_counts(ctx.quantizers), **counts})
+    qm = ctx.metrics.quantization
+    qm.method, qm.quantizers, qm.calibrated, qm.unreached = c.method, len(ctx.quantizers), counts["calibrated"], counts["unreached"]
+    enabled = enabled_counts(ctx.quantizers)
+    qm.enabled_by_role, qm.quantized_gemms = enabled["enabled_by_role"], enabled["quantized_gemms"]
     by_rule = {n: qrules.calibration_for(n, q.role, c, rules) for n, q in ctx.quantizers.items() if q.role != "linear_weight"}
     if any(v is not c for v in by_rule.values()):  # {quantizer: method} where a rule changed it
-        ctx.metrics.quantization["calibration_by_rule"] = {n: v.method for n, v in by_rule.items() if v is not c}
+        qm.calibration_by_rule = {n: v.method for n, v in by_rule.items() if v is not c}
     if cfg.smoothing.enabled:
-        ctx.metrics.quantization["smoothing"] = smoothing.summary(scales, cfg.smoothing.alpha)
+        qm.smoothing = smoothing.summary(scales, cfg.smoothing.alpha)
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
     log.info(
         "calibrate: %s on %d batches -> %d quantizers %s",
         c.method,
         len(calib_batches),
         len(ctx.quantizers),
-        ctx.metrics.quantization["enabled_by_role"],
+        qm.enabled_by_role,
     )
     return "cached" if hit else None

@@ -60,7 +60,7 @@ def _export(cfg: RunConfig, ctx: RunContext) -> None:
             else:
                 if tensorrt_graphs_wanted(cfg):
                     trt["model_int8_trt.onnx"] = graphs.convert_quantized(qdq, "model_int8_trt.onnx", ctx.path("model_int8_trt.onnx"), fold)
-                ctx.metrics.quantization["onnx_int8"] = graphs.convert_quantized(qdq, "model_int8.onnx", ctx.path("model_int8.onnx"), fold)
-                log.info("export: model_int8.onnx %s", ctx.metrics.quantization["onnx_int8"])
+                ctx.metrics.quantization.onnx_int8 = graphs.convert_quantized(qdq, "model_int8.onnx", ctx.path("model_int8.onnx"), fold)
+                log.info("export: model_int8.onnx %s", ctx.metrics.quantization.onnx_int8)
     if trt:
-        ctx.metrics.quantization["onnx_tensorrt"] = trt
+        ctx.metrics.quantization.onnx_tensorrt = trt

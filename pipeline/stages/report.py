@@ -35,7 +35,7 @@ def metrics_dict(cfg: RunConfig, ctx: RunContext) -> dict:
         "benchmark": m.benchmark,
         "peers": m.peers,
         "tune": m.tune,
-        "quantization": m.quantization,
+        "quantization": m.quantization.as_dict(),
         "training": m.training,
         **({cfg.task.name: m.task} if m.task else {}),  # the task's own metrics (e.g. "embedding")
         "stages": {k: dataclasses.asdict(v) for k, v in ctx.stages.items()},

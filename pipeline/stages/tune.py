@@ -304,7 +304,11 @@ def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, 
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )
-    ctx.metrics.quantization.update(enabled_counts(ctx.quantizers))
+    counts = enabled_counts(ctx.quantizers)
+    ctx.metrics.quantization.enabled_by_role, ctx.metrics.quantization.quantized_gemms = (
+        counts["enabled_by_role"],
+        counts["quantized_gemms"],
+    )
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
 
 
