@@ -363,6 +363,8 @@ class BenchmarkConfig:
     seq_lens: list[int] = field(default_factory=lambda: [32, 128])
     headline_batch: int = field(default=8, metadata=_range(1))
     headline_seq: int = field(default=128, metadata=_range(1))
+    # Untimed rounds per cell; with cell_seconds, warm-up stops after a quarter of it once every call ran once
+    # (batch 32 x seq 128 with every peer: a round takes ~3 s on 2 cores).
     warmup: int = field(default=5, metadata=_range(0))
     iters: int = field(default=30, metadata=_range(1))
     # A grid cell stops taking turns after this many seconds once every call has min_iters timings (slow

@@ -32,9 +32,13 @@ def interleaved(
     calls: dict[str, Callable[[], None]], warmup: int, iters: int, max_seconds: float | None = None, min_iters: int = 1
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each labelled call, the calls taking turns (one noise for all): `iters`
-    rounds, or fewer (at least `min_iters`) once the timed rounds have taken `max_seconds`."""
+    rounds, or fewer (at least `min_iters`) once the timed rounds have taken `max_seconds`. Warm-up: `warmup`
+    untimed rounds, or fewer (at least one) once they have taken a quarter of `max_seconds`."""
     times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for n in range(warmup):
+        if max_seconds is not None and n >= 1 and time.perf_counter() - start > max_seconds / 4:
+            break
         for call in calls.values():
             call()
     start = time.perf_counter()

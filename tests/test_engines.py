@@ -150,3 +150,29 @@ def test_gpu_check_fails_when_a_required_piece_is_missing():
     assert table == {"CUDA device visible to torch": "FAIL", "TensorRT availability (engine=tensorrt validation)": "FAIL"}
     assert "required (--require-tensorrt) but missing" in r.stdout
     assert r.stdout.rstrip().splitlines()[-1] == "summary: 0 ok, 0 skipped, 2 failed"
+
+
+def test_interleaved_timing_takes_turns_and_bounds_warm_up_and_timed_rounds_by_time():
+    """pipeline.timing.interleaved: every call in each round, in turn; `iters` rounds without a time limit; with
+    one, warm-up stops after a quarter of it (at least one round) and timing after it (at least min_iters)."""
+    import time
+
+    from pipeline.timing import interleaved
+
+    order: list[str] = []
+
+    def call(label, seconds=0.0):
+        def run():
+            order.append(label)
+            time.sleep(seconds)
+
+        return run
+
+    times = interleaved({"a": call("a"), "b": call("b")}, warmup=2, iters=5)
+    assert order == ["a", "b"] * 7 and {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5}
+    order.clear()
+    slow = interleaved({"a": call("a", 0.01), "b": call("b", 0.01)}, warmup=50, iters=100, max_seconds=0.2, min_iters=3)
+    warm = len(order) - 2 * len(slow["a"])
+    assert 2 <= warm <= 8  # ~0.05 s of warm-up (a quarter of 0.2 s) at 0.02 s a round, not 50 rounds
+    assert 3 <= len(slow["a"]) <= 13 and len(slow["a"]) == len(slow["b"])  # ~0.2 s of timed rounds, not 100
+    assert all(t >= 9.0 for t in slow["a"])  # milliseconds of a 10 ms call
