@@ -83,7 +83,8 @@ class Task(Protocol):
 
     def fidelity_targets(self, reference: Outputs, outputs: Outputs) -> dict[str, dict[str, float]]:
         """The task's own minimums the quantized outputs must reach against FP32 for the accuracy budget
-        ({name: {"value", "minimum"}}; {} for none)."""
+        ({name: {"value", "minimum"[, "ci95"]}}: ci95, the half-width of the value's 95 % interval over the
+        tuning examples, must clear the minimum too; {} for none)."""
         ...
 
     def correct(self, outputs: Outputs, data: Encoded) -> np.ndarray | None:

@@ -130,10 +130,22 @@ def neighbours(emb: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, 1)
 
 
+def recall_per_query(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the fraction of its k nearest neighbours under `reference` that `other` also returns."""
+    a, b = neighbours(reference, k), neighbours(other, k)
+    return np.array([len(set(x) & set(y)) / a.shape[1] for x, y in zip(a, b)])
+
+
 def recall_at_k(reference: np.ndarray, other: np.ndarray, k: int) -> float:
     """Mean fraction of each query's k nearest neighbours under `reference` that `other` also returns."""
-    a, b = neighbours(reference, k), neighbours(other, k)
-    return float(np.mean([len(set(x) & set(y)) / a.shape[1] for x, y in zip(a, b)]))
+    return float(recall_per_query(reference, other, k).mean())
+
+
+def _target(values: np.ndarray, minimum: float) -> dict[str, float]:
+    """A fidelity target on the tuning split: the mean, the half-width of its 95 % interval over the queries
+    (the tuner counts a target met only when the whole interval clears the minimum), the minimum."""
+    ci = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"value": float(values.mean()), "ci95": ci, "minimum": minimum}
 
 
 def knn_accuracy(emb: np.ndarray, labels: list[int], k: int) -> float:
@@ -228,11 +240,14 @@ class Embedding:
         return None  # vectors, not class probabilities
 
     def fidelity_targets(self, reference: np.ndarray, outputs: np.ndarray) -> dict:
-        """Mean cosine and recall@k of the nearest neighbours against FP32's (task.min_cosine, task.min_recall)."""
+        """Mean cosine and recall@k of the nearest neighbours against FP32's (task.min_cosine, task.min_recall),
+        each with its 95 % interval over the tuning queries. Measured on the eval split, a recall just over the
+        minimum on the tuning split fell under it (0.9023 on 400 tuning queries, 0.8976 on 1,000 eval ones: a
+        larger pool has closer neighbours to confuse), so the tuner asks the interval to clear it."""
         k = self.cfg.recall_k
-        out = {"cosine_mean": {"value": float(cosine_rows(outputs, reference).mean()), "minimum": self.cfg.min_cosine}}
+        out = {"cosine_mean": _target(cosine_rows(outputs, reference), self.cfg.min_cosine)}
         if len(outputs) > k:
-            out[f"recall_at_{k}"] = {"value": float(recall_at_k(reference, outputs, k)), "minimum": self.cfg.min_recall}
+            out[f"recall_at_{k}"] = _target(recall_per_query(reference, outputs, k), self.cfg.min_recall)
         return out
 
     def correct(self, outputs: np.ndarray, data: Encoded) -> None:

@@ -70,8 +70,15 @@ class Check:
 
 
 def short_targets(targets: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The task's fidelity targets (Task.fidelity_targets) whose value is below their minimum."""
-    return {n: v for n, v in targets.items() if v["value"] < v["minimum"]}
+    """The task's fidelity targets (Task.fidelity_targets) not met: the value, less its 95 % interval where the
+    task gives one (ci95), below the minimum."""
+    return {n: v for n, v in targets.items() if v["value"] - v.get("ci95", 0.0) < v["minimum"]}
+
+
+def target_text(name: str, v: dict[str, float]) -> str:
+    """ "recall_at_10 0.9023 ± 0.0061": a fidelity target's value and, where the task gives one, its interval."""
+    ci = f" ± {v['ci95']:.4f}" if v.get("ci95") else ""
+    return f"{name} {v['value']:.4f}{ci}"
 
 
 def judge(
@@ -102,7 +109,7 @@ def judge(
     within = drop <= m + 1e-9
     if short:
         met, evident, basis = False, True, "targets"
-        why = "; ".join(f"{n} {v['value']:.4f} < {v['minimum']}" for n, v in short.items())
+        why = "; ".join(f"{target_text(n, v)} < {v['minimum']}" for n, v in short.items())
     elif ci is not None and ci < m and (drop + ci <= m + 1e-9 or drop - ci > m):
         met, basis = drop + ci <= m + 1e-9, "labels"
         evident = not met
@@ -114,7 +121,7 @@ def judge(
     else:
         met, basis = within, "point" if not targets else "targets"
         evident = not met
-        what = "".join(f"{n} {v['value']:.4f} >= {v['minimum']}; " for n, v in targets.items())
+        what = "".join(f"{target_text(n, v)} >= {v['minimum']}; " for n, v in targets.items())
         why = f"{what}{task.score_name} drop {drop:.2f} {'<=' if met else '>'} {m} (no per-example interval for this score)"
     return Check(step, bool(met), basis, why, score, float(drop), ci, expected, kl, bool(evident), flips, targets)
 

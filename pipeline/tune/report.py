@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.tune.auto import target_text
+
 
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f} %"
@@ -92,7 +94,7 @@ def _auto_lines(t: dict, unit: str) -> list[str]:
     for s in t["steps"]:
         ci = f" ± {s['drop_ci95']:.2f}" if s.get("drop_ci95") is not None else ""
         exp = "—" if s.get("expected_drop") is None else f"{s['expected_drop']:.3f}"
-        tg = "; ".join(f"{n} {v['value']:.4f} (min {v['minimum']})" for n, v in (s.get("targets") or {}).items())
+        tg = "; ".join(f"{target_text(n, v)} (min {v['minimum']})" for n, v in (s.get("targets") or {}).items())
         lines.append(
             f"| {s['step']} | {'met' if s['met'] else 'not met'} | {s['basis']} | {_pct(s['tune_accuracy'])} | {s['drop']:.2f}{ci} | {exp} | "
             f"{s['kl']:.5f} | {s['seconds']} | {s.get('note', '')}{'; ' + tg if tg else ''} |"
