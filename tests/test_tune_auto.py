@@ -214,3 +214,11 @@ def test_a_fidelity_target_is_met_only_when_its_interval_clears_the_minimum():
     assert 0 < t["ci95"] < 0.1 and 0 < targets(0.0)["cosine_mean"]["ci95"] < 0.05
     assert "recall_at_3" in auto.short_targets(targets(t["value"] - t["ci95"] / 2))  # the point clears it, the interval not
     assert not auto.short_targets(targets(t["value"] - 2 * t["ci95"]))
+
+
+def test_poisson_lower_bound_matches_the_exact_chi_square_quantile():
+    """The evident-miss bound: exact values chi2.ppf(0.05, 2S) / 2 (scipy) for S = 1, 1.31, 4, 10, 50."""
+    exact = {1.0: 0.0513, 1.31: 0.1209, 4.0: 1.3663, 10.0: 5.4254, 50.0: 38.9647}
+    for total, want in exact.items():
+        assert auto.poisson_lower(total) == pytest.approx(want, abs=0.03), total
+    assert auto.poisson_lower(0.0) == 0.0 and auto.poisson_lower(0.2) >= 0.0
