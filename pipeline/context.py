@@ -66,6 +66,13 @@ class QuantizationMetrics:
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def count_enabled(self, quantizers: dict) -> None:
+        """enabled_by_role / quantized_gemms, recounted by every stage that switches quantizers on or off."""
+        from pipeline.quantization.state import enabled_counts
+
+        counts = enabled_counts(quantizers)
+        self.enabled_by_role, self.quantized_gemms = counts["enabled_by_role"], counts["quantized_gemms"]
+
 
 @dataclass
 class Metrics:

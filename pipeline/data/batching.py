@@ -59,9 +59,10 @@ def batches(
         rng.shuffle(order)
     elif sort_by_length:
         order.sort(key=lambda i: len(data.features[i]["input_ids"]))
-    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if shuffle and group_by_length:
         chunks = _length_grouped(order, batch_size, lambda i: len(data.features[i]["input_ids"]), rng)
+    else:
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     for n, idx in enumerate(chunks):
         if limit is not None and n >= limit:
             return

@@ -17,7 +17,7 @@ from pipeline.quantization import calibration_plot, smoothing
 from pipeline.quantization import rules as qrules
 from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
-from pipeline.quantization.state import amax_state, enabled_counts, load_quantizer_state, save_quantizer_state
+from pipeline.quantization.state import amax_state, load_quantizer_state, save_quantizer_state
 from pipeline.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     ctx.model.to(ctx.device)  # amax tensors are created on the CPU
     qm = ctx.metrics.quantization
     qm.method, qm.quantizers, qm.calibrated, qm.unreached = c.method, len(ctx.quantizers), counts["calibrated"], counts["unreached"]
-    enabled = enabled_counts(ctx.quantizers)
-    qm.enabled_by_role, qm.quantized_gemms = enabled["enabled_by_role"], enabled["quantized_gemms"]
+    qm.count_enabled(ctx.quantizers)
     by_rule = {n: qrules.calibration_for(n, q.role, c, rules) for n, q in ctx.quantizers.items() if q.role != "linear_weight"}
     if any(v is not c for v in by_rule.values()):  # {quantizer: method} where a rule changed it
         qm.calibration_by_rule = {n: v.method for n, v in by_rule.items() if v is not c}

@@ -28,7 +28,7 @@ from pipeline.data.batching import Encoded
 from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
 from pipeline.quantization import rules as qrules
-from pipeline.quantization.state import enabled_counts, save_quantizer_state
+from pipeline.quantization.state import save_quantizer_state
 from pipeline.schema import ConfigError, RunConfig
 from pipeline.stages import _common
 from pipeline.tasks import Models
@@ -304,11 +304,7 @@ def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, 
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     )
-    counts = enabled_counts(ctx.quantizers)
-    ctx.metrics.quantization.enabled_by_role, ctx.metrics.quantization.quantized_gemms = (
-        counts["enabled_by_role"],
-        counts["quantized_gemms"],
-    )
+    ctx.metrics.quantization.count_enabled(ctx.quantizers)
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
 
 
