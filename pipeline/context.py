@@ -49,6 +49,7 @@ class QuantizationMetrics:
     writer; a field no stage wrote is left out of metrics.json (as_dict)."""
 
     weight_range: dict[str, str] | None = None  # run: quant.weight_range=auto resolved, {asked, resolved, why}
+    activations: dict[str, str] | None = None  # run: quant.activations=auto resolved, {asked, resolved, why}
     method: str | None = None  # calibrate: calibration.method
     quantizers: int | None = None  # calibrate: quantizers inserted
     enabled_by_role: dict[str, int] | None = None  # calibrate, tune: quantizers on, by role

@@ -24,7 +24,7 @@ from pipeline.context import RunContext, StageRecord
 from pipeline.data import PREFLIGHT_SOURCES, DataError, DataSplits
 from pipeline.engines import ENGINES, auto_engine
 from pipeline.outputs import config_hash, write_json, write_text
-from pipeline.schema import ConfigError, RunConfig, engine_config
+from pipeline.schema import ConfigError, RunConfig, engine_config, symmetric_only
 from pipeline.stages import benchmark, build_engine, calibrate, deploy, evaluate, export, finetune, load, qat, report, tune
 from pipeline.tasks import Task, make_task
 from pipeline.training import seed_everything
@@ -99,6 +99,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     ctx = RunContext(run_dir=run_dir, device=device, seed=cfg.seed, config_hash=digest, resume_from=resume_from, task=task)
     ctx.metrics.engine_choice = choice
     _resolve_weight_range(cfg, ctx)
+    _resolve_activations(cfg, ctx)
     ctx.splits = splits  # validated by the pre-flight (None for hub data: the load stage reads it)
     # Off under torchrun: a hit on one rank and a miss on another would hang the collectives.
     use_cache = cfg.cache.enabled and resume_from is None and not distributed.is_distributed()
@@ -160,6 +161,22 @@ def _resolve_weight_range(cfg: RunConfig, ctx: RunContext) -> None:
     cfg.quant.weight_range = resolved
     ctx.metrics.quantization.weight_range = {"asked": asked, "resolved": resolved, "why": why}
     log.info("quant.weight_range=%s -> %s (%s)", asked, resolved, why)
+
+
+def _resolve_activations(cfg: RunConfig, ctx: RunContext) -> None:
+    """quant.activations=auto -> asymmetric (CPU engines: uint8 with a zero point) or symmetric (TensorRT, fp8,
+    learnable amax), before any stage (the calibrate stage's cache key holds the resolved value)."""
+    asked, blocker = cfg.quant.activations, symmetric_only(cfg)
+    if asked != "auto":
+        resolved, why = asked, "set by quant.activations"
+    elif blocker:
+        resolved, why = "symmetric", blocker
+    else:
+        engine = cfg.engine.name if cfg.engine.name != "onnxruntime" else f"onnxruntime ({cfg.engine.providers[0]})"
+        resolved, why = "asymmetric", f"engine {engine}: CPU int8 GEMMs take uint8 activations with a zero point (u8 x s8)"
+    cfg.quant.activations = resolved
+    ctx.metrics.quantization.activations = {"asked": asked, "resolved": resolved, "why": why}
+    log.info("quant.activations=%s -> %s (%s)", asked, resolved, why)
 
 
 def _check_resume(folder: Path, config_hash: str) -> Path:

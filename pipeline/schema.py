@@ -211,6 +211,13 @@ class QuantConfig:
     # `reduce_range` remedy; full = -128..127; auto = reduced exactly when the ONNX Runtime CPU engine
     # runs on an x86 CPU without VNNI (the manifest records what was chosen and why).
     weight_range: Literal["auto", "full", "reduced"] = "auto"
+    # Linear inputs: symmetric int8 (zero point 0: what TensorRT and FP8 take) or asymmetric uint8 with a zero
+    # point over the calibrated range's signed extremes (ONNX Runtime and OpenVINO on CPUs: u8 x s8 is also
+    # their native int8 GEMM). Most Linear inputs are lopsided (the GELU output feeding each FFN's second
+    # Linear is >= -0.17), so symmetric spends half its levels on values that never occur; on the embedded
+    # model asymmetric halves the KL to FP32 (docs/results/adaptive-default.md). auto = asymmetric unless
+    # the engine runs TensorRT, the format is fp8 or qat.learn_amax is on (the manifest records why).
+    activations: Literal["auto", "symmetric", "asymmetric"] = "auto"
     linear: bool = True
     attention: bool = True
     residual: bool = False
@@ -594,6 +601,18 @@ class DeployConfig:
 # Validation
 
 
+def symmetric_only(c: RunConfig) -> str | None:
+    """Why this run's Linear inputs must be symmetric (zero point 0), or None where asymmetric uint8 can run:
+    quant.activations=auto resolves to symmetric exactly when this says why."""
+    if c.quant.format != "int8":
+        return f"quant.format={c.quant.format}: E4M3 has no zero point"
+    if c.engine.name == "tensorrt" or (c.engine.name == "onnxruntime" and c.engine.providers[0] == "TensorrtExecutionProvider"):
+        return "TensorRT quantizes symmetrically: signed INT8 Q/DQ with zero point 0 only"
+    if c.qat.enabled and c.qat.learn_amax:
+        return "qat.learn_amax: learnable amax is symmetric"
+    return None
+
+
 def validate(cfg: DictConfig, cross_checks: tuple[Callable[[RunConfig], list[str]], ...] = ()) -> RunConfig:
     """Check the composed config; return it typed, or raise ConfigError listing every problem.
 
@@ -773,6 +792,9 @@ def _check_combinations(c: RunConfig, errors: list[str]) -> None:
         for key, value, limit, limit_key in shapes:
             if value > limit:
                 errors.append(f"{key}: {value} is outside the TensorRT optimization profile ({limit_key}={limit})")
+    blocker = symmetric_only(c)
+    if c.quant.activations == "asymmetric" and blocker:
+        errors.append(f"quant.activations: asymmetric is not possible here ({blocker}); valid values: auto, symmetric")
     if c.quant.format == "fp8" and c.qat.enabled and c.qat.learn_amax:
         errors.append("qat.learn_amax: learnable amax is implemented for int8 only; quant.format=fp8 needs qat.learn_amax=false")
     if c.qat.distill and not c.qat.enabled:

@@ -132,8 +132,8 @@ def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
     """Turn every Q/DQ into signed INT8 (`fmt="int8"`) or FP8 E4M3 (`fmt="fp8"`), same amax.
 
     amax is recovered from each node's scale (scale * qmax of its current type: 127 for int8, 255 for
-    uint8) and the new scale is amax / 127 (int8) or amax / 448 (fp8); zero points become zeros of
-    the target type. Q and DQ of a pair share their scale tensor, which is rewritten once.
+    uint8, max(z, 255 - z) for uint8 with zero point z: the asymmetric range's farther end) and the new scale
+    is amax / 127 (int8) or amax / 448 (fp8); zero points become zeros of the target type. Q and DQ of a pair share their scale tensor, which is rewritten once.
     """
     g = model.graph
     consts = constant_tensors(g)
@@ -148,7 +148,10 @@ def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
             raise ValueError(f"{node.name}: Q/DQ scale and zero point must be constants to be converted")
         old = zp.data_type
         if old == TensorProto.UINT8:
-            qmax = 255.0
+            # Asymmetric (zero point z): the range [-z * s, (255 - z) * s] becomes the symmetric one that
+            # holds both ends, amax = max(z, 255 - z) * s; z = 0 (softmax output) gives 255 * s.
+            z = float(np.asarray(numpy_helper.to_array(zp), dtype=np.float64).max())
+            qmax = max(z, 255.0 - z)
         elif old == TensorProto.INT8:
             qmax = 127.0
         elif old == TensorProto.FLOAT8E4M3FN:

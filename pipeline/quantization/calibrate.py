@@ -73,6 +73,8 @@ def calibrate(
     calibrate_weights(quantizers, model)
     acts = {n: q for n, q in quantizers.items() if q.role != "linear_weight"}
     model.eval()
+    for q in acts.values():
+        q.signed_range = None
     if distributed.is_distributed():
         _collect_distributed(model, acts, list(batches))
     else:
@@ -128,6 +130,10 @@ def _collect_distributed(model: torch.nn.Module, acts: dict[str, TensorQuantizer
         for n, q in hist.items():
             q.calibrator.fix_range([m[n] for m in maxima])
     _forward_all(model, acts, mine)
-    states = distributed.all_gather_object({n: q.calibrator.state() for n, q in acts.items()})
+    states = distributed.all_gather_object({n: (q.calibrator.state(), q.signed_range) for n, q in acts.items()})
     for n, q in acts.items():
-        q.calibrator.merge([s[n] for s in states])
+        q.calibrator.merge([s[n][0] for s in states])
+        ranges = [s[n][1] for s in states if s[n][1] is not None]
+        q.signed_range = (
+            torch.stack([torch.stack([r[0] for r in ranges]).min(), torch.stack([r[1] for r in ranges]).max()]) if ranges else None
+        )

@@ -43,6 +43,8 @@ def quantizer_factory(calib: CalibrationConfig, qcfg: QuantConfig) -> Callable[.
             num_bins=calib.num_bins,
             skip_zeros=calib.skip_zeros,
             format=qcfg.format,
+            # Linear inputs only: the attention GEMMs run in OpenVINO's fused int8 subgraphs as signed inputs.
+            asymmetric=role == "linear_input" and qcfg.activations == "asymmetric",
         )
         return q
 

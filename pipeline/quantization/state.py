@@ -14,7 +14,10 @@ from pipeline.quantization.tensor_quantizer import TensorQuantizer
 
 
 def amax_state(quantizers: dict[str, TensorQuantizer]) -> dict[str, torch.Tensor]:
-    return {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in quantizers.items() if q.amax is not None}
+    """amax of every calibrated quantizer, and the signed range of the asymmetric ones."""
+    state = {f"{n}.amax": q.amax.detach().cpu().contiguous() for n, q in quantizers.items() if q.amax is not None}
+    state.update({f"{n}.signed_range": q.signed_range.cpu().contiguous() for n, q in quantizers.items() if q.signed_range is not None})
+    return state
 
 
 def enabled_counts(quantizers: dict[str, TensorQuantizer]) -> dict[str, dict[str, int]]:
@@ -50,17 +53,19 @@ def quant_map(quantizers: dict[str, TensorQuantizer]) -> list[dict]:
             amax = (
                 float(a) if a.dim() == 0 else {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "channels": a.numel()}
             )
-        rows.append(
-            {
-                "name": name,
-                "role": q.role,
-                "axis": q.axis,
-                "unsigned": q.unsigned,
-                "num_bits": q.num_bits,
-                "amax": amax,
-                "enabled": q.enabled and q.amax is not None,
-            }
-        )
+        row = {
+            "name": name,
+            "role": q.role,
+            "axis": q.axis,
+            "unsigned": q.unsigned,
+            "num_bits": q.num_bits,
+            "amax": amax,
+            "enabled": q.enabled and q.amax is not None,
+        }
+        if q.asymmetric and q.amax is not None:
+            scale, zero_point = q.asymmetric_qparams()
+            row.update(asymmetric=True, scale=scale, zero_point=zero_point)
+        rows.append(row)
     return rows
 
 
@@ -69,6 +74,8 @@ def load_quantizer_state(quantizers: dict[str, TensorQuantizer], state: dict[str
     """Set every quantizer's amax from a saved state; quantizers without one (never reached during
     calibration) are disabled, as calibrate() leaves them."""
     for name, q in quantizers.items():
+        if f"{name}.signed_range" in state:
+            q.signed_range = state[f"{name}.signed_range"].float().clone()
         if f"{name}.amax" in state:
             q.load_amax(state[f"{name}.amax"])
         elif q.role != "linear_weight":

@@ -5,6 +5,11 @@ QuantizeLinear/DequantizeLinear and torch and ONNX Runtime round identically. Th
 the full -128..127 (0..255 unsigned): the exporter refuses narrow -127..127 ranges. scale = amax/127
 (amax/255 unsigned), zero point 0. Gradient: straight-through inside [-amax, amax], zero outside
 (torch's fake-quant backward), optionally also to amax (learnable amax, see `learn_amax`).
+
+Asymmetric (uint8 with a zero point; CPU engines only, quant.activations): the range is the calibrated
+clip [-amax, amax] narrowed to the signed extremes seen in calibration (`signed_range`), so an input that is
+never (or barely) negative — the GELU output feeding each FFN's second Linear, min -0.17 — gets all 256
+levels on the side it uses instead of 128.
 """
 
 from __future__ import annotations
@@ -93,8 +98,11 @@ class TensorQuantizer(nn.Module):
         format: "int8" (integer grid, scale amax/127) or "fp8" (E4M3, scale amax/448, always signed).
             An FP8 quantizer exports as an int8 Q/DQ template (scale amax/127) that
             `pipeline.engines.trt_graphs.retype_qdq` turns into FP8 with the same amax.
+        asymmetric: uint8 with a zero point over [max(min, -amax), min(max, amax)] (per-tensor int8 only;
+            min / max: the signed extremes seen while calibrating, kept in `signed_range`).
 
-    State: `amax` buffer (scalar or per channel), saved in quantizers.safetensors.
+    State: `amax` buffer (scalar or per channel) and, asymmetric, `signed_range` (min, max), saved in
+    quantizers.safetensors.
     Modes: `calibrating` (collect statistics, pass x through), `enabled` (fake-quantize when amax set).
     """
 
@@ -108,11 +116,15 @@ class TensorQuantizer(nn.Module):
         num_bins: int = 2048,
         skip_zeros: bool = False,
         format: Literal["int8", "fp8"] = "int8",
+        asymmetric: bool = False,
     ):
         super().__init__()
         self.role = role
         self.format = format
         unsigned = unsigned and format == "int8"  # E4M3 has a sign bit and no unsigned variant
+        if asymmetric and (format != "int8" or axis is not None or unsigned):
+            raise ValueError("asymmetric quantization is per-tensor, signed-input int8 only")
+        self.asymmetric = asymmetric
         self.num_bits = num_bits
         self.axis = axis
         self.unsigned = unsigned
@@ -121,6 +133,7 @@ class TensorQuantizer(nn.Module):
         self.learn_amax = False
         self.export_constant_scale = False  # set by onnx_export.constant_scales()
         self.register_buffer("amax", None)
+        self.register_buffer("signed_range", None)  # asymmetric: (min, max) seen while calibrating
         self.calibrator_kind = calibrator
         if calibrator == "histogram" and axis is None:
             self.calibrator = HistogramCalibrator(num_bits, None, unsigned, num_bins=num_bins, skip_zeros=skip_zeros)
@@ -150,6 +163,8 @@ class TensorQuantizer(nn.Module):
 
     def set_learnable(self, learn: bool) -> None:
         """Make amax a trainable parameter (learnable-amax QAT) or a fixed buffer."""
+        if learn and self.asymmetric:
+            raise ValueError("learnable amax is symmetric only (quant.activations=symmetric)")
         self.learn_amax = learn
         if self.amax is not None:
             amax = self.amax.detach().clone()
@@ -162,13 +177,37 @@ class TensorQuantizer(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.amax.clamp(min=_MIN_AMAX) / self.qmax
 
+    def asymmetric_qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the uint8 grid over [max(min, -amax), min(max, amax)], widened to hold 0
+        (padding and ReLU zeros stay exact). Without a signed range (calibrated before it existed, or never
+        reached) the range is the symmetric [-amax, amax]."""
+        a = float(self.amax.clamp(min=_MIN_AMAX))
+        lo, hi = (-a, a) if self.signed_range is None else (float(self.signed_range[0]), float(self.signed_range[1]))
+        lo, hi = min(max(lo, -a), 0.0), max(min(hi, a), 0.0)
+        scale = max(hi - lo, _MIN_AMAX) / 255
+        return scale, int(min(max(round(-lo / scale), 0), 255))
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Track the signed extremes (asymmetric quantizers, while calibrating)."""
+        seen = torch.stack([x.detach().min(), x.detach().max()]).float().cpu()
+        if self.signed_range is None:
+            self.signed_range = seen
+        else:
+            self.signed_range = torch.stack([torch.minimum(self.signed_range[0], seen[0]), torch.maximum(self.signed_range[1], seen[1])])
+
     def forward(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
         """Fake-quantize x. `axis` overrides the channel axis for a transposed view of the tensor."""
         if self.calibrating:
             self.calibrator.collect(x)
+            if self.asymmetric:
+                self.observe(x)
             return x
         if not self.enabled or self.amax is None:
             return x
+        if self.asymmetric:
+            scale, zero_point = self.asymmetric_qparams()
+            # Python numbers are constants to the tracer: the exported Q/DQ get literal uint8 parameters.
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
         if self.learn_amax and self.training:
             return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
         if self.format == "fp8" and not self.export_constant_scale:
@@ -211,4 +250,5 @@ class TensorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         amax = "unset" if self.amax is None else (f"{float(self.amax):.4g}" if self.amax.dim() == 0 else f"[{self.amax.numel()}]")
-        return f"role={self.role}, format={self.format}, bits={self.num_bits}, axis={self.axis}, unsigned={self.unsigned}, amax={amax}, enabled={self.enabled}"
+        asym = ", asymmetric" if self.asymmetric else ""
+        return f"role={self.role}, format={self.format}, bits={self.num_bits}, axis={self.axis}, unsigned={self.unsigned}{asym}, amax={amax}, enabled={self.enabled}"
