@@ -286,3 +286,19 @@ def test_a_run_folder_with_keys_its_engine_never_read_still_loads_for_prediction
     (tmp_path / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
     cfg = load_run_config(tmp_path)
     assert cfg.engine.name == "openvino" and not hasattr(cfg.engine, "providers") and cfg.task.name == "sequence_classification"
+
+
+def test_asymmetric_activations_only_where_the_engine_takes_a_zero_point():
+    from pipeline.schema import symmetric_only
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["engine=tensorrt", "quant.activations=asymmetric"]))
+    assert "quant.activations: asymmetric is not possible here (TensorRT quantizes symmetrically" in str(e.value)
+    assert "valid values: auto, symmetric" in str(e.value)
+    with pytest.raises(ConfigError, match="quant.format=fp8: E4M3 has no zero point"):
+        validate(compose_cfg(["quant.format=fp8", "calibration=max", "quant.activations=asymmetric"]))
+    # what auto resolves to (run.py): symmetric exactly where symmetric_only gives a reason
+    assert symmetric_only(validate(compose_cfg(["engine=onnxruntime"]))) is None
+    assert symmetric_only(validate(compose_cfg(["engine=openvino"]))) is None
+    assert "TensorRT" in symmetric_only(validate(compose_cfg(["engine=onnxruntime", "engine.providers=[TensorrtExecutionProvider]"])))
+    assert "learnable" in symmetric_only(validate(compose_cfg(["qat=default", "qat.learn_amax=true"])))

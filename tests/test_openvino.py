@@ -257,6 +257,9 @@ def test_engine_auto_is_resolved_before_any_stage_and_recorded(tmp_path, monkeyp
     assert set(m["quantization"]["engine_kernels"]) == {"fp32", "int8"}
     assert any(k.startswith("FullyConnected:") for k in m["quantization"]["engine_kernels"]["int8"])  # OpenVINO's layers
     assert m["quantization"]["weight_range"]["why"].find("OpenVINO") >= 0
+    # CPU engine: Linear inputs asymmetric (uint8 with a zero point), run by OpenVINO's u8 kernels
+    assert m["quantization"]["activations"]["resolved"] == "asymmetric"
+    assert m["quantization"]["engine_kernels"]["int8"].get("FullyConnected:u8", 0) >= 12
 
 
 def test_the_tuners_latency_probe_times_openvino(tmp_path):

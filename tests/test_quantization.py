@@ -60,6 +60,44 @@ def test_learnable_amax_gets_a_gradient_and_same_forward():
     assert isinstance(q.amax, torch.nn.Parameter) and q.amax.grad is not None and torch.isfinite(q.amax.grad)
 
 
+def test_asymmetric_fake_quant_uses_the_signed_range_and_keeps_zero_exact():
+    q = TensorQuantizer("linear_input", asymmetric=True)
+    q.calibrating = True
+    x = torch.nn.functional.gelu(torch.linspace(-4, 6, 1001))  # min -0.17, max 6
+    assert torch.equal(q(x), x)
+    q.calibrating = False
+    assert q.signed_range.tolist() == pytest.approx([float(x.min()), float(x.max())])
+    q.load_amax(torch.tensor(4.0))  # the calibrated clip: the range is [min, 4], not [-4, 4]
+    scale, zp = q.asymmetric_qparams()
+    assert scale == pytest.approx((4.0 - float(x.min())) / 255, rel=1e-3) and zp == round(-float(x.min()) / scale)
+    y = q(x)
+    inside = x <= 4.0
+    assert float((y - x)[inside].abs().max()) <= scale / 2 + 1e-6  # half a step, 2x finer than symmetric's 4/127
+    assert float(y.max()) == pytest.approx(4.0, abs=scale) and float(q(torch.zeros(3)).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="symmetric"):
+        q.set_learnable(True)
+    with pytest.raises(ValueError, match="per-tensor"):
+        TensorQuantizer("linear_weight", axis=0, asymmetric=True)
+
+
+def test_asymmetric_state_round_trips_through_the_files(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.quantization.state import load_quantizer_state, quant_map, save_quantizer_state
+
+    q = TensorQuantizer("linear_input", asymmetric=True)
+    q.calibrating = True
+    q(torch.tensor([-0.5, 3.0]))
+    q.calibrating = False
+    q.load_amax(torch.tensor(2.0))
+    save_quantizer_state({"a": q}, tmp_path)
+    fresh = TensorQuantizer("linear_input", asymmetric=True)
+    load_quantizer_state({"a": fresh}, load_file(str(tmp_path / "quantizers.safetensors")))
+    assert fresh.asymmetric_qparams() == q.asymmetric_qparams() != (2.0 / 127, 0)
+    row = quant_map({"a": q})[0]
+    assert row["asymmetric"] and row["zero_point"] == q.asymmetric_qparams()[1]
+
+
 def test_calibrating_passes_through_and_collects():
     q = TensorQuantizer("linear_input", calibrator="histogram")
     q.calibrating = True
@@ -68,11 +106,13 @@ def test_calibrating_passes_through_and_collects():
     assert q.calibrator.compute_amax("percentile", percentile=100) == pytest.approx(float(x.abs().max()), rel=1e-3)
 
 
-@pytest.mark.parametrize("weight_bits", [7, 8])
-def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight_bits):
+@pytest.mark.parametrize("weight_bits,asymmetric", [(7, False), (8, False), (7, True)])
+def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight_bits, asymmetric):
     """7-bit weights (quant.weight_range=reduced) are exact on every x86 CPU; full-range 8-bit weights
-    only where ORT's int8 GEMM does not saturate (VNNI), which weight_range=auto detects."""
+    only where ORT's int8 GEMM does not saturate (VNNI), which weight_range=auto detects. An asymmetric input
+    exports as uint8 Q/DQ with its zero point, and ORT's integer GEMM gives torch's numbers."""
     from pipeline.engines.onnxruntime import weight_range_for
+    from pipeline.onnx_export import constant_tensors
     from pipeline.schema import engine_config
 
     if weight_bits == 8 and weight_range_for(engine_config("onnxruntime"))[0] == "reduced":
@@ -82,8 +122,13 @@ def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight
     with torch.no_grad():
         lin.weight[0, 0] = 3.0  # a weight beyond the others' amax after calibration below: clamped identically
     wq = TensorQuantizer("linear_weight", axis=0, num_bits=weight_bits)
-    ql = QuantLinear.from_linear(lin, TensorQuantizer("linear_input"), wq)
+    ql = QuantLinear.from_linear(lin, TensorQuantizer("linear_input", asymmetric=asymmetric), wq)
     x = torch.randn(2, 5, 16)
+    if asymmetric:  # a GELU output: lopsided, min -0.17
+        x = torch.nn.functional.gelu(3 * x)
+        ql.input_quantizer.calibrating = True
+        ql.input_quantizer(x)
+        ql.input_quantizer.calibrating = False
     ql.input_quantizer.load_amax(x.abs().max())
     ql.weight_quantizer.load_amax(lin.weight.abs().amax(1).clamp(max=0.25))
 
@@ -101,6 +146,12 @@ def test_quant_linear_exports_qdq_that_onnxruntime_runs_as_int8(tmp_path, weight
     g = onnx.load(str(path)).graph
     ops = [n.op_type for n in g.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2 and "Transpose" not in ops
+    q_node = next(n for n in g.node if n.op_type == "QuantizeLinear")
+    zp = numpy_helper.to_array(constant_tensors(g)[q_node.input[2]]) if len(q_node.input) > 2 else None
+    if asymmetric:
+        scale, zero_point = ql.input_quantizer.asymmetric_qparams()
+        assert zp is not None and zp.dtype == np.uint8 and int(zp) == zero_point > 0
+        assert 0 < zero_point < 32 and scale < float(x.abs().max()) / 127 * 0.6  # most of the 256 levels on the positive side
     w8 = next(numpy_helper.to_array(i) for i in g.initializer if i.data_type == onnx.TensorProto.INT8)
     assert w8.min() == -(2 ** (weight_bits - 1)) or w8.max() == 2 ** (weight_bits - 1) - 1  # the clipped weight
     assert w8.min() >= -(2 ** (weight_bits - 1)) and w8.max() <= 2 ** (weight_bits - 1) - 1
@@ -164,6 +215,7 @@ def test_placement_globs_roles_and_residual():
 
 def test_weight_range_auto_is_reduced_only_for_ort_cpu_on_x86_without_vnni():
     from pipeline.engines.onnxruntime import weight_range_for
+    from pipeline.onnx_export import constant_tensors
     from pipeline.schema import engine_config
 
     ort_cpu = engine_config("onnxruntime")

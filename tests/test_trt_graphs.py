@@ -225,3 +225,16 @@ def test_position_region_stays_fp32_in_the_fp16_graph(tmp_path):
     ref = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x})[0]
     got = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x})[0]
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()  # FP16 activations only; angles exact
+
+
+def test_asymmetric_pair_becomes_symmetric_over_its_farther_end():
+    """An asymmetric uint8 input (zero point 20, range [-20 s, 235 s]) keeps both ends in the signed graph."""
+    s = 0.02
+    m = _qdq_model(np.array(20, np.uint8), s)
+    assert trt_graphs.retype_qdq(m, "int8") == {"uint8->int8": 2}
+    scale = float(numpy_helper.to_array(m.graph.initializer[0]))
+    assert scale == pytest.approx(235 * s / 127, rel=1e-6)
+    x = np.linspace(-20 * s, 235 * s, 32, dtype=np.float32).reshape(4, 8)
+    np.testing.assert_allclose(_run(m, x), np.round(x / scale) * scale, rtol=1e-6)
+    assert float(np.abs(_run(m, x) - x).max()) <= scale / 2 + 1e-6
+    assert trt_rules.check_tensorrt(m) == []
