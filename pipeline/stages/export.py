@@ -1,8 +1,9 @@
 """export: the ONNX graphs the engines build from, with dynamic batch and sequence axes.
 
 - model_fp32.onnx: the FP32 baseline (ONNX Runtime).
-- model_int8.onnx: INT8 Q/DQ for ONNX Runtime (quant.format=int8): int8 weights + DQ, dedicated Q/DQ
-  pairs, P (softmax output) unsigned (0..255), FP32 elsewhere: ORT CPU's fastest INT8 form.
+- model_int8.onnx: INT8 Q/DQ for the CPU engines (quant.format=int8): int8 weights + DQ, dedicated Q/DQ
+  pairs, uint8 Linear inputs with zero points (quant.activations=asymmetric), P (softmax output) unsigned
+  (0..255), FP32 elsewhere: the u8 x s8 form ONNX Runtime and OpenVINO run natively.
 - With export.tensorrt_graphs (default) or engine=tensorrt, TensorRT's strongly typed graphs
   (pipeline/engines/trt_graphs.py): model_fp16.onnx, model_int8_trt.onnx (signed INT8, FP16 compute).
 - quant.format=fp8: model_fp8.onnx (FP8 E4M3 Q/DQ, FP16 compute) instead of the INT8 graphs.
