@@ -215,7 +215,6 @@ def test_placement_globs_roles_and_residual():
 
 def test_weight_range_auto_is_reduced_only_for_ort_cpu_on_x86_without_vnni():
     from pipeline.engines.onnxruntime import weight_range_for
-    from pipeline.onnx_export import constant_tensors
     from pipeline.schema import engine_config
 
     ort_cpu = engine_config("onnxruntime")
