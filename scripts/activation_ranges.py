@@ -5,7 +5,7 @@ calibration split, and `quant_map.json` the amax it got. For each quantizer this
 
 - the range: max |x| and max / amax (how far the calibrated range clips the tail);
 - the SQNR in dB at that amax: signal sum(x^2) over noise = rounding (step^2 / 12 for values inside the range,
-  step = amax / 127, or / 255 for unsigned P) + clipping ((x - amax)^2 for values beyond it);
+  step = amax / 127, / 255 for unsigned P, the grid's own scale for an asymmetric input) + clipping ((x - amax)^2 beyond it);
 
 grouped by tensor slot (pipeline/quantization/slots.py, as scripts/sensitivity.py) and layer, as a JSON and a figure.
 
@@ -25,10 +25,9 @@ from safetensors.numpy import load_file
 from pipeline.quantization.slots import layer_of, slot_of
 
 
-def sqnr_db(hist: np.ndarray, edges: np.ndarray, amax: float, levels: int) -> float:
+def sqnr_db(hist: np.ndarray, edges: np.ndarray, amax: float, step: float) -> float:
     centers = (edges[:-1] + edges[1:]) / 2
     signal = float((hist * centers**2).sum())
-    step = amax / levels
     inside = centers <= amax
     noise = float(hist[inside].sum() * step**2 / 12 + (hist[~inside] * (centers[~inside] - amax) ** 2).sum())
     return 10 * np.log10(signal / max(noise, 1e-30))
@@ -49,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         h, e = hists[f"{name}.hist"].astype(np.float64), hists[f"{name}.edges"].astype(np.float64)
         nz = np.nonzero(h)[0]
         xmax = float(e[nz[-1] + 1]) if nz.size else 0.0
-        levels = 255 if q["unsigned"] else 127
+        # the grid's step: amax/127 (signed), amax/255 (unsigned P), or the asymmetric grid's own scale
+        step = q["scale"] if q.get("asymmetric") else q["amax"] / (255 if q["unsigned"] else 127)
         rows.append(
             {
                 "name": name,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 "amax": q["amax"],
                 "max": xmax,
                 "max_over_amax": xmax / q["amax"],
-                "sqnr_db": sqnr_db(h, e, q["amax"], levels),
+                "sqnr_db": sqnr_db(h, e, q["amax"], step),
             }
         )
     by_slot: dict[str, list[dict]] = {}
