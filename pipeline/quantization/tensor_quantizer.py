@@ -181,8 +181,9 @@ class TensorQuantizer(nn.Module):
         """(scale, zero point) of the uint8 grid over [max(min, -amax), min(max, amax)], widened to hold 0
         (padding and ReLU zeros stay exact). Without a signed range (calibrated before it existed, or never
         reached) the range is the symmetric [-amax, amax]."""
-        a = float(self.amax.clamp(min=_MIN_AMAX))
-        lo, hi = (-a, a) if self.signed_range is None else (float(self.signed_range[0]), float(self.signed_range[1]))
+        # Read through numpy: constants by design, so the exporter's tracer has nothing to warn about.
+        a = max(float(self.amax.detach().cpu().numpy()), _MIN_AMAX)
+        lo, hi = (-a, a) if self.signed_range is None else map(float, self.signed_range.detach().cpu().numpy())
         lo, hi = min(max(lo, -a), 0.0), max(min(hi, a), 0.0)
         scale = max(hi - lo, _MIN_AMAX) / 255
         return scale, int(min(max(round(-lo / scale), 0), 255))
