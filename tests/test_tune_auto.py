@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import run as run_module
@@ -175,6 +176,31 @@ def test_a_model_over_budget_goes_on_to_qat_which_never_ends_further_from_fp32(t
     b = json.loads((again.run_dir / "metrics.json").read_text())["embedding"]
     assert a == b
     assert (ctx.run_dir / "quantizers.safetensors").read_bytes() == (again.run_dir / "quantizers.safetensors").read_bytes()
+
+
+def test_a_per_slot_choice_further_from_fp32_on_the_whole_split_is_reverted(tiny_run, monkeypatch):
+    """The per-slot search decides on the first search_examples; if the state it leaves is further from FP32
+    on the whole tuning split, the global calibrator's state is kept (no rules recorded)."""
+    import pipeline.stages.tune as tune_stage
+
+    global_amax = {}
+
+    def worse(cfg, ctx, hists, score, logits, best, kept, info):
+        for n, q in ctx.quantizers.items():
+            if q.role == "linear_input" and q.amax is not None:
+                global_amax[n] = q.amax.clone()
+                q.load_amax(q.amax * 0.05)  # clips almost everything: far from FP32
+        return [{"name": ["*"], "method": "max"}], 1
+
+    monkeypatch.setattr(tune_stage, "_per_group", worse)
+    ctx = tiny_run(
+        ["task=embedding", "tune=auto", "tune.calibrator_per=slot", "qat=none", "task.min_cosine=1.0", "tune.fallback=false"], name="revert"
+    )
+    t = ctx.metrics.tune
+    first, per_slot = t["steps"][0], t["steps"][1]
+    assert per_slot["step"] == "calibrator_per_slot" and "reverted" in per_slot["note"]
+    assert per_slot["kl"] == first["kl"] and t["calibration_rules"] == []
+    assert global_amax and all(torch.equal(ctx.quantizers[n].amax.cpu(), a.cpu()) for n, a in global_amax.items())
 
 
 def test_kd_best_keeps_a_state_no_further_from_fp32_than_its_start(tiny_run):
