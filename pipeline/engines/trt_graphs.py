@@ -132,8 +132,9 @@ def retype_qdq(model: onnx.ModelProto, fmt: str) -> dict[str, int]:
     """Turn every Q/DQ into signed INT8 (`fmt="int8"`) or FP8 E4M3 (`fmt="fp8"`), same amax.
 
     amax is recovered from each node's scale (scale * qmax of its current type: 127 for int8, 255 for
-    uint8, max(z, 255 - z) for uint8 with zero point z: the asymmetric range's farther end) and the new scale
-    is amax / 127 (int8) or amax / 448 (fp8); zero points become zeros of the target type. Q and DQ of a pair share their scale tensor, which is rewritten once.
+    uint8, max(z, 255 - z) for uint8 with zero point z: the asymmetric range's farther end) and the new
+    scale is amax / 127 (int8) or amax / 448 (fp8); zero points become zeros of the target type. Q and DQ
+    of a pair share their scale tensor, which is rewritten once.
     """
     g = model.graph
     consts = constant_tensors(g)

@@ -133,7 +133,5 @@ def _collect_distributed(model: torch.nn.Module, acts: dict[str, TensorQuantizer
     states = distributed.all_gather_object({n: (q.calibrator.state(), q.signed_range) for n, q in acts.items()})
     for n, q in acts.items():
         q.calibrator.merge([s[n][0] for s in states])
-        ranges = [s[n][1] for s in states if s[n][1] is not None]
-        q.signed_range = (
-            torch.stack([torch.stack([r[0] for r in ranges]).min(), torch.stack([r[1] for r in ranges]).max()]) if ranges else None
-        )
+        for r in (s[n][1] for s in states if s[n][1] is not None):
+            q.observe(r)  # a rank's (min, max) widens the range as a batch holding both values would
