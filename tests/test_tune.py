@@ -227,7 +227,7 @@ def test_the_tasks_fidelity_targets_keep_the_search_going_after_the_score_is_wit
 
     def evaluate():
         s = m.evaluate()
-        return dataclasses.replace(s, targets_met=len(m.float) >= 2)
+        return dataclasses.replace(s, met=len(m.float) >= 2)
 
     r = search(_groups(4), budget=Budget(0.85, 0.3), evaluate=evaluate, set_float=m.set_float, latency=m.latency, refine=False)
     assert r.stopped == "met" and r.chosen.groups_in_float == ("g0", "g1") and r.chosen.met

@@ -5,6 +5,7 @@ FP32 than its start; the eval split is read by nothing before the evaluate stage
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -205,6 +206,21 @@ def test_a_per_slot_choice_further_from_fp32_on_the_whole_split_is_reverted(tiny
     assert per_slot["step"] == "calibrator_per_slot" and "reverted" in per_slot["note"]
     assert per_slot["kl"] == first["kl"] and t["calibration_rules"] == []
     assert global_amax and all(torch.equal(ctx.quantizers[n].amax.cpu(), a.cpu()) for n, a in global_amax.items())
+
+
+def test_the_fallback_search_judges_met_by_the_recipes_criterion_not_the_point_drop(tiny_run, monkeypatch):
+    """A small labelled split with the point drop 0 and the FP32-expected drop over the budget (all-mpnet-base-v2
+    in issue 16's setting: 0.00 and 0.58) is an evident miss, so the fallback runs; its search must go on by the
+    same criterion (measured bug: it judged "met" on the point drop at its start and returned no group)."""
+    monkeypatch.setattr(SequenceClassification, "score", lambda self, out, data: 0.85)  # point drop 0, always
+    monkeypatch.setattr(SequenceClassification, "expected_loss", lambda self, ref, out: np.full(len(ref), 0.01))  # 1 pt
+    ctx = tiny_run(["tune=auto", "tune.calibrator_per=none", "qat=none", "tune.max_trials=2", "data.num_tune=48"], name="judge")
+    t = ctx.metrics.tune
+    assert [s["step"] for s in t["steps"]] == ["calibrator", "fallback"] and t["steps"][0]["evident_miss"]
+    assert t["steps"][0]["drop"] == 0.0 and t["steps"][0]["expected_drop"] == pytest.approx(1.0)
+    rows = list(csv.DictReader((ctx.run_dir / "tune_trace.csv").open()))
+    assert rows[0]["action"] == "start" and rows[0]["met"] == "0"  # not "met" on the point drop
+    assert len(rows) == 3 and t["stopped"] == "max_trials" and not t["met"]  # both trials taken, none meets 1 pt
 
 
 def test_kd_best_keeps_a_state_no_further_from_fp32_than_its_start(tiny_run):

@@ -8,7 +8,8 @@ KL falls — or `accuracy` — the accuracy rises; otherwise it is stepped back 
 again). Why KL by default: on a few hundred examples one example is 0.25 pt, and accepting a step
 whenever the accuracy happens to rise keeps the luckiest draw, after which no honest step can beat it
 (measured: README "Accuracy budget"); the KL reads every example's whole output distribution, so its
-noise is far smaller, and the budget itself is still checked on the accuracy. After each accepted step the caller re-exports
+noise is far smaller, and the budget itself is still checked on the accuracy, or on the caller's verdict where it gives one
+(`Score.met`: tune=auto's criterion, the task's fidelity targets). After each accepted step the caller re-exports
 and re-times the engine (`latency`), so every accepted state on the trace carries a measured INT8 /
 baseline latency ratio. The plan chosen is the fastest accepted state that meets the budget (fewest
 float groups on a tie or where latency is not measured); if none does, the best one by the criterion
@@ -53,9 +54,10 @@ class Score:
 
     accuracy: float  # fraction
     kl: float  # mean KL(FP32 || quantized) over the tuning examples
-    # The task's fidelity targets (embedding: cosine and recall@10 to FP32), where it has any: the budget
-    # is met only when they are too.
-    targets_met: bool = True
+    # The caller's verdict on the budget where the labelled point drop is not the whole criterion: the
+    # task's fidelity targets (embedding: cosine and recall@k to FP32), and tune=auto's budget check
+    # (auto.judge: the FP32-expected drop where the labels cannot resolve the budget). None: Budget.met.
+    met: bool | None = None
 
     def better(self, other: Score, criterion: str) -> bool:
         """Closer to FP32 than `other` by the criterion (strictly)."""
@@ -123,7 +125,7 @@ def search(
     evaluations = 0
 
     def met(s: Score) -> bool:
-        return budget.met(s.accuracy) and s.targets_met
+        return budget.met(s.accuracy) if s.met is None else s.met
 
     if start is None:
         start, evaluations = evaluate(), 1
