@@ -531,6 +531,9 @@ class TuneConfig:
     latency: bool = True
     latency_warmup: int = field(default=2, metadata=_range(0))
     latency_iters: int = field(default=10, metadata=_range(1))
+    # tune=auto: once the budget is met in fake quant, check it on the run's engine built from that state (the
+    # tuning split through it); an evident miss there resumes the fallback once. false = fake quant decides.
+    engine_check: bool = True
     # A tuned_quant.yaml from an earlier run: apply its calibrator and float groups, no search.
     plan: str | None = None
 

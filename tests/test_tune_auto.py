@@ -17,7 +17,7 @@ import yaml
 from pipeline import run as run_module
 from pipeline.data.batching import Encoded
 from pipeline.schema import EmbeddingConfig
-from pipeline.tasks.embedding import Embedding
+from pipeline.tasks.embedding import Embedding, recall_at_k
 from pipeline.tasks.sequence_classification import SequenceClassification
 from pipeline.testing import compose_cfg
 from pipeline.tune import auto
@@ -110,7 +110,8 @@ def test_auto_is_the_default_and_hand_chosen_sweeps_pin_it_off():
 def test_a_model_within_budget_after_calibration_runs_no_qat(tiny_run):
     ctx = tiny_run(["tune=auto", "qat=kd_best", "data.num_tune=48"])
     t = ctx.metrics.tune
-    assert [s["step"] for s in t["steps"]] == ["calibrator"] and t["met"] and t["qat"] is False
+    assert [s["step"] for s in t["steps"]] == ["calibrator", "engine"] and t["met"] and t["qat"] is False
+    assert "int8 engine of this state" in t["engine_check"] and t["steps"][1]["met"]  # the engine built from it, met too
     assert ctx.stages["qat"].status == "skipped" and "qat" not in ctx.metrics.training
     assert t["calibrator"] in t["calibrator_scores"] and t["steps"][0]["seconds"] >= 0
 
@@ -223,6 +224,30 @@ def test_the_fallback_search_judges_met_by_the_recipes_criterion_not_the_point_d
     assert len(rows) == 3 and t["stopped"] == "max_trials" and not t["met"]  # both trials taken, none meets 1 pt
 
 
+def test_an_engine_that_misses_where_fake_quant_met_resumes_the_fallback_with_its_deviation(tiny_run, monkeypatch):
+    """The engine ships, not fake quant: an engine check that misses evidently (here the engine answers the
+    other class on a fifth of the tuning split) resumes the fallback, which judges every candidate with the
+    engine's deviation added (so its start is not met, though fake quant alone is)."""
+    import pipeline.stages.tune as tune_stage
+
+    real = tune_stage.engine_outputs
+
+    def flipped(*args):
+        out, note = real(*args)
+        out = out.copy()
+        out[::5] = out[::5, ::-1] * 10  # confident and wrong where FP32 is right
+        return out, note
+
+    monkeypatch.setattr(tune_stage, "engine_outputs", flipped)
+    ctx = tiny_run(["tune=auto", "qat=none", "tune.calibrator_per=none", "tune.max_trials=2", "data.num_tune=48"], name="engine")
+    t = ctx.metrics.tune
+    steps = t["steps"]
+    assert [s["step"] for s in steps] == ["calibrator", "engine", "fallback"] and steps[0]["met"] and not t["met"]
+    assert not steps[1]["met"] and steps[1]["evident_miss"]
+    rows = list(csv.DictReader((ctx.run_dir / "tune_trace_engine.csv").open()))
+    assert rows[0]["action"] == "start" and rows[0]["met"] == "0" and len(rows) == 3  # judged with the deviation
+
+
 def test_kd_best_keeps_a_state_no_further_from_fp32_than_its_start(tiny_run):
     ctx = tiny_run(["tune=none", "qat=kd_best", "data.num_tune=48"])
     sel = ctx.metrics.training["qat"]["selection"]
@@ -260,6 +285,24 @@ def test_a_fidelity_target_is_met_only_when_its_interval_clears_the_minimum():
     assert 0 < t["ci95"] < 0.1 and 0 < targets(0.0)["cosine_mean"]["ci95"] < 0.05
     assert "recall_at_3" in auto.short_targets(targets(t["value"] - t["ci95"] / 2))  # the point clears it, the interval not
     assert not auto.short_targets(targets(t["value"] - 2 * t["ci95"]))
+
+
+def test_recall_is_judged_at_the_eval_pools_density():
+    """recall@10 among 1,000 eval examples is lower than among 400 tuning ones (more close neighbours to
+    confuse): the tuning split's recall stands for the eval's only at the same density (recall@4 of 400)."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 32))
+    ref = centers[rng.integers(0, 20, 1000)] + 0.8 * rng.normal(size=(1000, 32))
+    q = ref + 0.08 * rng.normal(size=ref.shape)
+    task = Embedding(EmbeddingConfig(recall_k=10, min_recall=0.9), None)
+    task.eval_pool = 1000
+    eval_recall = recall_at_k(ref, q, 10)
+    subsets = [rng.choice(1000, 400, replace=False) for _ in range(8)]
+    judged = [task.fidelity_targets(ref[i], q[i])["recall_at_10"] for i in subsets]
+    assert all(t["k"] == 4 and t["pool"] == 400 for t in judged) and task.density_k(1000) == 10
+    assert abs(np.mean([t["value"] for t in judged]) - eval_recall) < 0.015
+    assert np.mean([recall_at_k(ref[i], q[i], 10) for i in subsets]) > eval_recall + 0.02  # the bias it removes
+    assert "recall@4 of 400" in auto.target_text("recall_at_10", judged[0])
 
 
 def test_poisson_lower_bound_matches_the_exact_chi_square_quantile():

@@ -80,7 +80,8 @@ def short_targets(targets: dict[str, dict[str, float]]) -> dict[str, dict[str, f
 def target_text(name: str, v: dict[str, float]) -> str:
     """ "recall_at_10 0.9023 ± 0.0061": a fidelity target's value and, where the task gives one, its interval."""
     ci = f" ± {v['ci95']:.4f}" if v.get("ci95") else ""
-    return f"{name} {v['value']:.4f}{ci}"
+    how = f" (recall@{v['k']:.0f} of {v['pool']:.0f}: the eval pool's density)" if "k" in v and not name.endswith(f"_{v['k']:.0f}") else ""
+    return f"{name} {v['value']:.4f}{ci}{how}"
 
 
 def judge(

@@ -25,6 +25,7 @@ from pipeline import distributed, graphs
 from pipeline.data import batches
 from pipeline.data.batching import Encoded
 from pipeline.engines import ENGINES, graphs_for
+from pipeline.inference import Outputs, engine_logits
 from pipeline.schema import RunConfig
 from pipeline.tasks import Models
 from pipeline.timing import interleaved, synthetic_inputs
@@ -127,3 +128,29 @@ class LatencyProbe:
     def close(self) -> None:
         self._baseline = None
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def engine_outputs(
+    cfg: RunConfig, models: Models, tokenizer, data: Encoded, workdir: Path, token_level: bool
+) -> tuple[Outputs | None, str]:
+    """The tuning split through the run's quantized engine built from the model as it is now (the export
+    and build of the build_engine stage): tune=auto's last check, since the engine ships, not fake quant
+    (all-mpnet-base-v2 embeddings: recall@10 0.9025 in fake quant, 0.8978 on OpenVINO). Returns
+    (outputs, what ran) or (None, why not) where the engine cannot run here."""
+    if cfg.engine.name == "none" or not cfg.export.enabled:
+        return None, f"no engine to check ({'engine=none' if cfg.engine.name == 'none' else 'export=none'})"
+    if distributed.is_distributed():
+        return None, "not under torchrun (one engine per rank would be built)"
+    label, name = list(graphs_for(cfg.engine, cfg.quant.format).items())[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        example = next(batches(tokenizer, data, 2)).inputs
+        e = cfg.export
+        graphs.quantized_graph(models.model, example, name, workdir / name, e.opset, e.fold_weights, models.device)
+        engine = ENGINES[cfg.engine.name]().build(workdir / name, label, cfg.engine, workdir)
+        out = engine_logits(engine, tokenizer, data, cfg.evaluate.batch_size, token_level=token_level)
+        return out, f"{cfg.engine.name} {label} engine of this state"
+    except Exception as exc:  # e.g. TensorRT not installed on this machine
+        return None, f"engine={cfg.engine.name} could not build here ({type(exc).__name__}: {exc})"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
