@@ -80,6 +80,34 @@ def test_asymmetric_fake_quant_uses_the_signed_range_and_keeps_zero_exact():
         TensorQuantizer("linear_weight", axis=0, asymmetric=True)
 
 
+def test_asymmetric_forward_reads_nothing_to_the_host_and_matches_the_exported_constants(monkeypatch):
+    """QAT on a GPU: a host read per asymmetric quantizer per step is a device sync. The forward's tensor
+    qparams equal the export's Python constants bit for bit, over ranges with and without a signed range."""
+    from pipeline import onnx_export
+
+    rng = np.random.default_rng(0)
+    for lo, hi, amax in [(-0.17, 6.0, 4.0), (-3.0, 0.5, 2.0), (0.0, 1.0, 1.0), (-1e-9, 1e-9, 1e-9), (None, None, 0.7)]:
+        q = TensorQuantizer("linear_input", asymmetric=True)
+        q.load_amax(torch.tensor(amax))
+        if lo is not None:
+            q.signed_range = torch.tensor([lo, hi])
+        scale, zero = q.asymmetric_qparams_tensors()
+        assert (float(scale), int(zero)) == (np.float32(q.asymmetric_qparams()[0]), q.asymmetric_qparams()[1])
+        x = torch.from_numpy(rng.normal(0, 2, 4096).astype(np.float32))
+        model = torch.nn.ModuleDict({"q": q})
+        with onnx_export.constant_scales(model):
+            exported = q(x)
+
+        def no_host_read(*a, **k):
+            raise AssertionError("host read in the forward")
+
+        with monkeypatch.context() as m:
+            for name in ("numpy", "item", "tolist", "__float__", "__int__", "cpu"):
+                m.setattr(torch.Tensor, name, no_host_read)
+            y = q(x)
+        assert torch.equal(y, exported)
+
+
 def test_asymmetric_state_round_trips_through_the_files(tmp_path):
     from safetensors.torch import load_file
 

@@ -188,6 +188,21 @@ class TensorQuantizer(nn.Module):
         scale = max(hi - lo, _MIN_AMAX) / 255
         return scale, int(min(max(round(-lo / scale), 0), 255))
 
+    def asymmetric_qparams_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """asymmetric_qparams as tensors on the quantizer's device (scale float32, zero point int32), the same
+        values: the forward of training and evaluation reads nothing back to the host (on CUDA a host read is a
+        device sync per quantizer per step). float64 like the Python path, so export's constants agree bit for bit."""
+        a = self.amax.detach().double().reshape(()).clamp(min=_MIN_AMAX)
+        if self.signed_range is None:
+            lo, hi = -a, a
+        else:
+            r = self.signed_range.detach().to(a.device, torch.float64)
+            lo, hi = torch.maximum(r[0], -a), torch.minimum(r[1], a)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = (hi - lo).clamp(min=_MIN_AMAX) / 255
+        zero_point = torch.round(-lo / scale).clamp(0, 255)
+        return scale.float(), zero_point.to(torch.int32)
+
     def observe(self, x: torch.Tensor) -> None:
         """Track the signed extremes (asymmetric quantizers, while calibrating)."""
         seen = torch.stack([x.detach().min(), x.detach().max()]).float().cpu()
@@ -206,9 +221,12 @@ class TensorQuantizer(nn.Module):
         if not self.enabled or self.amax is None:
             return x
         if self.asymmetric:
-            scale, zero_point = self.asymmetric_qparams()
-            # Python numbers are constants to the tracer: the exported Q/DQ get literal uint8 parameters.
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+            if self.export_constant_scale:
+                # Python numbers are constants to the tracer: the exported Q/DQ get literal uint8 parameters.
+                scale, zero_point = self.asymmetric_qparams()
+                return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+            scale, zero = self.asymmetric_qparams_tensors()
+            return torch.fake_quantize_per_tensor_affine(x, scale.to(x.device), zero.to(x.device), 0, 255)
         if self.learn_amax and self.training:
             return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
         if self.format == "fp8" and not self.export_constant_scale:

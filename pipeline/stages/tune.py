@@ -170,10 +170,12 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
     evaluations = 1
     clock = [time.perf_counter()]
 
+    fake_out: list = [None]  # the last fake-quant outputs checked (the engine check's comparison)
+
     def check(step: str, note: str = "", out=None) -> auto.Check:
         nonlocal evaluations
         if out is None:
-            out = logits(ctx.model)
+            out = fake_out[0] = logits(ctx.model)
         evaluations += 1
         c = auto.judge(task, budget, fp32_logits, out, data, step=step)
         now = time.perf_counter()
@@ -215,6 +217,7 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
                 # Chosen on the first search_examples, the per-slot state can be further from FP32 on the whole
                 # split (measured: all-mpnet-base-v2, KL 0.00559 -> 0.00596): keep the global calibrator's state.
                 apply_amax(ctx.quantizers, start, ctx.device)
+                fake_out[0] = None  # those outputs were the per-slot state's
                 last.note += f"; reverted: whole-split KL {last.kl:.5f} > {global_check.kl:.5f} with the global calibrator"
                 rules, last = [], dataclasses.replace(global_check, step=last.step, note=last.note, seconds=last.seconds)
                 checks[-1] = last
@@ -252,8 +255,7 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
     for resumed in (False, True):
         if not (last.met and t.engine_check):
             break
-        fake = logits(ctx.model)
-        evaluations += 1
+        fake = fake_out[0] if fake_out[0] is not None else logits(ctx.model)
         out, engine_note = engine_outputs(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.path(".tune_engine"), task.token_level)
         if out is None:
             log.info("tune=auto: no engine check: %s", engine_note)

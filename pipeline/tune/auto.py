@@ -7,7 +7,11 @@ Steps, each taken only while the budget (tune.max_drop) is not met on the tuning
 2. qat: quantization-aware training as the qat group says (default qat=kd_best: distillation from the
    frozen FP32 model, the best state by KL, so it never ends above its start's KL);
 3. fallback: the most sensitive fusion groups back to float (latency-aware search), taken only when the
-   budget is *not met* on evidence (below), because it costs speed on every request afterwards.
+   budget is *not met* on evidence (below), because it costs speed on every request afterwards; the search
+   judges its candidates by the same check;
+4. engine: the state that met the budget in fake quant, checked on the run's own engine (the tuning split
+   through it); an evident miss there resumes the fallback once, each candidate's fake-quant outputs shifted
+   by the engine's measured deviation (pipeline/stages/tune.py).
 
 The budget check (`judge`). A labelled tuning split of a few hundred examples cannot resolve a budget of
 a few tenths of a point: the paired 95 % interval of the drop is about 1.96 * sqrt(flips / n), e.g.
