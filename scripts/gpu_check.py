@@ -67,6 +67,7 @@ KEYS = (
     "probe",
     "cuda",
     "numerics",
+    "asym-sync",
     "calibrators",
     "smoke",
     "latency",
@@ -277,6 +278,30 @@ def main() -> int:
         per_t.to(dev)(xg).sum().backward()
         assert a < 1e-5 and b < 1e-5, (a, b)
         return f"max |diff| per-tensor {a:.1e}, per-channel {b:.1e}; STE grad on {dev.type}"
+
+    @check("asym-sync", "asymmetric fake quant on device: CPU values, no host sync in forward/backward")
+    def _():
+        g = torch.Generator().manual_seed(1)
+        x = torch.nn.functional.gelu(torch.randn(64, 128, 96, generator=g) * 3)
+        q = TensorQuantizer("linear_input", asymmetric=True)
+        q.calibrating = True
+        q(x)
+        q.calibrating = False
+        q.load_amax(torch.tensor(4.0))
+        cpu = q(x)
+        q.to(dev)
+        xg = x.to(dev).requires_grad_()
+        if gpu:
+            torch.cuda.set_sync_debug_mode("error")  # any host read in the forward/backward raises
+        try:
+            y = q(xg)
+            y.sum().backward()
+        finally:
+            if gpu:
+                torch.cuda.set_sync_debug_mode("default")
+        d = (y.detach().cpu() - cpu).abs().max().item()
+        assert d < 1e-5, d
+        return f"max |diff| {d:.1e}; forward + STE backward on {dev.type} without a device sync"
 
     @check("calibrators", "calibrators fed device tensors")
     def _():
