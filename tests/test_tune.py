@@ -234,6 +234,32 @@ def test_the_tasks_fidelity_targets_keep_the_search_going_after_the_score_is_wit
     assert [x.met for x in r.trace] == [False, False, True]
 
 
+def test_doubling_blocks_get_past_single_group_effects_hidden_under_the_noise():
+    """Many groups, each carrying a small share of the error: one group in float changes the measured KL by less
+    than its noise (the realisation of the other groups' errors), so single steps are rejected while the error
+    falls with every group (all-mpnet-base-v2: 28 of 30 rejected). Blocks of 1, 2, 4, ... groups are not."""
+    n = 64
+
+    class Noisy(FakeModel):
+        def evaluate(self):
+            self.evaluations += 1
+            k = len(self.float)
+            noise = 0.03 * np.sin(7.3 * sum(int(g[1:]) for g in self.float) + k)  # fixed, not monotone
+            kl = 1.0 - k / n + noise  # each group: 1/64 = 0.016 of the error, half the noise's amplitude
+            return Score(0.80 + 0.06 * k / n, kl, met=kl <= 0.6)
+
+    single = Noisy(0.8, {f"g{i}": 0.0 for i in range(n)})
+    r1 = search(_groups(n), budget=Budget(0.85, 0.3), evaluate=single.evaluate, set_float=single.set_float,
+                latency=single.latency, refine=False, max_trials=30)  # fmt: skip
+    double = Noisy(0.8, {f"g{i}": 0.0 for i in range(n)})
+    r2 = search(_groups(n), budget=Budget(0.85, 0.3), evaluate=double.evaluate, set_float=double.set_float,
+                latency=double.latency, refine=False, max_trials=30, steps="doubling")  # fmt: skip
+    assert not r1.met and sum(not x.accepted for x in r1.trace) >= 10 and r2.met and r2.evaluations < 30
+    blocks = [len(r.group.split("+")) for r in r2.trace[1:]]
+    assert blocks[0] == 1 and max(blocks) > 1 and all(b in (1, 2, 4, 8, 16, 32) for b in blocks)
+    assert set(double.float) == set(r2.chosen.groups_in_float)  # the model left in the chosen state
+
+
 def test_unmeetable_budget_ends_with_the_most_accurate_plan_and_met_false():
     gains = {"g0": 0.004, "g1": -0.002, "g2": 0.003, "g3": 0.0}
     m = FakeModel(0.80, gains)

@@ -390,6 +390,7 @@ def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budg
             criterion=t.criterion,
             fallback=t.fallback,
             refine=t.refine,
+            steps=t.fallback_steps,
             max_trials=t.max_trials,
             timeout_s=max(0.0, t.timeout_s - (time.perf_counter() - t0)),
         )

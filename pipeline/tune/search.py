@@ -114,13 +114,17 @@ def search(
     criterion: str = "kl",
     fallback: bool = True,
     refine: bool = True,
+    steps: str = "single",
     max_trials: int = 30,
     timeout_s: float = float("inf"),
 ) -> SearchResult:
     """Run the search from the current state (every group in `ranked` quantized); leaves the model in
     the chosen state. `evaluate()` = tuning Score of the model as it is now; `latency(step)` = its
     quantized/baseline latency ratio (None where not measured); `retime(steps)` = those accepted states
-    timed again together ({step: ratio}), used to pick the fastest of several plans meeting the budget."""
+    timed again together ({step: ratio}), used to pick the fastest of several plans meeting the budget.
+    `steps`: single = one group per trial, in rank order; doubling = the next block of ranked groups per trial,
+    the block doubled after a rejected trial (1, 2, 4, ... groups): where each group carries a small share of the
+    error, one group's effect is under the noise of the measured KL, a block's is not."""
     t0 = time.perf_counter()
     evaluations = 0
 
@@ -135,12 +139,13 @@ def search(
     trace = [TraceRow(0, "start", None, (), a, budget.drop(a), met(cur), True, latency(0), time.perf_counter() - t0, cur.kl)]
     effects: dict[str, float] = {}
 
-    def record(action: str, g: FusionGroup, new: Score, accepted: bool) -> None:
+    def record(action: str, g: FusionGroup | list[FusionGroup], new: Score, accepted: bool) -> None:
         names = tuple(x.name for x in in_float)
         ratio = latency(len(trace)) if accepted else None
         a = new.accuracy
+        label = g.name if isinstance(g, FusionGroup) else "+".join(x.name for x in g)
         trace.append(
-            TraceRow(len(trace), action, g.name, names, a, budget.drop(a), met(new), accepted, ratio, time.perf_counter() - t0, new.kl)
+            TraceRow(len(trace), action, label, names, a, budget.drop(a), met(new), accepted, ratio, time.perf_counter() - t0, new.kl)
         )
 
     def out_of_budget() -> str | None:
@@ -153,26 +158,36 @@ def search(
     trials = 0
     stopped = "met" if met(cur) else ("no_fallback" if not fallback else "exhausted")
     if fallback and not met(cur):
-        for g in ranked:
+        i, size = 0, 1
+        while i < len(ranked):
             why = out_of_budget()
             if why:
                 stopped = why
                 break
-            set_float(g, True)
+            block = ranked[i : i + size]
+            for g in block:
+                set_float(g, True)
             new = evaluate()
             evaluations += 1
             trials += 1
-            effects[g.name] = 100 * (new.accuracy - cur.accuracy)
-            if new.better(cur, criterion):  # accept: the group back in float brings the model closer to FP32
-                in_float.append(g)
+            if len(block) == 1:  # a block's effect is not any one group's
+                effects[block[0].name] = 100 * (new.accuracy - cur.accuracy)
+            if new.better(cur, criterion):  # accept: the block back in float brings the model closer to FP32
+                in_float.extend(block)
                 cur = new
-                record("float", g, new, True)
+                record("float", block, new, True)
+                i += len(block)
                 if met(cur):
                     stopped = "met"
                     break
             else:  # step back
-                set_float(g, False)
-                record("float", g, new, False)
+                for g in block:
+                    set_float(g, False)
+                record("float", block, new, False)
+                if steps == "doubling" and i + size < len(ranked):
+                    size *= 2  # the same groups and the next ones: a larger share of the error, above the noise
+                else:
+                    i += len(block)
         if refine and met(cur) and len(in_float) > 1:
             # Quantize each float group again while the budget still holds, latest-accepted (least
             # sensitive) first; the last one accepted is the step that met the budget, so it stays.
