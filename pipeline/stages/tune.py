@@ -276,6 +276,8 @@ def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, 
     taken = [c.step for c in checks]
     if last.met:
         stopped = "met"
+    elif last.step == "engine":
+        stopped = "met in fake quant, not on the engine" + ("" if last.evident_miss else " (no evident miss there: no search resumed)")
     elif not last.evident_miss and result is None:
         stopped = "not met on the point estimate, no evident miss: no fusion group returned to float (that costs latency on every request)"
     else:
