@@ -125,8 +125,9 @@ def test_gpu_check_script_falls_back_to_cpu_and_prints_one_table(tmp_path):
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
     table = _table(out)
-    assert len(table) == 18 and set(table.values()) <= {"ok", "skipped"}, table
-    for name in ("quantizer numerics on device == CPU", "calibrators fed device tensors"):
+    assert len(table) == 19 and set(table.values()) <= {"ok", "skipped"}, table
+    asym = "asymmetric fake quant on device: CPU values, no host sync in forward/backward"
+    for name in ("quantizer numerics on device == CPU", asym, "calibrators fed device tensors"):
         assert table[name] == "ok"
     assert table["TensorRT availability (engine=tensorrt validation)"] == "skipped"  # absent and not asked for: never "ok"
     n = {s: sum(v == s for v in table.values()) for s in ("ok", "skipped")}
