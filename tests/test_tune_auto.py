@@ -287,6 +287,15 @@ def test_a_resumed_search_that_met_is_confirmed_on_the_engine(tiny_run, monkeypa
     assert not t["steps"][1]["met"] and t["steps"][3]["met"] and t["met"]
 
 
+def test_fallback_steps_reaches_the_search(tiny_run, monkeypatch):
+    import pipeline.stages.tune as tune_stage
+
+    seen, real = [], tune_stage.search
+    monkeypatch.setattr(tune_stage, "search", lambda *a, **k: seen.append(k["steps"]) or real(*a, **k))
+    tiny_run(["tune=accuracy", "tune.max_drop=0", "tune.max_trials=2", "tune.fallback_steps=doubling", "data.num_tune=48"], name="steps")
+    assert seen == ["doubling"]
+
+
 def test_no_engine_no_engine_check_and_the_run_says_why(tiny_run):
     ctx = tiny_run(["tune=auto", "qat=none", "data.num_tune=48", "engine=none", "benchmark=none"], name="noengine")
     t = ctx.metrics.tune
