@@ -181,17 +181,14 @@ class TensorQuantizer(nn.Module):
         """(scale, zero point) of the uint8 grid over [max(min, -amax), min(max, amax)], widened to hold 0
         (padding and ReLU zeros stay exact). Without a signed range (calibrated before it existed, or never
         reached) the range is the symmetric [-amax, amax]."""
+        scale, zero_point = self.asymmetric_qparams_tensors()
         # Read through numpy: constants by design, so the exporter's tracer has nothing to warn about.
-        a = max(float(self.amax.detach().cpu().numpy()), _MIN_AMAX)
-        lo, hi = (-a, a) if self.signed_range is None else map(float, self.signed_range.detach().cpu().numpy())
-        lo, hi = min(max(lo, -a), 0.0), max(min(hi, a), 0.0)
-        scale = max(hi - lo, _MIN_AMAX) / 255
-        return scale, int(min(max(round(-lo / scale), 0), 255))
+        return float(scale.cpu().numpy()), int(zero_point.cpu().numpy())
 
     def asymmetric_qparams_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """asymmetric_qparams as tensors on the quantizer's device (scale float32, zero point int32), the same
-        values: the forward of training and evaluation reads nothing back to the host (on CUDA a host read is a
-        device sync per quantizer per step). float64 like the Python path, so export's constants agree bit for bit."""
+        """asymmetric_qparams as tensors on the quantizer's device (scale float64, zero point int32): the forward
+        of training and evaluation reads nothing back to the host (on CUDA a host read is a device sync per
+        quantizer per step); export takes the same values as Python constants."""
         a = self.amax.detach().double().reshape(()).clamp(min=_MIN_AMAX)
         if self.signed_range is None:
             lo, hi = -a, a
@@ -201,7 +198,7 @@ class TensorQuantizer(nn.Module):
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         scale = (hi - lo).clamp(min=_MIN_AMAX) / 255
         zero_point = torch.round(-lo / scale).clamp(0, 255)
-        return scale.float(), zero_point.to(torch.int32)
+        return scale, zero_point.to(torch.int32)
 
     def observe(self, x: torch.Tensor) -> None:
         """Track the signed extremes (asymmetric quantizers, while calibrating)."""
@@ -226,7 +223,7 @@ class TensorQuantizer(nn.Module):
                 scale, zero_point = self.asymmetric_qparams()
                 return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
             scale, zero = self.asymmetric_qparams_tensors()
-            return torch.fake_quantize_per_tensor_affine(x, scale.to(x.device), zero.to(x.device), 0, 255)
+            return torch.fake_quantize_per_tensor_affine(x, scale.to(x.device, torch.float32), zero.to(x.device), 0, 255)
         if self.learn_amax and self.training:
             return _LearnableAmaxFakeQuant.apply(x, self.amax, self.qmin, self.qmax, self.axis)
         if self.format == "fp8" and not self.export_constant_scale:

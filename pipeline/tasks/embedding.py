@@ -261,8 +261,8 @@ class Embedding:
         keeps the k and pool it was measured with."""
         k = self.cfg.recall_k
         out = {"cosine_mean": _target(cosine_rows(outputs, reference), self.cfg.min_cosine)}
-        if len(outputs) > k or (self.eval_pool and len(outputs) > 1):
-            kk = self.density_k(len(outputs))
+        kk = self.density_k(len(outputs))
+        if len(outputs) > kk:
             out[f"recall_at_{k}"] = _target(recall_per_query(reference, outputs, kk), self.cfg.min_recall) | {"k": kk, "pool": len(outputs)}
         return out
 

@@ -83,10 +83,7 @@ class LatencyProbe:
         step.mkdir()
         self.calls += 1
         try:
-            dest = step / self.quant_name
-            m, e = self.models, self.cfg.export
-            graphs.quantized_graph(m.model, self.example, self.quant_name, dest, e.opset, e.fold_weights, m.device)
-            engine = self.kind.build(dest, self.quant_label, self.cfg.engine, step)
+            dest, engine = build_quantized(self.cfg, self.kind, self.models, self.example, step)
             if getattr(engine, "emulated", False):
                 self.note = f"latency not measured: {self.cfg.engine.name} emulates {self.quant_label} here (no kernels to time)"
                 self._baseline = None
@@ -141,16 +138,26 @@ def engine_outputs(
         return None, f"no engine to check ({'engine=none' if cfg.engine.name == 'none' else 'export=none'})"
     if distributed.is_distributed():
         return None, "not under torchrun (one engine per rank would be built)"
-    label, name = list(graphs_for(cfg.engine, cfg.quant.format).items())[1]
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        example = next(batches(tokenizer, data, 2)).inputs
-        e = cfg.export
-        graphs.quantized_graph(models.model, example, name, workdir / name, e.opset, e.fold_weights, models.device)
-        engine = ENGINES[cfg.engine.name]().build(workdir / name, label, cfg.engine, workdir)
+        _, engine = build_quantized(cfg, ENGINES[cfg.engine.name](), models, next(batches(tokenizer, data, 2)).inputs, workdir)
         out = engine_logits(engine, tokenizer, data, cfg.evaluate.batch_size, token_level=token_level)
-        return out, f"{cfg.engine.name} {label} engine of this state"
+        return out, f"{cfg.engine.name} {_quantized(cfg)[0]} engine of this state"
     except Exception as exc:  # e.g. TensorRT not installed on this machine
         return None, f"engine={cfg.engine.name} could not build here ({type(exc).__name__}: {exc})"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _quantized(cfg: RunConfig) -> tuple[str, str]:
+    """(label, file name) of the run's quantized graph (engines.GRAPHS: int8 -> model_int8.onnx, ...)."""
+    return list(graphs_for(cfg.engine, cfg.quant.format).items())[1]
+
+
+def build_quantized(cfg: RunConfig, kind, models: Models, example: dict, workdir: Path):
+    """The run's quantized graph exported from the model as it is now (the export stage's functions) into
+    `workdir` and built with the run's engine kind: (graph path, engine)."""
+    label, name = _quantized(cfg)
+    dest, e = workdir / name, cfg.export
+    graphs.quantized_graph(models.model, example, name, dest, e.opset, e.fold_weights, models.device)
+    return dest, kind.build(dest, label, cfg.engine, workdir)
