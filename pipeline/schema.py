@@ -120,6 +120,10 @@ class TrainConfig:
     kd_temperature: float = field(default=2.0, metadata=_range(0.01))
     # QAT only: amax fixed after calibration (default) or trained (LSQ-style gradient).
     learn_amax: bool = False
+    # Train with the model's own dropout (true), or with every dropout at rate 0 (false). Distillation towards the
+    # FP32 model's function (qat=kd_best, qat=auto) turns it off: the teacher runs without dropout, so with it the
+    # student is pulled towards undoing its dropout noise rather than its quantization error.
+    dropout: bool = True
     # Training seed (null = the run's seed).
     seed: int | None = None
     # Best-state selection on the tuning split (data.num_tune; never the eval split): evaluate at the start,

@@ -8,6 +8,7 @@ ends. A checkpoint folder is renamed into place complete and verified before it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -190,7 +191,40 @@ def batch_loss(objective: Callable[..., torch.Tensor], net, inputs: dict, labels
     return loss + cfg.kd_hidden * hidden_state_loss(student.out.hidden_states, frozen.out.hidden_states, inputs.get("attention_mask"))
 
 
-def train(
+def train(model: torch.nn.Module, tokenizer, data: Encoded, cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Train `model` in place (keyword arguments: _train's); with cfg.dropout false, every dropout of the model
+    off while it trains (restored after)."""
+    with contextlib.nullcontext() if cfg.dropout else without_dropout(model):
+        return _train(model, tokenizer, data, cfg, **kwargs)
+
+
+# Float dropout rates that Hugging Face modules keep outside torch's Dropout modules and pass to a functional
+# dropout in training mode (ModernBERT's attention_dropout, DeBERTa's drop_prob).
+_RATE_ATTRIBUTES = ("attention_dropout", "dropout_prob", "drop_prob", "dropout_p")
+
+
+@contextlib.contextmanager
+def without_dropout(model: torch.nn.Module):
+    """Every dropout of `model` at rate 0 inside the block: torch's Dropout modules (Hugging Face attention
+    reads their `p` for its functional dropout too) and the float rates in _RATE_ATTRIBUTES; restored after."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            saved.append((m, "p", m.p))
+            m.p = 0.0
+            continue
+        for name in _RATE_ATTRIBUTES:
+            if type(getattr(m, name, None)) is float:
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, 0.0)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def _train(
     model: torch.nn.Module,
     tokenizer,
     data: Encoded,
@@ -206,7 +240,7 @@ def train(
     stop_after: int | None = None,
     objective: Callable[..., torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train `model` in place.
+    """Train `model` in place (train() with its dropout setting).
 
     Args:
         checkpoint_dir: where checkpoints go (`<run>/checkpoints/<stage>/step-<N>/`).

@@ -287,6 +287,43 @@ def test_a_resumed_search_that_met_is_confirmed_on_the_engine(tiny_run, monkeypa
     assert not t["steps"][1]["met"] and t["steps"][3]["met"] and t["met"]
 
 
+def test_a_search_resumed_after_the_engine_check_reuses_the_first_ranking(tiny_run, monkeypatch):
+    """The proxy ranking costs one forward per fusion group (760 s at base size on 2 cores): the search resumed
+    after an engine miss takes the first search's order, less the groups already in float, without ranking again."""
+    import dataclasses
+
+    import pipeline.stages.tune as tune_stage
+
+    real_engine, real_judge, real_rank, ranked = tune_stage.engine_outputs, auto.judge, tune_stage.rank_groups, []
+
+    def engine(*args):
+        out, note = real_engine(*args)
+        out = out.copy()
+        out[::5] = out[::5, ::-1] * 10  # the engine misses, every time
+        return out, note
+
+    def judge(task, budget, reference, outputs, data, *, step):
+        c = real_judge(task, budget, reference, outputs, data, step=step)
+        if step == "calibrator":  # an evident miss, so that the first search runs
+            return dataclasses.replace(c, met=False, evident_miss=True)
+        return dataclasses.replace(c, met=True) if step == "fallback" else c
+
+    def rank(*a, **k):
+        out = real_rank(*a, **k)
+        ranked.append([s.group.name for s in out[0]])
+        return out
+
+    monkeypatch.setattr(tune_stage, "engine_outputs", engine)
+    monkeypatch.setattr(tune_stage.auto, "judge", judge)
+    monkeypatch.setattr(tune_stage, "rank_groups", rank)
+    ctx = tiny_run(["tune=auto", "qat=none", "tune.calibrator_per=none", "data.num_tune=48"], name="reuse")
+    t = ctx.metrics.tune
+    assert [s["step"] for s in t["steps"]] == ["calibrator", "fallback", "engine", "fallback", "engine"]
+    assert len(ranked) == 1 and len(ranked[0]) > 1  # ranked once
+    again = [r["group"] for r in csv.DictReader((ctx.run_dir / "sensitivity_engine.csv").open())]
+    assert again == ranked[0] and t["engine_proxy_reused"] == len(ranked[0])  # nothing was in float yet: the same order
+
+
 def test_fallback_steps_reaches_the_search(tiny_run, monkeypatch):
     import pipeline.stages.tune as tune_stage
 

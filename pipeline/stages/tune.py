@@ -163,172 +163,218 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
 
 
 def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, hists, fp32_logits, info: dict, t0: float) -> None:
-    """tune=auto (pipeline/tune/auto.py): calibrator (global, then per slot) -> QAT -> fallback, each taken
-    only while the budget is not met on the tuning split; with tune.plan, the plan's steps replayed."""
-    t, task = cfg.tune, ctx.task
-    checks: list[auto.Check] = []
-    evaluations = 1
-    clock = [time.perf_counter()]
+    """tune=auto (pipeline/tune/auto.py): calibrator (global, then per slot) -> QAT -> fallback -> engine check,
+    each taken only while the budget is not met on the tuning split; with tune.plan, the plan's steps replayed."""
+    _Auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0).run()
 
-    fake_out: list = [None]  # the last fake-quant outputs checked (the engine check's comparison)
 
-    def check(step: str, note: str = "", out=None) -> auto.Check:
-        nonlocal evaluations
+class _Auto:
+    """One tune=auto run: the steps in order, each judged by `check` (auto.judge on the whole tuning split),
+    then the metrics, tuned_quant.yaml and the cache key of the state it ends in."""
+
+    def __init__(self, cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, hists, fp32_logits, info: dict, t0: float):
+        self.cfg, self.ctx, self.data, self.logits, self.score = cfg, ctx, data, logits, score
+        self.budget, self.hists, self.fp32_logits, self.info, self.t0 = budget, hists, fp32_logits, info, t0
+        self.checks: list[auto.Check] = []
+        self.evaluations = 1
+        self.clock = time.perf_counter()
+        self.fake = None  # the last fake-quant outputs checked (the engine check's comparison)
+        self.plan = plan_file.read(cfg.tune.plan) if cfg.tune.plan is not None else None
+        self.calibrator, self.scores, self.rules = info["start_calibrator"], {}, []
+        self.qat_taken = False
+        self.groups: list[FusionGroup] = []
+        self.result: SearchResult | None = None
+        self.ranked: list[Sensitivity] | None = None  # the first search's ranking, reused when it resumes
+        self.engine_note: str | None = None
+
+    def run(self) -> None:
+        last = self.calibrate()
+        last = self.train(last)
+        last = self.fall_back(last)
+        last = self.on_engine(last)
+        self.finish(last)
+
+    def check(self, step: str, note: str = "", out=None) -> auto.Check:
         if out is None:
-            out = fake_out[0] = logits(ctx.model)
-        evaluations += 1
-        c = auto.judge(task, budget, fp32_logits, out, data, step=step)
+            out = self.fake = self.logits(self.ctx.model)
+        self.evaluations += 1
+        c = auto.judge(self.ctx.task, self.budget, self.fp32_logits, out, self.data, step=step)
         now = time.perf_counter()
-        c.seconds, c.note, clock[0] = round(now - clock[0], 1), note, now
-        checks.append(c)
+        c.seconds, c.note, self.clock = round(now - self.clock, 1), note, now
+        self.checks.append(c)
         log.info(
             "tune=auto: after %s: budget %s (%s; %s) KL %.5f, %.1f s", step, "met" if c.met else "not met", c.basis, c.why, c.kl, c.seconds
         )
         return c
 
-    plan = plan_file.read(t.plan) if t.plan is not None else None
-    scores: dict = {}
-    rules: list = []
-    if plan is not None:
-        calibrator, rules = _plan_calibration(cfg, ctx, hists, plan)
-        last = check("plan", f"calibrator {calibrator} and {len(rules)} method rules from {t.plan}")
-    else:
+    def calibrate(self) -> auto.Check:
+        """Step 1: the calibrator with the lowest KL, then per slot (reverted where the whole split disagrees)."""
+        cfg, ctx, t, hists = self.cfg, self.ctx, self.cfg.tune, self.hists
+        if self.plan is not None:
+            self.calibrator, self.rules = _plan_calibration(cfg, ctx, hists, self.plan)
+            return self.check("plan", f"calibrator {self.calibrator} and {len(self.rules)} method rules from {t.plan}")
         names = _candidates(cfg, hists)
-        calibrator = info["start_calibrator"]
         if names:
-            calibrator, scores, kept = _global_calibrator(cfg, ctx, hists, score, logits, names)
-            evaluations += len(names)
-        last = check("calibrator", f"{calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration")
-        if not last.met and t.calibrator_per != "none" and len(names) > 1:
-            # ~40 candidate evaluations, compared by KL (paired, low noise): on the first search_examples
-            sub = _head(data, t.search_examples)
-            sub_ref = fp32_logits[: len(sub)]  # _head keeps a whole split it cannot cut (question answering)
+            self.calibrator, self.scores, kept = _global_calibrator(cfg, ctx, hists, self.score, self.logits, names)
+            self.evaluations += len(names)
+        last = self.check(
+            "calibrator", f"{self.calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration"
+        )
+        if last.met or t.calibrator_per == "none" or len(names) < 2:
+            return last
+        # ~40 candidate evaluations, compared by KL (paired, low noise): on the first search_examples
+        task, sub = ctx.task, _head(self.data, t.search_examples)
+        sub_ref = self.fp32_logits[: len(sub)]  # _head keeps a whole split it cannot cut (question answering)
 
-            def sub_score(out) -> Score:
-                return Score(float(task.score(out, sub)), float(task.divergence(sub_ref, out).mean()))
+        def sub_score(out) -> Score:
+            return Score(float(task.score(out, sub)), float(task.divergence(sub_ref, out).mean()))
 
-            info["search_examples"] = len(sub)
-            start = {n: q.amax.detach().clone() for n, q in ctx.quantizers.items() if q.amax is not None}
-            global_check = last
-            rules, spent = _per_group(cfg, ctx, hists, sub_score, lambda m: logits(m, sub), calibrator, kept, info)
-            evaluations += spent
-            last = check(f"calibrator_per_{t.calibrator_per}", f"{len(rules)} {t.calibrator_per}s take another calibrator")
-            if rules and last.kl > global_check.kl:
-                # Chosen on the first search_examples, the per-slot state can be further from FP32 on the whole
-                # split (measured: all-mpnet-base-v2, KL 0.00559 -> 0.00596): keep the global calibrator's state.
-                apply_amax(ctx.quantizers, start, ctx.device)
-                fake_out[0] = None  # those outputs were the per-slot state's
-                last.note += f"; reverted: whole-split KL {last.kl:.5f} > {global_check.kl:.5f} with the global calibrator"
-                rules, last = [], dataclasses.replace(global_check, step=last.step, note=last.note, seconds=last.seconds)
-                checks[-1] = last
-                log.info("tune=auto: per-slot calibrators %s", last.note.split("; ", 1)[1])
-    qat_taken = bool(plan.get("qat")) if plan is not None else (not last.met and cfg.qat.enabled)
-    if qat_taken:
-        ctx.chain_key("tune", calibrator, rules)
+        self.info["search_examples"] = len(sub)
+        start = {n: q.amax.detach().clone() for n, q in ctx.quantizers.items() if q.amax is not None}
+        global_check = last
+        self.rules, spent = _per_group(cfg, ctx, hists, sub_score, lambda m: self.logits(m, sub), self.calibrator, kept, self.info)
+        self.evaluations += spent
+        last = self.check(f"calibrator_per_{t.calibrator_per}", f"{len(self.rules)} {t.calibrator_per}s take another calibrator")
+        if self.rules and last.kl > global_check.kl:
+            # Chosen on the first search_examples, the per-slot state can be further from FP32 on the whole
+            # split (measured: all-mpnet-base-v2, KL 0.00559 -> 0.00596): keep the global calibrator's state.
+            apply_amax(ctx.quantizers, start, ctx.device)
+            self.fake = None  # those outputs were the per-slot state's
+            last.note += f"; reverted: whole-split KL {last.kl:.5f} > {global_check.kl:.5f} with the global calibrator"
+            self.rules, last = [], dataclasses.replace(global_check, step=last.step, note=last.note, seconds=last.seconds)
+            self.checks[-1] = last
+            log.info("tune=auto: per-slot calibrators %s", last.note.split("; ", 1)[1])
+        return last
+
+    def train(self, last: auto.Check) -> auto.Check:
+        """Step 2: QAT (the qat group's recipe; kd_best keeps its state closest to FP32)."""
+        cfg, ctx = self.cfg, self.ctx
+        self.qat_taken = bool(self.plan.get("qat")) if self.plan is not None else (not last.met and cfg.qat.enabled)
+        if not self.qat_taken:
+            return last
+        ctx.chain_key("tune", self.calibrator, self.rules)
         hit = _common.run_qat(cfg, ctx)
         sel = (ctx.metrics.training.get("qat") or {}).get("selection") or {}
         kept_at = f"; kept the state of step {sel['best'].get('step')}" if isinstance(sel.get("best"), dict) else ""
         if sel.get("stopped_early") is not None:
             kept_at += f" (stopped early: no better state in {cfg.qat.patience} evaluations)"
-        last = check("qat", f"{ctx.metrics.training['qat']['steps']} steps{' (cached)' if hit else ''}{kept_at}")
-    groups: list[FusionGroup] = []
-    result = None
-    if plan is not None:
-        groups = _plan_groups(cfg, ctx, plan)
-        if groups:
-            last = check("fallback", f"{len(groups)} fusion groups in float from the plan")
-    elif not last.met and last.evident_miss and t.fallback:
-        q_logits = logits(ctx.model)
+        return self.check("qat", f"{ctx.metrics.training['qat']['steps']} steps{' (cached)' if hit else ''}{kept_at}")
+
+    def fall_back(self, last: auto.Check) -> auto.Check:
+        """Step 3, on an evident miss only: fusion groups back to float (they cost latency on every request)."""
+        cfg, ctx = self.cfg, self.ctx
+        if self.plan is not None:
+            self.groups = _plan_groups(cfg, ctx, self.plan)
+            return self.check("fallback", f"{len(self.groups)} fusion groups in float from the plan") if self.groups else last
+        if last.met or not last.evident_miss or not cfg.tune.fallback:
+            return last
+        q_logits = self.logits(ctx.model)
+        self.evaluations += 1
         # tune.timeout_s bounds the fallback search itself: on a base-size model steps 1-2 alone can take
         # longer than that (measured: 22 min), which left the search no time at all.
-        result, ranked, groups_all, fb_info = _fallback(cfg, ctx, data, logits, score, budget, fp32_logits, q_logits, time.perf_counter())
-        evaluations += 1 + result.evaluations
-        info.update(fb_info, fusion_groups=len(groups_all), stopped=result.stopped)
+        self.search(q_logits)
+        return self.check("fallback", f"{len(self.groups)} fusion groups in float ({self.result.stopped})")
+
+    def search(self, q_logits, residual=None) -> None:
+        """The fallback search from the model as it is; with `residual`, every candidate judged with it added."""
+        ctx, prefix = self.ctx, "" if residual is None else "engine_"
+        self.result, ranked, groups_all, fb_info = _fallback(
+            self.cfg, ctx, self.data, self.logits, self.score, self.budget, self.fp32_logits, q_logits, time.perf_counter(),
+            residual=residual, ranked=self.ranked,
+        )  # fmt: skip
+        self.ranked = self.ranked if self.ranked is not None else ranked
+        self.evaluations += self.result.evaluations
+        self.info.update({f"{prefix}{k}": v for k, v in fb_info.items()}, stopped=self.result.stopped)
+        self.info.setdefault("fusion_groups", len(groups_all))
         by_name = {g.name: g for g in groups_all}
-        groups = [by_name[n] for n in result.chosen.groups_in_float]
-        _write_outputs(ctx, ranked, result, budget)
-        last = check("fallback", f"{len(groups)} fusion groups in float ({result.stopped})")
-    engine_note, go = None, last.met
-    # The engine ships, not fake quant: a state met in fake quant is checked once more on the engine built from
-    # it. Where the engine misses evidently, the fallback resumes once with the engine's own deviation from
-    # fake quant (measured here) added to every candidate's fake-quant outputs, then the engine is checked again.
-    for resumed in (False, True):
-        if not (go and t.engine_check):
-            break
-        fake = fake_out[0] if fake_out[0] is not None else logits(ctx.model)
-        out, engine_note = engine_outputs(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.path(".tune_engine"), task.token_level)
-        if out is None:
-            log.info("tune=auto: no engine check: %s", engine_note)
-            break
-        last = check("engine", engine_note, out=out)
-        if last.met or resumed or plan is not None or not (t.fallback and last.evident_miss):
-            break
-        residual = _minus(out, fake)
-        result, ranked, groups_all, fb_info = _fallback(
-            cfg, ctx, data, logits, score, budget, fp32_logits, fake, time.perf_counter(), residual=residual
-        )
-        evaluations += result.evaluations
-        info.update({f"engine_{k}": v for k, v in fb_info.items()}, stopped=result.stopped)
-        by_name = {g.name: g for g in groups_all}
-        groups += [by_name[n] for n in result.chosen.groups_in_float]
-        _write_outputs(ctx, ranked, result, budget, suffix="_engine")
-        # Judged as the search judged it, with the engine's deviation: judged on fake quant alone, all-mpnet-base-v2
-        # embeddings read a k-NN drop of 0.75 (3 of 400 examples) after the search met, and the engine was not
-        # checked again. Where this reads met, the engine decides (the next round).
-        fake_out[0] = logits(ctx.model)
-        last = check("fallback", f"{len(groups)} fusion groups in float ({result.stopped}), with the engine's deviation",
-                     out=_plus(fake_out[0], residual))  # fmt: skip
+        self.groups += [by_name[n] for n in self.result.chosen.groups_in_float]
+        _write_outputs(ctx, ranked, self.result, self.budget, suffix="" if residual is None else "_engine")
+
+    def on_engine(self, last: auto.Check) -> auto.Check:
+        """Step 4. The engine ships, not fake quant: a state met in fake quant is checked once more on the engine
+        built from it. Where the engine misses evidently, the fallback resumes once with the engine's own deviation
+        from fake quant (measured here) added to every candidate's fake-quant outputs, then the engine decides."""
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.tune
         go = last.met
-    taken = [c.step for c in checks]
-    if last.met:
-        stopped = "met"
-    elif last.step == "engine":
-        stopped = "met in fake quant, not on the engine" + ("" if last.evident_miss else " (no evident miss there: no search resumed)")
-    elif not last.evident_miss and result is None:
-        stopped = "not met on the point estimate, no evident miss: no fusion group returned to float (that costs latency on every request)"
-    else:
-        stopped = "not met after every step available (qat=none or tune.fallback=false remove steps)"
-    resolution = auto.resolution_note(checks[0], budget, len(data))
-    need = auto.needed_examples(checks[0].flips, budget)
-    ctx.metrics.tune = {
-        "method": "auto",
-        "met": last.met,
-        "max_drop": t.max_drop,
-        "drop_type": t.drop_type,
-        "calibrator": calibrator,
-        "calibration_rules": rules,
-        "qat": qat_taken,
-        "groups_in_float": [g.name for g in groups],
-        "evaluations": evaluations,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "criterion": t.criterion,
-        "tune_accuracy": last.tune_accuracy,
-        "tune_kl": last.kl,
-        "drop": last.drop,
-        "drop_ci95": last.drop_ci95,
-        "expected_drop": last.expected_drop,
-        "basis": last.basis,
-        "why": last.why,
-        "steps": [c.as_dict() for c in checks],
-        "stopped_after": taken[-1],
-        "stopped": stopped,
-        "resolution": resolution,
-        "needed_tune_examples": need,
-        "calibrator_scores": scores,
-        "latency_ratio": None if result is None else result.chosen.speed,
-        "engine_check": engine_note,
-        "quantizers_in_float": sum(len(g.quantizers) for g in groups),
-        **({"plan": str(t.plan)} if plan is not None else {}),
-        **info,
-    }
-    budget = {"met": last.met, "tune_drop": round(last.drop, 4), "basis": last.basis, "steps": taken}
-    _record_plan(cfg, ctx, calibrator, rules, groups, budget, qat=qat_taken)
-    if qat_taken:
-        ctx.chain_key("tune_fallback", sorted(q for g in groups for q in g.quantizers))
-    else:
-        ctx.chain_key("tune", calibrator, rules, sorted(q for g in groups for q in g.quantizers))
-    log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
-             time.perf_counter() - t0, resolution)  # fmt: skip
+        for resumed in (False, True):
+            if not (go and t.engine_check):
+                break
+            fake = self.fake if self.fake is not None else self.logits(ctx.model)
+            out, self.engine_note = engine_outputs(
+                cfg, _probe_models(ctx), ctx.tokenizer, self.data, ctx.path(".tune_engine"), ctx.task.token_level
+            )
+            if out is None:
+                log.info("tune=auto: no engine check: %s", self.engine_note)
+                break
+            last = self.check("engine", self.engine_note, out=out)
+            if last.met or resumed or self.plan is not None or not (t.fallback and last.evident_miss):
+                break
+            residual = _minus(out, fake)
+            self.search(fake, residual=residual)
+            # Judged as the search judged it, with the engine's deviation: judged on fake quant alone, all-mpnet-base-v2
+            # embeddings read a k-NN drop of 0.75 (3 of 400 examples) after the search met, and the engine was not
+            # checked again. Where this reads met, the engine decides (the next round).
+            self.fake = self.logits(ctx.model)
+            last = self.check("fallback", f"{len(self.groups)} fusion groups in float ({self.result.stopped}), with the engine's deviation",
+                              out=_plus(self.fake, residual))  # fmt: skip
+            go = last.met
+        return last
+
+    def finish(self, last: auto.Check) -> None:
+        """metrics.json's tune block, tuned_quant.yaml, the cache key, and one line saying why it stopped."""
+        cfg, ctx, t, checks, groups = self.cfg, self.ctx, self.cfg.tune, self.checks, self.groups
+        taken = [c.step for c in checks]
+        if last.met:
+            stopped = "met"
+        elif last.step == "engine":
+            stopped = "met in fake quant, not on the engine" + ("" if last.evident_miss else " (no evident miss there: no search resumed)")
+        elif not last.evident_miss and self.result is None:
+            stopped = (
+                "not met on the point estimate, no evident miss: no fusion group returned to float (that costs latency on every request)"
+            )
+        else:
+            stopped = "not met after every step available (qat=none or tune.fallback=false remove steps)"
+        resolution = auto.resolution_note(checks[0], self.budget, len(self.data))
+        ctx.metrics.tune = {
+            "method": "auto",
+            "met": last.met,
+            "max_drop": t.max_drop,
+            "drop_type": t.drop_type,
+            "calibrator": self.calibrator,
+            "calibration_rules": self.rules,
+            "qat": self.qat_taken,
+            "groups_in_float": [g.name for g in groups],
+            "evaluations": self.evaluations,
+            "seconds": round(time.perf_counter() - self.t0, 1),
+            "criterion": t.criterion,
+            "tune_accuracy": last.tune_accuracy,
+            "tune_kl": last.kl,
+            "drop": last.drop,
+            "drop_ci95": last.drop_ci95,
+            "expected_drop": last.expected_drop,
+            "basis": last.basis,
+            "why": last.why,
+            "steps": [c.as_dict() for c in checks],
+            "stopped_after": taken[-1],
+            "stopped": stopped,
+            "resolution": resolution,
+            "needed_tune_examples": auto.needed_examples(checks[0].flips, self.budget),
+            "calibrator_scores": self.scores,
+            "latency_ratio": None if self.result is None else self.result.chosen.speed,
+            "engine_check": self.engine_note,
+            "quantizers_in_float": sum(len(g.quantizers) for g in groups),
+            **({"plan": str(t.plan)} if self.plan is not None else {}),
+            **self.info,
+        }
+        budget = {"met": last.met, "tune_drop": round(last.drop, 4), "basis": last.basis, "steps": taken}
+        _record_plan(cfg, ctx, self.calibrator, self.rules, groups, budget, qat=self.qat_taken)
+        floated = sorted(q for g in groups for q in g.quantizers)
+        if self.qat_taken:
+            ctx.chain_key("tune_fallback", floated)
+        else:
+            ctx.chain_key("tune", self.calibrator, self.rules, floated)
+        log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
+                 time.perf_counter() - self.t0, resolution)  # fmt: skip
 
 
 def _head(data, n: int | None):
@@ -356,21 +402,30 @@ def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, 
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
 
 
-def _fallback(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, fp32_logits, q_logits, t0: float, residual=None):
+def _fallback(
+    cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, fp32_logits, q_logits, t0: float, residual=None, ranked=None
+):
     """Step 3 of every search: rank the fusion groups by the sensitivity proxy, then the latency-aware
     greedy search (pipeline/tune/search.py) from the model as it is (its float groups stay float). With
     `residual` (the engine's outputs less fake quant's), each candidate is judged on its fake-quant outputs
-    plus it. Returns (result, ranked, all active groups, info); the model is left in the chosen state."""
+    plus it. With `ranked` (an earlier search's ranking), the groups still quantized keep that order and the
+    proxy is not run again (one forward per group: 760 s for all-mpnet-base-v2's 96 groups on 2 cores).
+    Returns (result, ranking, all active groups, info); the model is left in the chosen state."""
     t, task = cfg.tune, ctx.task
     info: dict = {}
-    ranked: list[Sensitivity] = []
     groups_all = active_groups(ctx.quantizers)
-    if t.fallback:
+    if ranked is not None:
+        active = {g.name for g in groups_all}
+        ranked = [s for s in ranked if s.group.name in active]
+        info.update(proxy_reused=len(ranked))
+    elif t.fallback:
         subset, ref = hardest(data, fp32_logits, q_logits, t.proxy_examples, task.divergence)
         ranked, base_kl = rank_groups(groups_all, ctx.quantizers, lambda: logits(ctx.model, subset), ref, task.divergence)
         info.update(proxy_examples=len(subset), proxy_forwards=len(groups_all) + 1, proxy_kl_all_quantized=base_kl)
         log.info("tune: %d fusion groups ranked on %d hardest tuning examples; top %s", len(ranked), len(subset),
                  [s.group.name for s in ranked[:5]])  # fmt: skip
+    else:
+        ranked = []
     probe = LatencyProbe(cfg, _probe_models(ctx), ctx.tokenizer, data, ctx.seed, ctx.path(".tune_work"))
 
     def scored(out) -> Score:
