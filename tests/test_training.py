@@ -188,7 +188,7 @@ def test_without_dropout_training_mode_computes_the_eval_function_and_restores_t
         assert not torch.allclose(on, ref, atol=1e-3), name  # the rates are back
 
 
-def test_qat_dropout_setting_reaches_the_training_loop(monkeypatch):
+def test_qat_dropout_setting_reaches_the_training_loop(monkeypatch, tmp_path):
     seen, real = [], training._train
 
     def spy(model, *a, **k):
@@ -196,11 +196,6 @@ def test_qat_dropout_setting_reaches_the_training_loop(monkeypatch):
         return real(model, *a, **k)
 
     monkeypatch.setattr(training, "_train", spy)
-    import tempfile
-
-    from pipeline.testing import compose_cfg  # noqa: F401  (the run below composes the real conf/)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        run_tiny(Path(tmp), ["cache=off", "tune=none", "qat=default", "qat.max_steps=2", "qat.dropout=false", "finetune.max_steps=2",
-                             "benchmark=none", "deploy=none"], name="drop")  # fmt: skip
+    run_tiny(tmp_path, ["cache=off", "tune=none", "qat=default", "qat.max_steps=2", "qat.dropout=false", "finetune.max_steps=2",
+                        "benchmark=none", "deploy=none"], name="drop")  # fmt: skip
     assert seen[0] != [0.0] and seen[1] == [0.0]  # finetune with its dropout, QAT without
