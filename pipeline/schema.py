@@ -172,11 +172,18 @@ class SmoothingConfig:
 
     Per input channel j: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha) from the calibration split; the
     Linear computes (X * (1/s)) @ (W * s)^T: an explicit Mul on its input branch (exported Mul -> Q/DQ ->
-    MatMul) and s folded into the weight. Exact in FP32; every GEMM stays INT8.
+    MatMul) and s folded into the weight. Exact in FP32; every GEMM stays INT8. method=split instead splits
+    each outlier channel into copies (Gather -> Mul -> Q/DQ -> MatMul, weight columns copied).
     """
 
     enabled: bool = False
+    # migrate: SmoothQuant's s (alpha); split: outlier channel splitting (split_ratio, max_extra).
+    method: Literal["migrate", "split"] = "migrate"
     alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    # split: no copy's max above split_ratio x the median channel's max ...
+    split_ratio: float = field(default=2.0, metadata=_range(1.0))
+    # ... adding at most this fraction of the Linear's input channels (the limit rises where it would add more).
+    max_extra: float = field(default=0.0625, metadata=_range(0.0, 1.0))
     # fnmatch globs over Linear module names (quantized Linears only).
     modules: list[str] = field(default_factory=list)
 
@@ -518,6 +525,11 @@ class TuneConfig:
     # (linear_input, attn_q, ...); slot = one position in every layer (the Q/K/V Linears' input, the FFN
     # second Linear's input, ...). The result is written as quant.rules (tuned_quant.yaml `rules`).
     calibrator_per: Literal["none", "role", "slot"] = "none"
+    # tune=auto: where the budget is not met after the calibrator, split the outlier channels of every quantized
+    # Linear's input (smoothing.method=split with smoothing.split_ratio / max_extra; pipeline/quantization/smoothing.py),
+    # re-calibrate those inputs and choose the calibrator again; kept where the KL falls. Skipped when the run
+    # configures smoothing itself.
+    split_outliers: bool = True
     # tune=auto: the per-role/slot search (about 40 evaluations) compares candidates by KL on the first this
     # many tuning examples (null = all); the budget is always checked on the whole tuning split.
     search_examples: int | None = field(default=None, metadata=_range(16))

@@ -81,6 +81,43 @@ def test_smoothing_narrows_the_activation_range_the_input_quantizer_sees():
     assert smoothed == {"bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"}
 
 
+def test_splitting_keeps_the_function_and_narrows_the_range_without_touching_the_weight_ranges():
+    cfg, model, tok, data = _tiny(["smoothing=split", "calibration=max"])
+    inputs = [b.inputs for b in batches(tok, data, 6)]
+    with torch.no_grad():  # one outlier channel in the LayerNorm output the layer-1 Q/K/V read (as in BERT/MPNet)
+        model.bert.encoder.layer[0].output.LayerNorm.bias[7] += 25.0
+    qs = insert_quantizers(model, cfg.quant, cfg.calibration, inputs[0])
+    q = "bert.encoder.layer.1.attention.self.query"
+    raw = smoothing.input_channel_max(model, {q: model.get_submodule(q)}, inputs)[q]
+    w_before = model.get_submodule(q).weight.detach().clone()
+    with torch.no_grad():
+        before = [model(**x).logits for x in inputs]
+        counts = smoothing.smooth(model, cfg.smoothing, inputs)
+        after = [model(**x).logits for x in inputs]
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mod = model.get_submodule(q)
+    m = counts[q]
+    assert int(m[7]) >= 2 and float(m[7]) == float(m.max())  # the outlier is the channel split most
+    assert mod.in_features == w_before.shape[1] + int((m - 1).sum()) == mod.weight.shape[1]
+    # Columns copied, not scaled: every output row's range (its per-channel INT8 scale) is unchanged.
+    torch.testing.assert_close(mod.weight.abs().amax(1), w_before.abs().amax(1))
+    assert int((m - 1).sum()) <= int(cfg.smoothing.max_extra * m.numel())
+    # Linears with nothing to split carry no Gather.
+    assert all(model.get_submodule(n).split_index is None for n, mm in smoothing.targets(model, cfg.smoothing).items() if n not in counts)
+    calibrate(model, qs, inputs, cfg.calibration)
+    assert float(qs[f"{q}.input_quantizer"].amax) < float(raw.max()) / 2
+    # The calibrate cache hit path: the same counts restored on a fresh model give the same function.
+    cfg2, fresh, _, _ = _tiny(["smoothing=split", "calibration=max"])
+    with torch.no_grad():
+        fresh.bert.encoder.layer[0].output.LayerNorm.bias[7] += 25.0
+    insert_quantizers(fresh, cfg2.quant, cfg2.calibration, inputs[0])
+    smoothing.restore(fresh, counts, "split")
+    assert fresh.get_submodule(q).in_features == mod.in_features
+    summary = smoothing.summary(counts, cfg.smoothing)
+    assert summary["method"] == "split" and summary["extra_channels"][q] == int((m - 1).sum())
+
+
 def method_for(name: str, role: str, cfg) -> object:
     return qrules.calibration_for(name, role, cfg.calibration, qrules.as_rules(cfg.quant.rules))
 

@@ -354,12 +354,20 @@ def test_config_errors_name_key_and_valid_values(overrides, expected):
 def test_plan_file_errors(tmp_path):
     bad = tmp_path / "tuned_quant.yaml"
     bad.write_text(
-        yaml.safe_dump({"calibrator": "kl", "groups": [], "rules": {"a": {"name": ["*"], "method": "kl"}, "b": {"name": ["*"]}}})
+        yaml.safe_dump(
+            {
+                "calibrator": "kl",
+                "groups": [],
+                "split": {"split_ratio": "2"},
+                "rules": {"a": {"name": ["*"], "method": "kl"}, "b": {"name": ["*"]}},
+            }
+        )
     )
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([f"tune.plan={bad}"]))
     msg = str(err.value)
-    assert "unknown key 'groups'; valid keys: calibrator, rules, qat, groups_in_float, budget, tuned_under" in msg
+    assert "unknown key 'groups'; valid keys: calibrator, split, rules, qat, groups_in_float, budget, tuned_under" in msg
+    assert "split must be null or a mapping with numbers split_ratio (>= 1) and max_extra (0-1)" in msg
     assert "rules.a.method 'kl' is not valid; valid values: max, percentile, entropy, mse" in msg
     assert "rules.b sets nothing; a plan's rules give a method or enable: false" in msg
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg

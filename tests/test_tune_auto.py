@@ -6,10 +6,12 @@ FP32 than its start; the eval split is read by nothing before the evaluate stage
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -215,7 +217,10 @@ def test_the_fallback_search_judges_met_by_the_recipes_criterion_not_the_point_d
     same criterion (measured bug: it judged "met" on the point drop at its start and returned no group)."""
     monkeypatch.setattr(SequenceClassification, "score", lambda self, out, data: 0.85)  # point drop 0, always
     monkeypatch.setattr(SequenceClassification, "expected_loss", lambda self, ref, out: np.full(len(ref), 0.01))  # 1 pt
-    ctx = tiny_run(["tune=auto", "tune.calibrator_per=none", "qat=none", "tune.max_trials=2", "data.num_tune=48"], name="judge")
+    ctx = tiny_run(
+        ["tune=auto", "tune.calibrator_per=none", "tune.split_outliers=false", "qat=none", "tune.max_trials=2", "data.num_tune=48"],
+        name="judge",
+    )
     t = ctx.metrics.tune
     assert [s["step"] for s in t["steps"]] == ["calibrator", "fallback"] and t["steps"][0]["evident_miss"]
     assert t["steps"][0]["drop"] == 0.0 and t["steps"][0]["expected_drop"] == pytest.approx(1.0)
@@ -316,7 +321,7 @@ def test_a_search_resumed_after_the_engine_check_reuses_the_first_ranking(tiny_r
     monkeypatch.setattr(tune_stage, "engine_outputs", engine)
     monkeypatch.setattr(tune_stage.auto, "judge", judge)
     monkeypatch.setattr(tune_stage, "rank_groups", rank)
-    ctx = tiny_run(["tune=auto", "qat=none", "tune.calibrator_per=none", "data.num_tune=48"], name="reuse")
+    ctx = tiny_run(["tune=auto", "qat=none", "tune.calibrator_per=none", "tune.split_outliers=false", "data.num_tune=48"], name="reuse")
     t = ctx.metrics.tune
     assert [s["step"] for s in t["steps"]] == ["calibrator", "fallback", "engine", "fallback", "engine"]
     assert len(ranked) == 1 and len(ranked[0]) > 1  # ranked once
@@ -402,3 +407,88 @@ def test_poisson_lower_bound_matches_the_exact_chi_square_quantile():
     for total, want in exact.items():
         assert auto.poisson_lower(total) == pytest.approx(want, abs=0.03), total
     assert auto.poisson_lower(0.0) == 0.0 and auto.poisson_lower(0.2) >= 0.0
+
+
+@pytest.fixture
+def outlier_channel(monkeypatch):
+    """The tiny model with one channel of its layer-0 output LayerNorm ~30x the rest (the outlier BERT/MPNet
+    checkpoints carry into every layer's Q/K/V input), set right after the load stage; its classifier scaled up so
+    that the random-init logits are not all near 0 (the KL to FP32 then reads the quantization error)."""
+
+    def wrap(name, fn):
+        def stage(cfg, ctx):
+            out = fn(cfg, ctx)
+            if name == "load":
+                ln = next(m for n, m in ctx.model.named_modules() if n.endswith("encoder.layer.0.output.LayerNorm"))
+                with torch.no_grad():
+                    ln.bias[3] += 30.0
+                    ctx.model.classifier.weight.mul_(300.0)
+            return out
+
+        return stage
+
+    monkeypatch.setattr(run_module, "STAGES", [(n, wrap(n, f), on) for n, f, on in run_module.STAGES])
+
+
+@pytest.fixture
+def never_met(monkeypatch):
+    """The budget judged as usual but never met (a tiny random classifier meets any budget: it answers one class)."""
+    import pipeline.stages.tune as tune_stage
+
+    real = tune_stage.auto.judge
+    monkeypatch.setattr(tune_stage.auto, "judge", lambda *a, **k: dataclasses.replace(real(*a, **k), met=False, evident_miss=False))
+
+
+# Not met, so step 1b runs; no per-slot search, QAT or fallback after it. The tiny model's 32 channels allow
+# 2 copies at the default max_extra (1/16): up to half of them here.
+SPLIT_ONLY = ["tune=auto", "tune.calibrator_per=none", "qat=none", "tune.fallback=false", "data.num_tune=48", "smoothing.max_extra=0.5"]
+
+
+def test_an_outlier_split_that_brings_the_model_closer_to_fp32_is_kept_exported_and_replayed(tiny_run, outlier_channel, never_met):
+    from pipeline.quantization.modules import QuantLinear
+
+    ctx = tiny_run(SPLIT_ONLY, name="split")
+    t = ctx.metrics.tune
+    assert [s["step"] for s in t["steps"]] == ["calibrator", "split"]
+    assert t["steps"][1]["kl"] < t["steps"][0]["kl"], t["steps"]
+    split = {n: m for n, m in ctx.model.named_modules() if isinstance(m, QuantLinear) and m.split_index is not None}
+    assert any(n.endswith("encoder.layer.1.attention.self.query") for n in split)
+    plan = yaml.safe_load((ctx.run_dir / "tuned_quant.yaml").read_text())
+    added = sum(m.in_features - len(torch.unique(m.split_index)) for m in split.values())  # copies beyond the originals
+    assert plan["split"]["channels_added"] == added > 0 and t["split"]["modules"] == len(split)
+    # The engine runs the split: a Gather on the Q/K/V input before its Q/DQ.
+    ops = [n.op_type for n in onnx.load(str(ctx.run_dir / "model_int8.onnx")).graph.node]
+    assert ops.count("Gather") >= len(split)
+
+    # tuned_quant.yaml replays it: the same channels split, the same amax, the same eval outputs.
+    again = tiny_run([*SPLIT_ONLY, f"tune.plan={ctx.run_dir / 'tuned_quant.yaml'}"], name="split_replay")
+    assert [s["step"] for s in again.metrics.tune["steps"]] == ["plan"]
+    assert (ctx.run_dir / "quantizers.safetensors").read_bytes() == (again.run_dir / "quantizers.safetensors").read_bytes()
+    assert again.metrics.tune["tune_kl"] == t["tune_kl"]
+
+
+def test_an_outlier_split_further_from_fp32_is_reverted_to_the_unsplit_model(tiny_run, outlier_channel, never_met, monkeypatch):
+    import pipeline.stages.tune as tune_stage
+    from pipeline.quantization.modules import QuantLinear
+
+    real = tune_stage.smoothing.split_calibrated
+
+    def harmful(model, quantizers, *a, **k):
+        counts, hists, originals = real(model, quantizers, *a, **k)
+        for name in counts:  # the split Linears now compute something else: further from FP32
+            with torch.no_grad():
+                model.get_submodule(name).weight.mul_(3.0)
+        return counts, hists, originals
+
+    monkeypatch.setattr(tune_stage.smoothing, "split_calibrated", harmful)
+    ctx = tiny_run(SPLIT_ONLY, name="split_reverted")
+    t = ctx.metrics.tune
+    first, split = t["steps"]
+    assert split["step"] == "split" and "reverted" in split["note"] and split["kl"] == first["kl"]
+    assert not any(isinstance(m, QuantLinear) and m.split_index is not None for m in ctx.model.modules())
+    assert "split" not in yaml.safe_load((ctx.run_dir / "tuned_quant.yaml").read_text())
+    # Back to the calibrator step's state exactly: the same ranges as a run that never tried the split.
+    without = tiny_run([*SPLIT_ONLY, "tune.split_outliers=false"], name="split_off")
+    assert [st["step"] for st in without.metrics.tune["steps"]] == ["calibrator"]
+    assert (ctx.run_dir / "quantizers.safetensors").read_bytes() == (without.run_dir / "quantizers.safetensors").read_bytes()
+    assert without.metrics.tune["tune_kl"] == t["tune_kl"]

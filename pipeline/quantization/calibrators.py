@@ -106,7 +106,7 @@ class HistogramCalibrator(_Calibrator):
         super().__init__(num_bits, axis, unsigned)
         if axis is not None:
             raise NotImplementedError("Calibrator histogram collection only supports per tensor scaling")
-        self._num_bins = num_bins
+        self._num_bins = self._first_num_bins = num_bins
         self._skip_zeros = skip_zeros
         self._calib_hist: torch.Tensor | None = None
         self._calib_bin_edges: torch.Tensor | None = None
@@ -151,6 +151,9 @@ class HistogramCalibrator(_Calibrator):
     def reset(self) -> None:
         self._calib_hist = None
         self._calib_bin_edges = None
+        # collect() grows the bin count with the range: a new collection starts from the configured count, or it
+        # would bin the same data differently than a fresh calibrator (a second pass after a first one).
+        self._num_bins = self._first_num_bins
         self._range_pass = False
         self._range_max = None
         self._fixed_max = None

@@ -23,6 +23,9 @@ class QuantLinear(nn.Linear):
         # Per-input-channel multiplier 1/s on the input branch (outlier smoothing, s folded into the
         # weight; pipeline/quantization/smoothing.py). None = no Mul in the graph.
         self.register_buffer("smooth", None)
+        # Input channels gathered before it (outlier splitting: channel j repeated, its weight column copied;
+        # pipeline/quantization/smoothing.py). None = no Gather in the graph.
+        self.register_buffer("split_index", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_quantizer, weight_quantizer) -> QuantLinear:
@@ -32,9 +35,12 @@ class QuantLinear(nn.Linear):
         q.weight, q.bias = linear.weight, linear.bias  # share parameters: no copy, optimizer-safe
         q.input_quantizer, q.weight_quantizer = input_quantizer, weight_quantizer
         q.register_buffer("smooth", None)
+        q.register_buffer("split_index", None)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_index is not None:
+            x = x.index_select(-1, self.split_index)  # exported Gather -> Mul(1/m) -> Q/DQ -> MatMul
         if self.smooth is not None:
             x = x * self.smooth  # exported Mul(1/s) -> Q/DQ -> MatMul
         x = self.input_quantizer(x)

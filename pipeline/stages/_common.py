@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.context import Produces, RunContext
+from pipeline.data.batching import batches
 from pipeline.outputs import atomic_write
 from pipeline.quantization.state import save_quantizer_state
 from pipeline.schema import RunConfig, TrainConfig
@@ -16,6 +17,12 @@ from pipeline.tasks import Models
 from pipeline.training import latest_checkpoint, train
 
 log = logging.getLogger(__name__)
+
+
+def calib_batches(cfg: RunConfig, ctx: RunContext) -> list[dict[str, torch.Tensor]]:
+    """The calibration split's model inputs as the calibrate stage feeds them (calibration.batch_size / num_batches)."""
+    c = cfg.calibration
+    return [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
 
 
 def train_stage(name: str, tcfg: TrainConfig, cfg: RunConfig, ctx: RunContext, teacher: torch.nn.Module | None) -> None:

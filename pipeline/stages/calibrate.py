@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.context import Produces, RunContext
-from pipeline.data import batches
 from pipeline.outputs import atomic_write
 from pipeline.quantization import calibration_plot, smoothing
 from pipeline.quantization import rules as qrules
@@ -19,6 +18,7 @@ from pipeline.quantization.calibrate import calibrate
 from pipeline.quantization.placement import insert_quantizers
 from pipeline.quantization.state import amax_state, load_quantizer_state, save_quantizer_state
 from pipeline.schema import RunConfig
+from pipeline.stages import _common
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     for p in ctx.fp32_model.parameters():
         p.requires_grad_(False)
     rules = qrules.as_rules(cfg.quant.rules)
-    calib_batches = [b.to(ctx.device).inputs for b in batches(ctx.tokenizer, ctx.encoded["calib"], c.batch_size, limit=c.num_batches)]
+    calib_batches = _common.calib_batches(cfg, ctx)
     ctx.quantizers = insert_quantizers(ctx.model, cfg.quant, c, calib_batches[0])
     # Smoothing changes weights, so it is part of this stage's key; its scales are cached with the amax.
     key = ctx.chain_key("calibrate", cfg.quant, c, *([cfg.smoothing] if cfg.smoothing.enabled else []))
@@ -64,7 +64,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     def restore(hit: Path) -> None:
         if (hit / "smoothing.safetensors").exists():
             scales.update(load_file(str(hit / "smoothing.safetensors")))
-            smoothing.restore(ctx.model, scales)
+            smoothing.restore(ctx.model, scales, cfg.smoothing.method)
         load_quantizer_state(ctx.quantizers, load_file(str(hit / "quantizers.safetensors")))
         counts.update(json.loads((hit / "counts.json").read_text()))
         if (hit / hist_file).exists():
@@ -82,7 +82,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> str | None:
     if any(v is not c for v in by_rule.values()):  # {quantizer: method} where a rule changed it
         qm.calibration_by_rule = {n: v.method for n, v in by_rule.items() if v is not c}
     if cfg.smoothing.enabled:
-        qm.smoothing = smoothing.summary(scales, cfg.smoothing.alpha)
+        qm.smoothing = smoothing.summary(scales, cfg.smoothing)
     ctx.artifacts.quantizers = save_quantizer_state(ctx.quantizers, ctx.run_dir)
     log.info(
         "calibrate: %s on %d batches -> %d quantizers %s",

@@ -19,6 +19,7 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from pipeline.data.batching import Encoded
 from pipeline.inference import torch_logits
 from pipeline.outputs import write_text
 from pipeline.quantization import rules as qrules
-from pipeline.quantization.state import save_quantizer_state
-from pipeline.schema import ConfigError, RunConfig
+from pipeline.quantization import smoothing
+from pipeline.quantization.state import amax_state, load_quantizer_state, save_quantizer_state
+from pipeline.schema import ConfigError, RunConfig, SmoothingConfig
 from pipeline.stages import _common
 from pipeline.tasks import Models
 from pipeline.tune import auto, plots
@@ -39,6 +41,7 @@ from pipeline.tune.calibrators import (
     calibration_groups,
     candidate_amax,
     choose_per_group,
+    histogram_pairs,
     load_histograms,
     override_rule,
     own_candidate,
@@ -51,15 +54,27 @@ from pipeline.tune.sensitivity import Sensitivity, hardest, rank_groups
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, ctx: RunContext) -> None:
-    t = cfg.tune
+@dataclasses.dataclass
+class _Tuning:
+    """The tuning split and what every tuning method reads from it: the model's outputs on it (`logits`), their
+    score against FP32 (`score`: the task's metric and its divergence), FP32's own outputs and the budget."""
+
+    data: Encoded
+    logits: Callable
+    score: Callable[..., Score]
+    fp32_logits: object
+    budget: Budget
+    hists: dict
+    info: dict
+    t0: float
+
+
+def _tuning(cfg: RunConfig, ctx: RunContext) -> _Tuning:
     t0 = time.perf_counter()
     data = ctx.encoded.get("tune")
     if data is None or not len(data):
         raise ConfigError(["tune: the run has no tuning split (data.num_tune resolved to 0 for this data); set data.num_tune >= 1"])
-    bs = cfg.evaluate.batch_size
-
-    task = ctx.task
+    bs, task = cfg.evaluate.batch_size, ctx.task
 
     def logits(model, split=data):
         return torch_logits(model, ctx.tokenizer, split, bs, ctx.device, token_level=task.token_level)
@@ -70,19 +85,24 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
     def score(out) -> Score:
         return Score(float(task.score(out, data)), float(task.divergence(fp32_logits, out).mean()))
 
-    evaluations = 1
     fp32_score = task.score(fp32_logits, data)
     if fp32_score is None:
         raise ConfigError([f"tune: task={task.name} cannot score a tuning split of {len(data)} examples; set data.num_tune higher"])
-    budget = Budget(float(fp32_score), t.max_drop, t.drop_type)
-    hists = load_histograms(ctx.run_dir)
-    start_cal = _own_calibrator(cfg)
-    info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": start_cal}
-    if t.method == "auto":
-        return _auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0)
+    budget = Budget(float(fp32_score), cfg.tune.max_drop, cfg.tune.drop_type)
+    info: dict = {"tune_examples": len(data), "fp32_tune_accuracy": budget.fp32_accuracy, "start_calibrator": _own_calibrator(cfg)}
+    return _Tuning(data, logits, score, fp32_logits, budget, load_histograms(ctx.run_dir), info, t0)
 
+
+def run(cfg: RunConfig, ctx: RunContext) -> None:
+    t = cfg.tune
+    tuning = _tuning(cfg, ctx)
+    if t.method == "auto":
+        return _Auto(cfg, ctx, tuning).run()
+    data, logits, score, budget, hists = tuning.data, tuning.logits, tuning.score, tuning.budget, tuning.hists
+    fp32_logits, info, t0, task = tuning.fp32_logits, tuning.info, tuning.t0, ctx.task
+    evaluations = 1
     if t.plan is not None:
-        calibrator, rules, groups = _apply_plan(cfg, ctx, hists)
+        calibrator, rules, groups, split = _apply_plan(cfg, ctx, hists)
         final_logits = logits(ctx.model)
         s = score(final_logits)
         evaluations += 1
@@ -90,6 +110,7 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         chosen = TraceRow(0, "plan", None, tuple(g.name for g in groups), a, budget.drop(a), budget.met(a), True, kl=s.kl)
         info.update(plan=str(t.plan), trace_steps=0)
     else:
+        split = None  # tune=accuracy searches no split (tune=auto's step); a plan may carry one
         calibrator, scores, q_logits, rules, spent = _choose_calibrator(cfg, ctx, hists, score, logits, info)
         evaluations += len(scores) + spent
         if q_logits is None:
@@ -136,8 +157,8 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         "quantizers_in_float": sum(len(g.quantizers) for g in groups),
         **info,
     }
-    _record_plan(cfg, ctx, calibrator, rules, groups, {"met": met, "tune_drop": round(chosen.drop, 4)})
-    ctx.chain_key("tune", calibrator, rules, sorted(q for g in groups for q in g.quantizers))
+    _record_plan(cfg, ctx, calibrator, rules, groups, {"met": met, "tune_drop": round(chosen.drop, 4)}, split=split)
+    ctx.chain_key("tune", calibrator, rules, split, sorted(q for g in groups for q in g.quantizers))
     say = "met" if met else "NOT met (best plan found)"
     log.info(
         "tune: budget %s %s: drop %.2f ± %.2f (95 %% interval, %s, %d tuning examples) with calibrator %s and %d fusion groups in float, "
@@ -162,30 +183,28 @@ def run(cfg: RunConfig, ctx: RunContext) -> None:
         )
 
 
-def _auto(cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, hists, fp32_logits, info: dict, t0: float) -> None:
-    """tune=auto (pipeline/tune/auto.py): calibrator (global, then per slot) -> QAT -> fallback -> engine check,
-    each taken only while the budget is not met on the tuning split; with tune.plan, the plan's steps replayed."""
-    _Auto(cfg, ctx, data, logits, score, budget, hists, fp32_logits, info, t0).run()
-
-
 class _Auto:
-    """One tune=auto run: the steps in order, each judged by `check` (auto.judge on the whole tuning split),
-    then the metrics, tuned_quant.yaml and the cache key of the state it ends in."""
+    """One tune=auto run (pipeline/tune/auto.py): calibrator (global, then per slot) -> QAT -> fallback -> engine
+    check, each taken only while the budget is not met on the tuning split (with tune.plan, the plan's steps
+    replayed); each judged by `check` (auto.judge on the whole tuning split), then the metrics, tuned_quant.yaml
+    and the cache key of the state it ends in."""
 
-    def __init__(self, cfg: RunConfig, ctx: RunContext, data, logits, score, budget: Budget, hists, fp32_logits, info: dict, t0: float):
-        self.cfg, self.ctx, self.data, self.logits, self.score = cfg, ctx, data, logits, score
-        self.budget, self.hists, self.fp32_logits, self.info, self.t0 = budget, hists, fp32_logits, info, t0
+    def __init__(self, cfg: RunConfig, ctx: RunContext, tuning: _Tuning):
+        self.cfg, self.ctx, self.data, self.logits, self.score = cfg, ctx, tuning.data, tuning.logits, tuning.score
+        self.budget, self.hists, self.fp32_logits = tuning.budget, tuning.hists, tuning.fp32_logits
+        self.info, self.t0 = tuning.info, tuning.t0
         self.checks: list[auto.Check] = []
         self.evaluations = 1
         self.clock = time.perf_counter()
         self.fake = None  # the last fake-quant outputs checked (the engine check's comparison)
         self.plan = plan_file.read(cfg.tune.plan) if cfg.tune.plan is not None else None
-        self.calibrator, self.scores, self.rules = info["start_calibrator"], {}, []
+        self.calibrator, self.scores, self.rules = tuning.info["start_calibrator"], {}, []
         self.qat_taken = False
         self.groups: list[FusionGroup] = []
         self.result: SearchResult | None = None
         self.ranked: list[Sensitivity] | None = None  # the first search's ranking, reused when it resumes
         self.engine_note: str | None = None
+        self.split: dict | None = None  # the outlier split kept (tuned_quant.yaml `split`, cache keys)
 
     def run(self) -> None:
         last = self.calibrate()
@@ -211,6 +230,7 @@ class _Auto:
         """Step 1: the calibrator with the lowest KL, then per slot (reverted where the whole split disagrees)."""
         cfg, ctx, t, hists = self.cfg, self.ctx, self.cfg.tune, self.hists
         if self.plan is not None:
+            self.split = _plan_split(cfg, ctx, hists, self.plan)
             self.calibrator, self.rules = _plan_calibration(cfg, ctx, hists, self.plan)
             return self.check("plan", f"calibrator {self.calibrator} and {len(self.rules)} method rules from {t.plan}")
         names = _candidates(cfg, hists)
@@ -220,6 +240,8 @@ class _Auto:
         last = self.check(
             "calibrator", f"{self.calibrator}, the lowest KL of {len(names)} calibrators" if names else "the run's calibration"
         )
+        if not last.met and names and t.split_outliers and not cfg.smoothing.enabled:
+            last, kept = self.split_outliers(last, names, kept)
         if last.met or t.calibrator_per == "none" or len(names) < 2:
             return last
         # ~40 candidate evaluations, compared by KL (paired, low noise): on the first search_examples
@@ -246,13 +268,43 @@ class _Auto:
             log.info("tune=auto: per-slot calibrators %s", last.note.split("; ", 1)[1])
         return last
 
+    def split_outliers(self, last: auto.Check, names: list[str], kept: dict) -> tuple[auto.Check, dict]:
+        """Step 1b: every quantized Linear's outlier input channels split (exact in FP32: the per-tensor input scale
+        stops spending its range on a few channels; a Gather per split Linear on the engine), those inputs
+        re-calibrated and the calibrator chosen again; kept only where the whole split's KL falls."""
+        cfg, ctx = self.cfg, self.ctx
+        before, hists = amax_state(ctx.quantizers), dict(self.hists)
+        counts, new, originals = _split(cfg, ctx, self.hists)
+        if not counts:
+            return last, kept
+        calibrator, scores, kept_split = _global_calibrator(cfg, ctx, self.hists, self.score, self.logits, names)
+        self.evaluations += len(names)
+        added = sum(int((m - 1).sum()) for m in counts.values())
+        check = self.check(
+            "split", f"{added} input channels added to {len(counts)} Linears; {calibrator}, the lowest KL of {len(names)} calibrators"
+        )
+        if check.kl < last.kl:
+            self.calibrator, self.scores = calibrator, scores
+            self.split = _split_record(_split_config(cfg), counts)
+            self.info["split"] = smoothing.summary(counts, _split_config(cfg))
+            return check, kept_split
+        smoothing.unsplit(ctx.model, originals)
+        self.hists.clear()
+        self.hists.update(hists)
+        load_quantizer_state(ctx.quantizers, before)
+        self.fake = None  # those outputs were the split state's
+        note = f"{check.note}; reverted: KL {check.kl:.5f} >= {last.kl:.5f} without splitting"
+        self.checks[-1] = dataclasses.replace(last, step="split", note=note, seconds=check.seconds)
+        log.info("tune=auto: outlier split reverted (KL %.5f >= %.5f)", check.kl, last.kl)
+        return self.checks[-1], kept
+
     def train(self, last: auto.Check) -> auto.Check:
         """Step 2: QAT (the qat group's recipe; kd_best keeps its state closest to FP32)."""
         cfg, ctx = self.cfg, self.ctx
         self.qat_taken = bool(self.plan.get("qat")) if self.plan is not None else (not last.met and cfg.qat.enabled)
         if not self.qat_taken:
             return last
-        ctx.chain_key("tune", self.calibrator, self.rules)
+        ctx.chain_key("tune", self.calibrator, self.rules, self.split)
         hit = _common.run_qat(cfg, ctx)
         sel = (ctx.metrics.training.get("qat") or {}).get("selection") or {}
         kept_at = f"; kept the state of step {sel['best'].get('step')}" if isinstance(sel.get("best"), dict) else ""
@@ -367,12 +419,12 @@ class _Auto:
             **self.info,
         }
         budget = {"met": last.met, "tune_drop": round(last.drop, 4), "basis": last.basis, "steps": taken}
-        _record_plan(cfg, ctx, self.calibrator, self.rules, groups, budget, qat=self.qat_taken)
+        _record_plan(cfg, ctx, self.calibrator, self.rules, groups, budget, qat=self.qat_taken, split=self.split)
         floated = sorted(q for g in groups for q in g.quantizers)
         if self.qat_taken:
             ctx.chain_key("tune_fallback", floated)
         else:
-            ctx.chain_key("tune", self.calibrator, self.rules, floated)
+            ctx.chain_key("tune", self.calibrator, self.rules, self.split, floated)
         log.info("tune=auto: %s after %s (%s) in %.0f s; %s", "met" if last.met else "NOT met", " -> ".join(taken), last.why,
                  time.perf_counter() - self.t0, resolution)  # fmt: skip
 
@@ -384,7 +436,16 @@ def _head(data, n: int | None):
     return Encoded(data.features[:n], data.labels[:n])
 
 
-def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, groups: list, budget: dict, qat: bool | None = None):
+def _record_plan(
+    cfg: RunConfig,
+    ctx: RunContext,
+    calibrator: str,
+    rules: list,
+    groups: list,
+    budget: dict,
+    qat: bool | None = None,
+    split: dict | None = None,
+):
     """tuned_quant.yaml of the tuned state, and the run's quantizer counts and state file as it now is (the
     plan's float groups are off)."""
     t = cfg.tune
@@ -394,6 +455,7 @@ def _record_plan(cfg: RunConfig, ctx: RunContext, calibrator: str, rules: list, 
         rules=rules,
         groups=groups,
         qat=qat,
+        split=split,
         budget={"max_drop": t.max_drop, "drop_type": t.drop_type, **budget},
         tuned_under={"config_hash": ctx.config_hash, "model": cfg.model.name, "calibration": cfg.calibration.method},
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -541,13 +603,14 @@ def _per_group(cfg: RunConfig, ctx: RunContext, hists, score, logits, best: str,
     return rules, 1 + sum(len(t) - 1 for t in tried.values())
 
 
-def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup]]:
+def _apply_plan(cfg: RunConfig, ctx: RunContext, hists) -> tuple[str, list, list[FusionGroup], dict | None]:
     plan = plan_file.read(cfg.tune.plan)
+    split = _plan_split(cfg, ctx, hists, plan)
     calibrator, rules = _plan_calibration(cfg, ctx, hists, plan)
     groups = _plan_groups(cfg, ctx, plan)
     log.info("tune: plan %s applied: calibrator %s, %d method rules, %d quantizers in float", cfg.tune.plan, calibrator,
              len(rules), sum(len(g.quantizers) for g in groups))  # fmt: skip
-    return calibrator, rules, groups
+    return calibrator, rules, groups, split
 
 
 def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tuple[str, list]:
@@ -558,6 +621,42 @@ def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tup
         amax = candidate_amax(plan["calibrator"], hists, ctx.quantizers, cfg.calibration, rules)
         apply_amax(ctx.quantizers, amax, ctx.device)
     return calibrator, [qrules.to_dict(r) for r in rules]
+
+
+def _split_config(cfg: RunConfig, ratio: float | None = None, max_extra: float | None = None) -> SmoothingConfig:
+    """tune=auto's outlier split: smoothing.method=split on every quantized Linear (ratio / max_extra: smoothing's)."""
+    s = cfg.smoothing
+    return SmoothingConfig(enabled=True, method="split", split_ratio=ratio or s.split_ratio, max_extra=s.max_extra if max_extra is None else max_extra,
+                           modules=["*"])  # fmt: skip
+
+
+def _split_record(scfg: SmoothingConfig, counts: dict) -> dict:
+    """tuned_quant.yaml `split`: what replays it (the counts follow from the calibration split) and what it added."""
+    return {
+        "split_ratio": scfg.split_ratio,
+        "max_extra": scfg.max_extra,
+        "channels_added": sum(int((m - 1).sum()) for m in counts.values()),
+    }
+
+
+def _split(cfg: RunConfig, ctx: RunContext, hists: dict, scfg: SmoothingConfig | None = None):
+    """Split the calibrated model's outliers; `hists` takes the split inputs' new histograms."""
+    counts, new, originals = smoothing.split_calibrated(
+        ctx.model, ctx.quantizers, scfg or _split_config(cfg), _common.calib_batches(cfg, ctx), cfg.calibration, qrules.as_rules(cfg.quant.rules)
+    )  # fmt: skip
+    hists.update(histogram_pairs(new))
+    ctx.model.to(ctx.device)
+    return counts, new, originals
+
+
+def _plan_split(cfg: RunConfig, ctx: RunContext, hists: dict, plan: dict) -> dict | None:
+    """A plan's outlier split, replayed (the same calibration split gives the same channel counts)."""
+    rec = plan.get("split")
+    if not rec:
+        return None
+    scfg = _split_config(cfg, rec["split_ratio"], rec["max_extra"])
+    counts, _, _ = _split(cfg, ctx, hists, scfg)
+    return _split_record(scfg, counts)
 
 
 def _plan_groups(cfg: RunConfig, ctx: RunContext, plan: dict) -> list[FusionGroup]:

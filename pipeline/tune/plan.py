@@ -24,7 +24,7 @@ from pipeline.quantization.calibrate import METHODS
 from pipeline.schema import QuantRule
 from pipeline.tune.calibrators import CANDIDATES
 
-KEYS = ("calibrator", "rules", "qat", "groups_in_float", "budget", "tuned_under")
+KEYS = ("calibrator", "split", "rules", "qat", "groups_in_float", "budget", "tuned_under")
 # Keys of plans written before quant.rules, refused with what replaced them.
 REPLACED = {
     "overrides": "rules (label -> {name, roles, method, percentile}); rerun the tuning to rewrite the plan",
@@ -68,6 +68,12 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
                 errors.append(f"tune.plan: {path}: rules.{label} sets nothing; a plan's rules give a method or enable: false")
         if any(r.get("method") for r in rules.values()) and not cal:
             errors.append(f"tune.plan: {path}: method rules refine a calibrator: give calibrator (valid values: {', '.join(CANDIDATES)})")
+    split = plan.get("split")
+    if split is not None and not (
+        isinstance(split, dict)
+        and all(isinstance(split.get(k), (int, float)) and not isinstance(split.get(k), bool) for k in ("split_ratio", "max_extra"))
+    ):
+        errors.append(f"tune.plan: {path}: split must be null or a mapping with numbers split_ratio (>= 1) and max_extra (0-1)")
     if not isinstance(plan.get("qat", False), bool):
         errors.append(f"tune.plan: {path}: qat must be true or false (whether tune=auto's QAT step ran)")
     return errors
@@ -93,10 +99,13 @@ def write(
     tuned_under: dict,
     command: str,
     qat: bool | None = None,
+    split: dict | None = None,
 ) -> Path:
     body = {
         # null: the run's own calibration was kept (tune.calibrators=[]), whatever it is
         "calibrator": calibrator if calibrator in CANDIDATES else None,
+        # tune=auto: the outlier channel split kept (replayed before the calibrator, from the calibration split)
+        **({} if split is None else {"split": split}),
         # tune=auto: whether its QAT step ran (replayed with the run's qat settings, before the enable rules)
         **({} if qat is None else {"qat": qat}),
         "rules": {
@@ -109,7 +118,8 @@ def write(
     }
     head = (
         "# Tuned quantization plan (accuracy budget), written by the tune stage.\n"
-        "# calibrator: activation amax method (from the run's calibration histograms); rules (quant.rules format):\n"
+        "# calibrator: activation amax method (from the run's calibration histograms); split: outlier channels split\n"
+        "# first (tune.split_outliers); rules (quant.rules format):\n"
         "# calibrator_<i>: the roles or slots that take another one (tune.calibrator_per); qat (tune=auto): QAT taken,\n"
         "# as the qat group says; float_<i>: a fusion group returned to float after it (groups_in_float).\n"
         "# Reproduce the tuned model bit for bit:\n"
