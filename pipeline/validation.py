@@ -16,7 +16,7 @@ def _plan_errors(c: RunConfig) -> list[str]:
     # (calibration=none already has its own error: a plan needs calibrated quantizers)
     if not c.tune.enabled or c.tune.plan is None or c.calibration.method == "none":
         return []
-    return plan_errors(c.tune.plan, c.calibration.method)
+    return plan_errors(c.tune.plan, c.calibration.method, smoothing=c.smoothing.enabled)
 
 
 def validate(cfg: DictConfig) -> RunConfig:

@@ -371,6 +371,12 @@ def test_plan_file_errors(tmp_path):
     assert "rules.a.method 'kl' is not valid; valid values: max, percentile, entropy, mse" in msg
     assert "rules.b sets nothing; a plan's rules give a method or enable: false" in msg
     assert "calibrator 'kl' is not valid; valid values: max, percentile_99_9" in msg
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump({"calibrator": "max", "split": {"split_ratio": 2.0, "max_extra": 0.0625}}))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([f"tune.plan={split}", "smoothing=split"]))
+    assert "splits outlier channels (split); smoothing is set too: choose smoothing=none to replay it" in str(err.value)
+    validate(compose_cfg([f"tune.plan={split}"]))  # the same plan without smoothing: valid
     # Plans written before quant.rules are refused with what replaced each key.
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"calibrator": "mse", "role_calibrators": {"attn_q": "percentile_99_9"}, "exclude": [], "overrides": []}))

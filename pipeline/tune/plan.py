@@ -38,7 +38,7 @@ def read(path: str | Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).expanduser().read_text()) or {}
 
 
-def plan_errors(path: str, calibration_method: str) -> list[str]:
+def plan_errors(path: str, calibration_method: str, smoothing: bool = False) -> list[str]:
     """Problems with a tune.plan file, each naming the key and what is valid (start-up validation)."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -74,6 +74,9 @@ def plan_errors(path: str, calibration_method: str) -> list[str]:
         and all(isinstance(split.get(k), (int, float)) and not isinstance(split.get(k), bool) for k in ("split_ratio", "max_extra"))
     ):
         errors.append(f"tune.plan: {path}: split must be null or a mapping with numbers split_ratio (>= 1) and max_extra (0-1)")
+    elif split is not None and smoothing:
+        # The plan's split is replayed on the calibrated model: on top of smoothing's it would split twice.
+        errors.append(f"tune.plan: {path} splits outlier channels (split); smoothing is set too: choose smoothing=none to replay it")
     if not isinstance(plan.get("qat", False), bool):
         errors.append(f"tune.plan: {path}: qat must be true or false (whether tune=auto's QAT step ran)")
     return errors
