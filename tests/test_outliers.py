@@ -118,6 +118,14 @@ def test_splitting_keeps_the_function_and_narrows_the_range_without_touching_the
     assert summary["method"] == "split" and summary["extra_channels"][q] == int((m - 1).sum())
 
 
+def test_split_counts_end_at_no_split_when_nothing_may_be_added():
+    act = torch.tensor([1.0, 1.2, 0.9, 30.0])
+    m = smoothing.split_counts(act, 2.0, 0.0)  # no channel may be added: the limit rises to the max
+    assert torch.equal(m, torch.ones(4))
+    m = smoothing.split_counts(act, 2.0, 10.0)
+    assert float(m[3]) == 15.0 and float(m[:3].max()) == 1.0  # 30 / (2 x median 1.0, the lower middle value) -> 15 copies
+
+
 def method_for(name: str, role: str, cfg) -> object:
     return qrules.calibration_for(name, role, cfg.calibration, qrules.as_rules(cfg.quant.rules))
 

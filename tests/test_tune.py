@@ -377,6 +377,10 @@ def test_plan_file_errors(tmp_path):
         validate(compose_cfg([f"tune.plan={split}", "smoothing=split"]))
     assert "splits outlier channels (split); smoothing is set too: choose smoothing=none to replay it" in str(err.value)
     validate(compose_cfg([f"tune.plan={split}"]))  # the same plan without smoothing: valid
+    split.write_text(yaml.safe_dump({"calibrator": "max", "split": {"split_ratio": 2.0, "max_extra": -0.1}}))
+    with pytest.raises(ConfigError) as err:  # a negative limit would never end the split's search
+        validate(compose_cfg([f"tune.plan={split}"]))
+    assert "split must be null or a mapping with numbers split_ratio (>= 1) and max_extra (0-1)" in str(err.value)
     # Plans written before quant.rules are refused with what replaced each key.
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"calibrator": "mse", "role_calibrators": {"attn_q": "percentile_99_9"}, "exclude": [], "overrides": []}))

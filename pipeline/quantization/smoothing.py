@@ -51,11 +51,12 @@ _EPS = 1e-5
 
 
 def targets(model: nn.Module, cfg: SmoothingConfig) -> dict[str, QuantLinear]:
-    """Quantized Linears whose module name matches one of `cfg.modules` (fnmatch globs)."""
+    """Quantized Linears whose module name matches one of `cfg.modules` (fnmatch globs); a Linear whose input
+    quantizer quant.rules switched off is left alone (its input stays float: nothing to gain, a Mul to pay)."""
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, QuantLinear) and any(fnmatch.fnmatchcase(name, p) for p in cfg.modules)
+        if isinstance(m, QuantLinear) and m.input_quantizer.enabled and any(fnmatch.fnmatchcase(name, p) for p in cfg.modules)
     }
 
 
@@ -108,7 +109,7 @@ def split_counts(act_max: torch.Tensor, ratio: float, max_extra: float) -> torch
     """m_j >= 1 (shape (in,)): copies of channel j so that no copy's max exceeds ratio x the median channel's max;
     where that would add more than max_extra x in channels, the limit rises (by 10 %) until it does not."""
     limit = float(act_max.median().clamp(min=_EPS)) * ratio
-    budget = int(max_extra * act_max.numel())
+    budget = max(0, int(max_extra * act_max.numel()))  # >= 0: the loop ends at the latest when limit >= max (all m = 1)
     while True:
         m = torch.ceil(act_max / limit).clamp(min=1.0)
         if int((m - 1).sum()) <= budget:
@@ -128,10 +129,12 @@ def apply_split(mod: QuantLinear, m: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, cfg: SmoothingConfig, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def smooth(
+    model: nn.Module, cfg: SmoothingConfig, batches: list[dict[str, torch.Tensor]], mods: dict[str, QuantLinear] | None = None
+) -> dict[str, torch.Tensor]:
     """Migrate (method migrate: returns s) or split (method split: returns m, Linears with an m_j > 1 only) the
-    outliers of the selected Linears' inputs, by module name."""
-    mods = targets(model, cfg)
+    outliers of the selected Linears' inputs (`mods`: default `targets(model, cfg)`), by module name."""
+    mods = targets(model, cfg) if mods is None else mods
     if not mods:
         raise ValueError(f"smoothing.modules: {cfg.modules} matches no quantized Linear in this model")
     stats = input_channel_max(model, mods, batches)
@@ -177,8 +180,8 @@ def split_calibrated(
     mods = targets(model, cfg)
     originals = {n: (m.weight, m.in_features) for n, m in mods.items()}
     hists: dict[str, torch.Tensor] = {}
-    with quantizers_off(quantizers):
-        counts = smooth(model, cfg, batches)
+    with quantizers_off(quantizers):  # targets() chosen before: it reads which input quantizers are on
+        counts = smooth(model, cfg, batches, mods)
         mine = {k: quantizers[k] for n in counts for k in (f"{n}.input_quantizer", f"{n}.weight_quantizer") if k in quantizers}
         if mine:
             calibrate(model, mine, batches, calibration, on_collected=lambda qs: hists.update(calibration_plot.histograms(qs)), rules=rules)

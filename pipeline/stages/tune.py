@@ -292,6 +292,7 @@ class _Auto:
         self.hists.clear()
         self.hists.update(hists)
         load_quantizer_state(ctx.quantizers, before)
+        ctx.model.to(ctx.device)  # the saved state is on the CPU
         self.fake = None  # those outputs were the split state's
         note = f"{check.note}; reverted: KL {check.kl:.5f} >= {last.kl:.5f} without splitting"
         self.checks[-1] = dataclasses.replace(last, step="split", note=note, seconds=check.seconds)
@@ -626,7 +627,7 @@ def _plan_calibration(cfg: RunConfig, ctx: RunContext, hists, plan: dict) -> tup
 def _split_config(cfg: RunConfig, ratio: float | None = None, max_extra: float | None = None) -> SmoothingConfig:
     """tune=auto's outlier split: smoothing.method=split on every quantized Linear (ratio / max_extra: smoothing's)."""
     s = cfg.smoothing
-    return SmoothingConfig(enabled=True, method="split", split_ratio=ratio or s.split_ratio, max_extra=s.max_extra if max_extra is None else max_extra,
+    return SmoothingConfig(enabled=True, method="split", split_ratio=s.split_ratio if ratio is None else ratio, max_extra=s.max_extra if max_extra is None else max_extra,
                            modules=["*"])  # fmt: skip
 
 
@@ -656,7 +657,15 @@ def _plan_split(cfg: RunConfig, ctx: RunContext, hists: dict, plan: dict) -> dic
         return None
     scfg = _split_config(cfg, rec["split_ratio"], rec["max_extra"])
     counts, _, _ = _split(cfg, ctx, hists, scfg)
-    return _split_record(scfg, counts)
+    if not counts:
+        log.warning("tune.plan: the plan splits outlier channels, but no input channel of this model exceeds split_ratio x its median")
+        return None
+    done = _split_record(scfg, counts)
+    if rec.get("channels_added") not in (None, done["channels_added"]):
+        # Another model or calibration split than the plan's: replayed, but not the tuned model bit for bit.
+        log.warning("tune.plan: the plan's split added %s input channels, this run's %d (another model or calibration split?)",
+                    rec["channels_added"], done["channels_added"])  # fmt: skip
+    return done
 
 
 def _plan_groups(cfg: RunConfig, ctx: RunContext, plan: dict) -> list[FusionGroup]:

@@ -69,10 +69,12 @@ def plan_errors(path: str, calibration_method: str, smoothing: bool = False) -> 
         if any(r.get("method") for r in rules.values()) and not cal:
             errors.append(f"tune.plan: {path}: method rules refine a calibrator: give calibrator (valid values: {', '.join(CANDIDATES)})")
     split = plan.get("split")
-    if split is not None and not (
-        isinstance(split, dict)
-        and all(isinstance(split.get(k), (int, float)) and not isinstance(split.get(k), bool) for k in ("split_ratio", "max_extra"))
-    ):
+
+    def number(k: str, lo: float, hi: float) -> bool:
+        v = split.get(k)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+    if split is not None and not (isinstance(split, dict) and number("split_ratio", 1.0, float("inf")) and number("max_extra", 0.0, 1.0)):
         errors.append(f"tune.plan: {path}: split must be null or a mapping with numbers split_ratio (>= 1) and max_extra (0-1)")
     elif split is not None and smoothing:
         # The plan's split is replayed on the calibrated model: on top of smoothing's it would split twice.
