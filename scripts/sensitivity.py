@@ -209,12 +209,13 @@ def slot_variants(
     for alpha in alphas:
         model = copy.deepcopy(ctx.model)
         mq2 = dict(model.named_modules())
-        for n in qs:  # smoothing statistics in FP32
-            mq2[n].enabled = False
         scfg = dataclasses.replace(
             cfg.smoothing, enabled=True, alpha=alpha, modules=sorted(n.removesuffix(".input_quantizer") for n in members)
         )
-        smoothing.smooth(model, scfg, calib)
+        mods = smoothing.targets(model, scfg)  # before the quantizers go off: targets() skips Linears whose input is off
+        for n in qs:  # smoothing statistics in FP32
+            mq2[n].enabled = False
+        smoothing.smooth(model, scfg, calib, mods)
         weights = {n.replace(".input_quantizer", ".weight_quantizer") for n in members}
         calibrate_weights({n: mq2[n] for n in weights}, model)
         collect(model, members)
