@@ -273,20 +273,20 @@ class _Auto:
         stops spending its range on a few channels; a Gather per split Linear on the engine), those inputs
         re-calibrated and the calibrator chosen again; kept only where the whole split's KL falls."""
         cfg, ctx = self.cfg, self.ctx
-        before, hists = amax_state(ctx.quantizers), dict(self.hists)
-        counts, new, originals = _split(cfg, ctx, self.hists)
+        before, hists, scfg = amax_state(ctx.quantizers), dict(self.hists), _split_config(cfg)
+        counts, originals = _split(cfg, ctx, self.hists, scfg)
         if not counts:
             return last, kept
         calibrator, scores, kept_split = _global_calibrator(cfg, ctx, self.hists, self.score, self.logits, names)
         self.evaluations += len(names)
-        added = sum(int((m - 1).sum()) for m in counts.values())
+        record = _split_record(scfg, counts)
         check = self.check(
-            "split", f"{added} input channels added to {len(counts)} Linears; {calibrator}, the lowest KL of {len(names)} calibrators"
+            "split",
+            f"{record['channels_added']} input channels added to {len(counts)} Linears; {calibrator}, the lowest KL of {len(names)} calibrators",
         )
         if check.kl < last.kl:
-            self.calibrator, self.scores = calibrator, scores
-            self.split = _split_record(_split_config(cfg), counts)
-            self.info["split"] = smoothing.summary(counts, _split_config(cfg))
+            self.calibrator, self.scores, self.split = calibrator, scores, record
+            self.info["split"] = smoothing.summary(counts, scfg)
             return check, kept_split
         smoothing.unsplit(ctx.model, originals)
         self.hists.clear()
@@ -640,14 +640,15 @@ def _split_record(scfg: SmoothingConfig, counts: dict) -> dict:
     }
 
 
-def _split(cfg: RunConfig, ctx: RunContext, hists: dict, scfg: SmoothingConfig | None = None):
-    """Split the calibrated model's outliers; `hists` takes the split inputs' new histograms."""
+def _split(cfg: RunConfig, ctx: RunContext, hists: dict, scfg: SmoothingConfig) -> tuple[dict, dict]:
+    """Split the calibrated model's outliers; `hists` takes the split inputs' new histograms. Returns (m by module,
+    what smoothing.unsplit needs)."""
     counts, new, originals = smoothing.split_calibrated(
-        ctx.model, ctx.quantizers, scfg or _split_config(cfg), _common.calib_batches(cfg, ctx), cfg.calibration, qrules.as_rules(cfg.quant.rules)
+        ctx.model, ctx.quantizers, scfg, _common.calib_batches(cfg, ctx), cfg.calibration, qrules.as_rules(cfg.quant.rules)
     )  # fmt: skip
     hists.update(histogram_pairs(new))
     ctx.model.to(ctx.device)
-    return counts, new, originals
+    return counts, originals
 
 
 def _plan_split(cfg: RunConfig, ctx: RunContext, hists: dict, plan: dict) -> dict | None:
@@ -656,7 +657,7 @@ def _plan_split(cfg: RunConfig, ctx: RunContext, hists: dict, plan: dict) -> dic
     if not rec:
         return None
     scfg = _split_config(cfg, rec["split_ratio"], rec["max_extra"])
-    counts, _, _ = _split(cfg, ctx, hists, scfg)
+    counts, _ = _split(cfg, ctx, hists, scfg)
     if not counts:
         log.warning("tune.plan: the plan splits outlier channels, but no input channel of this model exceeds split_ratio x its median")
         return None
