@@ -108,6 +108,11 @@ def _fp32_embeddings(ctx, cfg, ev, bs: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with tempfile.TemporaryDirectory(prefix="embedding-probe-") as scratch:  # the run's files go with it
+        return _main(argv, Path(scratch))
+
+
+def _main(argv: list[str] | None, scratch: Path) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     cfg = validate(raw)
-    run_dir = Path(tempfile.mkdtemp(prefix="embedding-probe-")) / "run"
+    run_dir = scratch / "run"
     # load -> calibrate exactly as a run (stage cache included); the report stage (plots) is not needed here.
     stages = pipeline.run.STAGES
     pipeline.run.STAGES = [s for s in stages if s[0] != "report"]

@@ -51,6 +51,11 @@ def kl_fp32_to(fp32: np.ndarray, q: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with tempfile.TemporaryDirectory(prefix="sensitivity-") as scratch:  # the run's files go with it
+        return _main(argv, Path(scratch))
+
+
+def _main(argv: list[str] | None, scratch: Path) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cfg = validate(raw)
     # The pipeline itself loads and calibrates (load -> calibrate -> report), exactly as in a run.
-    ctx = run_pipeline(raw, Path(tempfile.mkdtemp(prefix="sensitivity-")) / "run")
+    ctx = run_pipeline(raw, scratch / "run")
     tune = ctx.encoded["tune"]
     labels = tune.labels
     bs = cfg.evaluate.batch_size

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def test_qkv_calibration_override_matches_the_qkv_inputs_of_every_architecture(m
     assert len(mse) == QKV[model][1] and all(qs[n].role == "linear_input" for n in mse)
 
 
-def test_patience_stops_when_no_better_state_is_found_and_keeps_the_best():
+def test_patience_stops_when_no_better_state_is_found_and_keeps_the_best(tmp_path):
     _, model, tok, data = _tiny([])
     start = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.6, 0.5, 0.55, 0.9, 0.9])  # start, step 1, step 2 (2nd without a better state: stop), never 3
@@ -181,7 +180,7 @@ def test_patience_stops_when_no_better_state_is_found_and_keeps_the_best():
     cfg = dataclasses.replace(
         TrainConfig(), lr=5e-3, max_steps=6, batch_size=6, keep_best=True, eval_every=1, patience=2, checkpoint_every=0
     )
-    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=tmp_path, desc="t", eval_fn=eval_fn)
     assert result.steps == 2 and [e["step"] for e in result.evals] == [0, 1, 2]
     assert result.selection["stopped_early"] == 2 and result.selection["best"]["step"] == 0 and result.selection["restored"]
     for k, v in model.state_dict().items():
@@ -190,7 +189,7 @@ def test_patience_stops_when_no_better_state_is_found_and_keeps_the_best():
         validate(compose_cfg(["tune=none", "qat=default", "qat.patience=3"]))
 
 
-def test_keep_best_ends_in_the_best_state_seen():
+def test_keep_best_ends_in_the_best_state_seen(tmp_path):
     _, model, tok, data = _tiny([])
     snapshots: list[dict[str, torch.Tensor]] = []
     scores = iter([0.6, 0.5, 0.9, 0.4])  # start, step 1, step 2, end (step 3)
@@ -200,7 +199,7 @@ def test_keep_best_ends_in_the_best_state_seen():
         return {"accuracy": next(scores), "loss": 1.0}
 
     cfg = dataclasses.replace(TrainConfig(), lr=5e-3, max_steps=3, batch_size=6, keep_best=True, eval_every=1, checkpoint_every=0)
-    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=tmp_path, desc="t", eval_fn=eval_fn)
     assert [e["step"] for e in result.evals] == [0, 1, 2, 3]
     assert result.selection["best"]["step"] == 2 and result.selection["restored"]
     assert result.selection["start"]["accuracy"] == 0.6 and result.selection["end"]["accuracy"] == 0.4
@@ -209,7 +208,7 @@ def test_keep_best_ends_in_the_best_state_seen():
     assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())
 
 
-def test_keep_best_by_kl_prefers_fidelity_over_a_lucky_accuracy_and_min_steps_repeats_epochs():
+def test_keep_best_by_kl_prefers_fidelity_over_a_lucky_accuracy_and_min_steps_repeats_epochs(tmp_path):
     _, model, tok, data = _tiny([])
     snapshots: list[dict[str, torch.Tensor]] = []
     # start, steps 1..5: step 2 has the best accuracy but a larger KL than step 4
@@ -224,18 +223,18 @@ def test_keep_best_by_kl_prefers_fidelity_over_a_lucky_accuracy_and_min_steps_re
     cfg = dataclasses.replace(
         TrainConfig(), lr=5e-3, batch_size=6, min_steps=5, keep_best=True, eval_every=1, select_by="kl", checkpoint_every=0
     )
-    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=eval_fn)
+    result = train(model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=tmp_path, desc="t", eval_fn=eval_fn)
     assert result.steps == 5 and [e["step"] for e in result.evals] == [0, 1, 2, 3, 4, 5]
     assert result.selection["best"]["step"] == 4 and result.selection["restored"]
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[4][k], rtol=0, atol=0)
 
 
-def test_eval_every_null_evaluates_every_quarter_of_the_run():
+def test_eval_every_null_evaluates_every_quarter_of_the_run(tmp_path):
     _, model, tok, data = _tiny([])
     cfg = dataclasses.replace(TrainConfig(), lr=5e-3, max_steps=8, batch_size=6, keep_best=True, eval_every=None, checkpoint_every=0)
     result = train(
-        model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=_tmp(), desc="t", eval_fn=lambda: {"accuracy": 0.5}
+        model, tok, data, cfg, device=torch.device("cpu"), seed=0, checkpoint_dir=tmp_path, desc="t", eval_fn=lambda: {"accuracy": 0.5}
     )
     assert [e["step"] for e in result.evals] == [0, 2, 4, 6, 8]
 
@@ -264,10 +263,6 @@ def test_hidden_state_distillation_term():
     assert float((with_hidden - logits_only).detach()) == pytest.approx(float(expected), rel=1e-5)
     with_hidden.backward()  # the term trains the student
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
-
-def _tmp():
-    return Path(tempfile.mkdtemp(prefix="qdq-keep-best-"))
 
 
 class _Poisoned:
