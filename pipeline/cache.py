@@ -11,6 +11,12 @@ Safety: an entry is built in a temp folder and renamed into place (atomic), unde
 file lock (concurrent jobs wanting the same entry wait, then reuse it). `entry.json` records the
 sha256 of every file; a lookup re-hashes them and a missing, partial or corrupted entry is deleted
 and rebuilt, never used.
+
+Size: a lookup that hits marks the entry used (entry.json's mtime); after each store the least
+recently used entries are removed until the cache holds at most `cache.max_gb`. An entry is read under
+a shared lock and built under an exclusive one, and the pruning takes each entry's lock without waiting,
+so an entry that another job is reading or building is never removed. Run folders hard-link the files
+they restore, so removing an entry never touches a finished run.
 """
 
 from __future__ import annotations
@@ -91,21 +97,24 @@ def stage_key(stage: str, *parts: Any) -> str:
 
 
 class StageCache:
-    def __init__(self, root: Path, enabled: bool):
+    def __init__(self, root: Path, enabled: bool, max_bytes: int | None = None):
         self.root = Path(root)
         self.enabled = enabled
+        self.max_bytes = max_bytes
 
     def _entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def lookup(self, stage: str, key: str) -> Path | None:
-        """The entry folder if complete and intact; a damaged one is removed (and None returned)."""
+        """The entry folder if complete and intact (and marked used); a damaged one is removed (and None returned)."""
         if not self.enabled:
             return None
         entry = self._entry(stage, key)
         if not entry.exists():
             return None
         if self._verify(entry):
+            with contextlib.suppress(OSError):
+                os.utime(entry / "entry.json")  # last use, for pruning
             return entry
         log.warning("cache: %s/%s is incomplete or corrupted; rebuilding it", stage, key)
         shutil.rmtree(entry, ignore_errors=True)
@@ -119,16 +128,21 @@ class StageCache:
             return False
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
-        """Exclusive lock for building one entry (other processes wanting it wait here)."""
+    def lock(self, stage: str, key: str, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+        """The entry's lock: exclusive to build it (other processes wanting it wait here), shared to read it.
+        With wait=False, yields False at once where another process holds a conflicting lock."""
         if not self.enabled:
-            yield
+            yield True
             return
         (self.root / stage).mkdir(parents=True, exist_ok=True)
         with open(self.root / stage / f"{key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -137,6 +151,7 @@ class StageCache:
         if not self.enabled:
             return None
         entry = self._entry(stage, key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
         try:
             fill(tmp)
@@ -149,6 +164,56 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return entry
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Remove the folders of builds that died (a temp folder whose key nobody holds), then the least
+        recently used entries until the cache holds at most max_bytes. `keep` (the entry just stored) and
+        entries another process is reading or building stay. Returns what was removed."""
+        if not self.enabled or not self.root.is_dir():
+            return []
+        removed: list[Path] = []
+        entries = []  # (last use, bytes, stage, key, folder)
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for folder in stage_dir.iterdir():
+                if not folder.is_dir():
+                    continue
+                if folder.name.startswith("."):  # ".<key>.<random>": store()'s temp folder
+                    with self.lock(stage_dir.name, folder.name[1:].split(".")[0], wait=False) as free:
+                        if free:  # its builder holds the key's lock until the rename: it is gone
+                            shutil.rmtree(folder, ignore_errors=True)
+                            removed.append(folder)
+                    continue
+                marker = folder / "entry.json"
+                used = (marker if marker.exists() else folder).stat().st_mtime
+                entries.append((used, _folder_bytes(folder), stage_dir.name, folder.name, folder))
+        total = sum(e[1] for e in entries)
+        if self.max_bytes is None:
+            return removed
+        freed = 0
+        for _, size, stage, key, folder in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and folder == keep:
+                continue
+            with self.lock(stage, key, wait=False) as free:
+                if not free:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            freed += size
+            removed.append(folder)
+        if freed:
+            log.info(
+                "cache: removed %d least recently used entries (%.2f GB) to hold under cache.max_gb=%g",
+                len(removed),
+                freed / 1e9,
+                self.max_bytes / 1e9,
+            )
+        return removed
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -177,14 +242,19 @@ def cached(
     if not cache.enabled:
         compute()
         return False
-    hit = cache.lookup(stage, key)
-    if hit is None:
-        with cache.lock(stage, key):
-            hit = cache.lookup(stage, key)
-            if hit is None:
-                compute()
-                cache.store(stage, key, save)
-                return False
-    log.info("cache: %s reused from %s", stage, hit)
-    restore(hit)
-    return True
+    with cache.lock(stage, key, shared=True):  # a reader: the entry cannot be pruned under it
+        hit = cache.lookup(stage, key)
+        if hit is not None:
+            log.info("cache: %s reused from %s", stage, hit)
+            restore(hit)
+            return True
+    with cache.lock(stage, key):
+        hit = cache.lookup(stage, key)
+        if hit is not None:  # another job built it while this one waited
+            log.info("cache: %s reused from %s", stage, hit)
+            restore(hit)
+            return True
+        compute()
+        entry = cache.store(stage, key, save)
+    cache.prune(keep=entry)
+    return False

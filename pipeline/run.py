@@ -105,7 +105,7 @@ def run_pipeline(raw: DictConfig, run_dir: Path) -> RunContext:
     use_cache = cfg.cache.enabled and resume_from is None and not distributed.is_distributed()
     if cfg.cache.enabled and distributed.is_distributed() and main_rank:
         log.info("cache: off for a multi-process run (every rank must run the same stages)")
-    ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), use_cache)
+    ctx.cache = StageCache(Path(cfg.cache.dir).expanduser(), use_cache, None if cfg.cache.max_gb is None else int(cfg.cache.max_gb * 1e9))
     write_text(run_dir / "config.resolved.yaml", OmegaConf.to_yaml(raw, resolve=True))
     started = time.time()
     _write_manifest(ctx, raw, started, None)

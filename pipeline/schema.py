@@ -414,6 +414,10 @@ class EvaluateConfig:
 class CacheConfig:
     enabled: bool = True
     dir: str = "outputs/.cache"
+    # Every code or library change keys new entries and leaves the old ones unreachable, so an uncapped
+    # cache only grows (a base-size model's fine-tune or export entry is ~0.4 GB). After each store the
+    # least recently used entries are removed until the folder holds at most this much; null: no limit.
+    max_gb: float | None = field(default=20.0, metadata=_range(0.0))
 
 
 @dataclass

@@ -3,6 +3,8 @@ numbers) the very artifact bytes are the ones it was computed from."""
 
 from __future__ import annotations
 
+import os
+
 import onnx
 
 import pipeline.cache as cache
@@ -89,3 +91,58 @@ def test_a_stage_declares_what_it_produces_and_the_cache_puts_exactly_that_back(
     assert torch.equal(second.model.weight, torch.full((2, 3), 7.0))
     other = context("other")  # another key: computed afresh
     assert other.cached("stage", "k2", produces, lambda: compute(other)) is False and calls == ["first", "other"]
+
+
+def _blob(n: int):
+    return lambda tmp: (tmp / "blob.bin").write_bytes(b"x" * n)
+
+
+def _stored(c: cache.StageCache, keys: str, n: int = 1000) -> dict[str, object]:
+    """Entries stored one by one with last-use times 100, 200, ... (explicit: file times are coarse)."""
+    out = {}
+    for i, k in enumerate(keys):
+        out[k] = c.store("finetune", k, _blob(n))
+        os.utime(out[k] / "entry.json", (100 * (i + 1), 100 * (i + 1)))
+    return out
+
+
+def test_pruning_removes_the_least_recently_used_entries_down_to_the_cap(tmp_path):
+    c = cache.StageCache(tmp_path, True)
+    e = _stored(c, "abc")
+    size = cache._folder_bytes(e["a"])
+    c.max_bytes = 3 * size
+    assert c.lookup("finetune", "a") == e["a"]  # a hit: "a" is now the most recently used
+    d = c.store("finetune", "d", _blob(1000))
+    assert c.prune(keep=d) == [e["b"]]  # the least recently used of b, c (a was just used, d just stored)
+    assert {p.name for p in (tmp_path / "finetune").iterdir() if p.is_dir()} == {"a", "c", "d"}
+    c.max_bytes = 0
+    assert c.prune(keep=d) == [e["c"], e["a"]]  # oldest first; the kept entry stays even over the cap
+    assert c.lookup("finetune", "d") == d
+
+
+def test_pruning_never_removes_an_entry_being_read_or_a_build_in_progress(tmp_path):
+    c = cache.StageCache(tmp_path, True, max_bytes=0)
+    e = _stored(c, "ab")
+    dead = tmp_path / "finetune" / ".k1.x7y8"  # a build that died: nobody holds k1's lock
+    live = tmp_path / "finetune" / ".k2.z9w0"  # a build in progress: its process holds k2's lock
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    with c.lock("finetune", "a", shared=True), c.lock("finetune", "k2"):
+        removed = c.prune()
+    assert set(removed) == {dead, e["b"]}
+    assert e["a"].is_dir() and live.is_dir()
+    c.max_bytes = None  # no cap: only dead builds go (k2's builder has let go of its lock: it died)
+    assert c.prune() == [live] and e["a"].is_dir()
+
+
+def test_a_capped_cache_still_runs_and_ends_holding_only_the_last_entry(tmp_path):
+    first = run_tiny(tmp_path, [*FAST, "cache.max_gb=0"], name="first")
+    entries = [p for p in (tmp_path / "cache").glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+    assert [p.parent.name for p in entries] == ["evaluate"]  # every store pruned the others
+    second = run_tiny(tmp_path, [*FAST, "cache.max_gb=0"], name="second")
+    assert set(_status(second).values()) == {"done"}  # pruned: recomputed, not half-restored
+    assert second.metrics.accuracy == first.metrics.accuracy
+    third = run_tiny(tmp_path, FAST, name="third")  # the default cap keeps everything this small
+    fourth = run_tiny(tmp_path, FAST, name="fourth")
+    assert _status(third)["finetune"] == "done" and set(_status(fourth).values()) == {"cached"}

@@ -302,3 +302,10 @@ def test_asymmetric_activations_only_where_the_engine_takes_a_zero_point():
     assert symmetric_only(validate(compose_cfg(["engine=openvino"]))) is None
     assert "TensorRT" in symmetric_only(validate(compose_cfg(["engine=onnxruntime", "engine.providers=[TensorrtExecutionProvider]"])))
     assert "learnable" in symmetric_only(validate(compose_cfg(["qat=default", "qat.learn_amax=true"])))
+
+
+def test_a_negative_cache_cap_is_refused_and_null_means_no_cap():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["cache.max_gb=-1"]))
+    assert e.value.errors == ["cache.max_gb: -1.0 out of range; must be >= 0.0"]
+    assert validate(compose_cfg(["cache.max_gb=null"])).cache.max_gb is None
