@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -105,8 +106,9 @@ class StageCache:
     def _entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def lookup(self, stage: str, key: str) -> Path | None:
-        """The entry folder if complete and intact (and marked used); a damaged one is removed (and None returned)."""
+    def lookup(self, stage: str, key: str, *, remove_damaged: bool = True) -> Path | None:
+        """The entry folder if complete and intact (and marked used). A damaged one is a miss, and is removed
+        when remove_damaged (the caller holds the key's exclusive lock: no other job is reading it)."""
         if not self.enabled:
             return None
         entry = self._entry(stage, key)
@@ -116,8 +118,9 @@ class StageCache:
             with contextlib.suppress(OSError):
                 os.utime(entry / "entry.json")  # last use, for pruning
             return entry
-        log.warning("cache: %s/%s is incomplete or corrupted; rebuilding it", stage, key)
-        shutil.rmtree(entry, ignore_errors=True)
+        if remove_damaged:
+            log.warning("cache: %s/%s is incomplete or corrupted; rebuilding it", stage, key)
+            shutil.rmtree(entry, ignore_errors=True)
         return None
 
     def _verify(self, entry: Path) -> bool:
@@ -168,48 +171,62 @@ class StageCache:
     def prune(self, keep: Path | None = None) -> list[Path]:
         """Remove the folders of builds that died (a temp folder whose key nobody holds), then the least
         recently used entries until the cache holds at most max_bytes. `keep` (the entry just stored) and
-        entries another process is reading or building stay. Returns what was removed."""
+        entries another process is reading or building stay; folders that are not entries (a wrong
+        cache.dir) are never touched. Returns what was removed."""
         if not self.enabled or not self.root.is_dir():
             return []
         removed: list[Path] = []
         entries = []  # (last use, bytes, stage, key, folder)
         for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for folder in stage_dir.iterdir():
-                if not folder.is_dir():
-                    continue
-                if folder.name.startswith("."):  # ".<key>.<random>": store()'s temp folder
-                    with self.lock(stage_dir.name, folder.name[1:].split(".")[0], wait=False) as free:
-                        if free:  # its builder holds the key's lock until the rename: it is gone
+                temp = _TEMP.fullmatch(folder.name)
+                if temp:  # store()'s temp folder: its builder holds the key's lock until the rename
+                    with self.lock(stage_dir.name, temp[1], wait=False) as free:
+                        if free:
                             shutil.rmtree(folder, ignore_errors=True)
                             removed.append(folder)
                     continue
-                marker = folder / "entry.json"
-                used = (marker if marker.exists() else folder).stat().st_mtime
-                entries.append((used, _folder_bytes(folder), stage_dir.name, folder.name, folder))
-        total = sum(e[1] for e in entries)
+                if self.max_bytes is None or not _KEY.fullmatch(folder.name):
+                    continue
+                try:  # another job may remove an entry while this one measures it
+                    used = (folder / "entry.json").stat().st_mtime
+                    entries.append((used, _folder_bytes(folder), stage_dir.name, folder.name, folder))
+                except OSError:
+                    continue
         if self.max_bytes is None:
             return removed
-        freed = 0
-        for _, size, stage, key, folder in sorted(entries):
+        total = sum(e[1] for e in entries)
+        evicted = 0
+        for used, size, stage, key, folder in sorted(entries):
             if total <= self.max_bytes:
                 break
             if keep is not None and folder == keep:
                 continue
             with self.lock(stage, key, wait=False) as free:
                 if not free:
-                    continue
+                    continue  # being read or rebuilt right now
+                try:
+                    if (folder / "entry.json").stat().st_mtime > used:
+                        continue  # used since the scan
+                except OSError:
+                    pass  # already gone
                 shutil.rmtree(folder, ignore_errors=True)
             total -= size
-            freed += size
+            evicted += 1
             removed.append(folder)
-        if freed:
+        if evicted:
             log.info(
-                "cache: removed %d least recently used entries (%.2f GB) to hold under cache.max_gb=%g",
-                len(removed),
-                freed / 1e9,
+                "cache: removed %d least recently used entries; the cache folder holds %.2f GB (cache.max_gb=%g)",
+                evicted,
+                total / 1e9,
                 self.max_bytes / 1e9,
             )
         return removed
+
+
+# An entry's folder is its key (stage_key: 24 hex digits); store()'s temp folder is ".<key>.<random>".
+_KEY = re.compile(r"[0-9a-f]{24}")
+_TEMP = re.compile(r"\.([0-9a-f]{24})\.[^.]+")
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -243,7 +260,7 @@ def cached(
         compute()
         return False
     with cache.lock(stage, key, shared=True):  # a reader: the entry cannot be pruned under it
-        hit = cache.lookup(stage, key)
+        hit = cache.lookup(stage, key, remove_damaged=False)  # others may be reading it: removed below
         if hit is not None:
             log.info("cache: %s reused from %s", stage, hit)
             restore(hit)
@@ -256,5 +273,8 @@ def cached(
             return True
         compute()
         entry = cache.store(stage, key, save)
-    cache.prune(keep=entry)
+    try:
+        cache.prune(keep=entry)
+    except OSError as e:  # the stage's result is stored and in the run folder: a failed clean-up must not fail it
+        log.warning("cache: pruning %s failed (%s); the cache may hold more than cache.max_gb", cache.root, e)
     return False

@@ -4,6 +4,7 @@ numbers) the very artifact bytes are the ones it was computed from."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import onnx
 
@@ -97,7 +98,10 @@ def _blob(n: int):
     return lambda tmp: (tmp / "blob.bin").write_bytes(b"x" * n)
 
 
-def _stored(c: cache.StageCache, keys: str, n: int = 1000) -> dict[str, object]:
+A, B, C, D = (ch * 24 for ch in "abcd")  # keys as stage_key makes them (24 hex digits)
+
+
+def _stored(c: cache.StageCache, keys: list[str], n: int = 1000) -> dict[str, object]:
     """Entries stored one by one with last-use times 100, 200, ... (explicit: file times are coarse)."""
     out = {}
     for i, k in enumerate(keys):
@@ -108,32 +112,68 @@ def _stored(c: cache.StageCache, keys: str, n: int = 1000) -> dict[str, object]:
 
 def test_pruning_removes_the_least_recently_used_entries_down_to_the_cap(tmp_path):
     c = cache.StageCache(tmp_path, True)
-    e = _stored(c, "abc")
-    size = cache._folder_bytes(e["a"])
+    e = _stored(c, [A, B, C])
+    size = cache._folder_bytes(e[A])
     c.max_bytes = 3 * size
-    assert c.lookup("finetune", "a") == e["a"]  # a hit: "a" is now the most recently used
-    d = c.store("finetune", "d", _blob(1000))
-    assert c.prune(keep=d) == [e["b"]]  # the least recently used of b, c (a was just used, d just stored)
-    assert {p.name for p in (tmp_path / "finetune").iterdir() if p.is_dir()} == {"a", "c", "d"}
+    assert c.lookup("finetune", A) == e[A]  # a hit: A is now the most recently used
+    d = c.store("finetune", D, _blob(1000))
+    assert c.prune(keep=d) == [e[B]]  # the least recently used of B, C (A was just used, D just stored)
+    assert {p.name for p in (tmp_path / "finetune").iterdir() if p.is_dir()} == {A, C, D}
+    not_ours = tmp_path / "outputs" / "2026-12-06"  # a wrong cache.dir: run folders are not entries
+    not_ours.mkdir(parents=True)
+    (not_ours / "model.onnx").write_bytes(b"x" * 5000)
     c.max_bytes = 0
-    assert c.prune(keep=d) == [e["c"], e["a"]]  # oldest first; the kept entry stays even over the cap
-    assert c.lookup("finetune", "d") == d
+    assert c.prune(keep=d) == [e[C], e[A]]  # oldest first; the kept entry stays even over the cap
+    assert c.lookup("finetune", D) == d and (not_ours / "model.onnx").is_file()
 
 
 def test_pruning_never_removes_an_entry_being_read_or_a_build_in_progress(tmp_path):
     c = cache.StageCache(tmp_path, True, max_bytes=0)
-    e = _stored(c, "ab")
-    dead = tmp_path / "finetune" / ".k1.x7y8"  # a build that died: nobody holds k1's lock
-    live = tmp_path / "finetune" / ".k2.z9w0"  # a build in progress: its process holds k2's lock
+    e = _stored(c, [A, B])
+    dead = tmp_path / "finetune" / f".{C}.x7y8"  # a build that died: nobody holds C's lock
+    live = tmp_path / "finetune" / f".{D}.z9w0"  # a build in progress: its process holds D's lock
     for folder in (dead, live):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
-    with c.lock("finetune", "a", shared=True), c.lock("finetune", "k2"):
+    with c.lock("finetune", A, shared=True), c.lock("finetune", D):
         removed = c.prune()
-    assert set(removed) == {dead, e["b"]}
-    assert e["a"].is_dir() and live.is_dir()
-    c.max_bytes = None  # no cap: only dead builds go (k2's builder has let go of its lock: it died)
-    assert c.prune() == [live] and e["a"].is_dir()
+    assert set(removed) == {dead, e[B]}
+    assert e[A].is_dir() and live.is_dir()
+    c.max_bytes = None  # no cap: only dead builds go (D's builder has let go of its lock: it died)
+    assert c.prune() == [live] and e[A].is_dir()
+
+
+def test_a_job_pruning_the_cache_never_removes_the_entry_another_is_restoring(tmp_path):
+    """cached() restores under the entry's shared lock: a prune in the middle of it (another sweep job's,
+    over the cap) skips that entry. flock conflicts between two opens of a file in one process too."""
+    c = cache.StageCache(tmp_path, True)
+    e = _stored(c, [A, B])
+    c.max_bytes = 0
+    seen = []
+
+    def restore(entry):
+        seen.append(c.prune())
+        assert (entry / "blob.bin").read_bytes() == b"x" * 1000
+
+    assert cache.cached(c, "finetune", A, compute=None, save=None, restore=restore)
+    assert seen == [[e[B]]] and e[A].is_dir()
+
+
+def test_an_entry_removed_while_a_job_measures_the_cache_does_not_fail_that_job(tmp_path, monkeypatch):
+    c = cache.StageCache(tmp_path, True, max_bytes=0)
+    e = _stored(c, [A, B])
+
+    def raced(folder):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        if folder == e[A]:  # another job prunes A between this job's listing of its files and their sizes
+            shutil.rmtree(folder)
+        return sum(p.stat().st_size for p in files)
+
+    monkeypatch.setattr(cache, "_folder_bytes", raced)
+    made = []
+    hit = cache.cached(c, "finetune", C, compute=lambda: made.append(1), save=_blob(10), restore=None)
+    assert not hit and made == [1]
+    assert {p.name for p in (tmp_path / "finetune").iterdir() if p.is_dir()} == {C}
 
 
 def test_a_capped_cache_still_runs_and_ends_holding_only_the_last_entry(tmp_path):
