@@ -289,6 +289,22 @@ def test_fallback_stops_at_the_budget_and_refine_requantizes_what_is_not_needed(
     assert r3.trace[0].speed == 0.4 and r3.chosen.speed == 0.5
 
 
+def test_plans_timed_within_the_latency_tolerance_are_ties_won_by_the_fewest_float_groups():
+    """Steps 2 (g0, g1 in float) and 3 (g1 alone, after refine) both meet; re-timed, step 2 reads faster by 1 %:
+    timing noise (one more group in float is not faster), so with a 2 % tolerance step 3 is kept."""
+    gains = {"g0": 0.002, "g1": 0.004, "g2": 0.001}
+
+    def chosen(again, tol):
+        m = FakeModel(0.844, gains)
+        r = _search(m, _groups(3), Budget(0.85, 0.3), retime=lambda steps: again, latency_tolerance=tol)
+        assert m.float == set(r.chosen.groups_in_float)  # the model left in the chosen state
+        return r.chosen.groups_in_float
+
+    assert chosen({0: 0.4, 2: 0.500, 3: 0.505}, 0.02) == ("g1",)
+    assert chosen({0: 0.4, 2: 0.500, 3: 0.505}, 0.0) == ("g0", "g1")  # no tolerance: the fastest reading
+    assert chosen({0: 0.4, 2: 0.500, 3: 0.520}, 0.02) == ("g0", "g1")  # 4 % slower: not a tie
+
+
 def test_steps_are_kept_by_the_criterion_not_by_a_lucky_accuracy():
     # g0 lowers the KL but costs one example of accuracy (noise); g1 gains an example of accuracy but
     # moves the outputs away from FP32; g2 then meets the budget.

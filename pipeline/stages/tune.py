@@ -518,6 +518,7 @@ def _fallback(
             refine=t.refine,
             steps=t.fallback_steps,
             max_trials=t.max_trials,
+            latency_tolerance=t.latency_tolerance,
             timeout_s=max(0.0, t.timeout_s - (time.perf_counter() - t0)),
         )
     finally:

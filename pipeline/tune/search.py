@@ -117,6 +117,7 @@ def search(
     steps: str = "single",
     max_trials: int = 30,
     timeout_s: float = float("inf"),
+    latency_tolerance: float = 0.0,
 ) -> SearchResult:
     """Run the search from the current state (every group in `ranked` quantized); leaves the model in
     the chosen state. `evaluate()` = tuning Score of the model as it is now; `latency(step)` = its
@@ -209,11 +210,11 @@ def search(
         # Time the start and every candidate plan again together (same minutes, in turns), so that the
         # choice among plans meeting the budget, and the before/after ratio, are same-time comparisons.
         meeting = [r for r in trace if r.accepted and r.met]
-        steps = sorted({0} | {r.step for r in (meeting or [choose(trace, criterion)])})
+        steps = sorted({0} | {r.step for r in (meeting or [choose(trace, criterion, latency_tolerance)])})
         if len(steps) > 1:
             for step, ratio in retime(steps).items():
                 trace[step].retimed = ratio
-    chosen = choose(trace, criterion)
+    chosen = choose(trace, criterion, latency_tolerance)
     by_name = {g.name: g for g in ranked}
     final = set(chosen.groups_in_float)
     now = {x.name for x in in_float}
@@ -224,13 +225,18 @@ def search(
     return SearchResult(trace, chosen, evaluations, stopped, effects)
 
 
-def choose(trace: list[TraceRow], criterion: str = "kl") -> TraceRow:
-    """Fastest accepted state meeting the budget (by the joint re-timing where there was one); else the
-    best accepted state by the criterion (lowest KL, or highest accuracy), fewest float groups on a tie."""
+def choose(trace: list[TraceRow], criterion: str = "kl", latency_tolerance: float = 0.0) -> TraceRow:
+    """Fastest accepted state meeting the budget (by the joint re-timing where there was one; states within
+    latency_tolerance of the fastest are ties, and the fewest float groups wins: one more group in float is not
+    faster, a measurement that says so is noise); else the best accepted state by the criterion (lowest KL, or
+    highest accuracy), fewest float groups on a tie."""
     states = [r for r in trace if r.accepted]
     meeting = [r for r in states if r.met]
     if meeting:
-        return min(meeting, key=lambda r: (r.speed if r.speed is not None else float("inf"), len(r.groups_in_float), r.step))
+        timed = [r.speed for r in meeting if r.speed is not None]
+        if timed:
+            meeting = [r for r in meeting if r.speed is not None and r.speed <= min(timed) * (1 + latency_tolerance)]
+        return min(meeting, key=lambda r: (len(r.groups_in_float), r.speed if r.speed is not None else float("inf"), r.step))
     if criterion == "kl":
         return min(states, key=lambda r: (r.kl, len(r.groups_in_float), r.step))
     return max(states, key=lambda r: (r.accuracy, -len(r.groups_in_float), -r.step))
